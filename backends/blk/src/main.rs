@@ -1,0 +1,6 @@
+//! Tessera's vhost-user-blk backend
+
+fn main() {
+    eprintln!("tessera-blk: not implemented yet");
+    std::process::exit(1);
+}

@@ -1,0 +1,1 @@
+//! Tessera's framed IPC protocol between its processes: handshake, messages, fd passing

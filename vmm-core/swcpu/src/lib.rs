@@ -1,0 +1,1 @@
+//! Tessera's software x86-64 CPU
