@@ -1,0 +1,210 @@
+//! Every message between Tessera processes.
+//!
+//! Channels (see docs/ARCHITECTURE.md):
+//! * **control**: launcher ↔ each child it starts. The child finds its end at fd [`crate::CONTROL_FD`].
+//!   After the handshake the launcher sends [`LauncherToChild::Configure`] with the child's configuration and
+//!   the file descriptors it needs attached (a [`FdIndex`] names one of them); the child answers
+//!   [`ChildToLauncher::Ready`] once it serves, and later [`ChildToLauncher::Exit`] or [`ChildToLauncher::Fatal`]
+//!   when the graph must stop.
+//! * **serial**: core ↔ chardev, one socketpair per front end (a UART), made by the launcher and passed to
+//!   both. Guest output goes as [`CoreToChardev::Output`], host input comes back as [`ChardevToCore::Input`].
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of Tessera processes, named in the handshake so a mis-wired socket is caught at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Launcher,
+    Core,
+    Chardev,
+    Block,
+    Net,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Launcher => "launcher",
+            Role::Core => "tessera-core",
+            Role::Chardev => "tessera-chardev",
+            Role::Block => "tessera-blk",
+            Role::Net => "tessera-net",
+        })
+    }
+}
+
+/// Index of a file descriptor in the list attached to the frame that carries the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdIndex(pub u32);
+
+/// The first message each side sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always `b"tessera"`: a peer that is not Tessera at all fails here.
+    pub magic: [u8; 7],
+    pub version: u32,
+    pub role: Role,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// control channel
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LauncherToChild {
+    /// The child's whole configuration; the file descriptors named by [`FdIndex`] come attached.
+    Configure(ChildConfig),
+    /// Finish cleanly: flush what is buffered and exit with status 0.
+    Shutdown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChildConfig {
+    Core(CoreConfig),
+    Chardev(ChardevConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChildToLauncher {
+    /// Configured and serving.
+    Ready,
+    /// The VM is over: stop every process and exit with `code` (the guest's isa-debug-exit value, 0 after a
+    /// shutdown or `-no-reboot` reset, 0 after Ctrl-A x). `reason` is for the log.
+    Exit { code: i32, reason: String },
+    /// The child cannot go on; the launcher prints `message` and stops the graph with status 1.
+    Fatal { message: String },
+}
+
+/// Logging set with `-d`/`-D`, passed to every child.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogConfig {
+    /// The `-d` items (`guest_errors`, `unimp`, `int`, `cpu_reset`, ...), already validated by the launcher.
+    pub items: Vec<String>,
+    /// `-D file`: opened by the launcher (append mode); stderr when absent.
+    pub file: Option<FdIndex>,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// core
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreConfig {
+    pub name: Option<String>,
+    pub accel: Accel,
+    /// `-cpu` model: `host`, `max` or `qemu64`.
+    pub cpu_model: String,
+    pub smp: u32,
+    pub ram: RamConfig,
+    pub boot: BootConfig,
+    /// UARTs in ISA order: COM1 (0x3f8, IRQ 4), COM2 (0x2f8, IRQ 3), COM3, COM4.
+    pub serial: Vec<SerialConfig>,
+    pub debug_exit: Option<DebugExitConfig>,
+    /// `-no-reboot`: a guest reset ends the VM (exit 0) instead of rebooting it.
+    pub no_reboot: bool,
+    /// `-no-shutdown`: a guest power-off stops the vCPUs but keeps the processes.
+    pub no_shutdown: bool,
+    /// `-S`: do not start the vCPUs until told to.
+    pub start_paused: bool,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamConfig {
+    /// Bytes.
+    pub size: u64,
+    /// `share=on` of `-object memory-backend-memfd`: the RAM may be mapped by other processes (vhost-user).
+    /// The core always allocates RAM in a memfd; this only records what the user asked for.
+    pub shared: bool,
+    /// The `id=` of the memory backend object, for messages.
+    pub backend_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootConfig {
+    /// `-kernel`: a Linux bzImage, an ELF with a PVH note, or a multiboot-less ELF: the core decides by content.
+    pub kernel: Option<BootFile>,
+    pub initrd: Option<BootFile>,
+    /// `-append`.
+    pub cmdline: String,
+}
+
+/// A file the launcher opened read-only on the core's behalf.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFile {
+    pub fd: FdIndex,
+    /// The path the user gave, for error messages.
+    pub path: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConfig {
+    /// The core's end of the serial channel to the chardev process.
+    pub channel: FdIndex,
+    /// The chardev `id=` it is connected to, for messages.
+    pub chardev_id: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebugExitConfig {
+    pub iobase: u16,
+    pub iosize: u16,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// chardev
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChardevConfig {
+    /// `id=`.
+    pub id: String,
+    pub backend: ChardevBackend,
+    /// Front ends (serial channels to the core). More than one only with `mux=on`.
+    pub frontends: Vec<FdIndex>,
+    /// `mux=on` (implied by `-nographic` and `-serial mon:stdio`): the Ctrl-A escape keys are active.
+    pub mux: bool,
+    /// `signal=on` (stdio default): Ctrl-C ends the VM instead of reaching the guest (when not in mux mode).
+    pub signal: bool,
+    /// `logfile=`: everything the guest prints is also appended here.
+    pub logfile: Option<FdIndex>,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChardevBackend {
+    /// Discards output, never has input.
+    Null,
+    /// The launcher's terminal (or pipes). `raw` puts a terminal input into raw mode for the run.
+    Stdio { input: FdIndex, output: FdIndex, raw: bool },
+    /// `file:path` / `-chardev file,path=`: output appended/truncated by the launcher's open, input from
+    /// `input-path=` when given.
+    File { output: FdIndex, input: Option<FdIndex> },
+    /// `-chardev socket,server=on`: a listening socket (unix or TCP) the launcher bound. `wait=on` means the
+    /// launcher already waited for, and accepted, the first client: then `connected` carries it.
+    SocketServer { listener: FdIndex, connected: Option<FdIndex>, telnet: bool },
+    /// `-chardev socket,server=off`: a stream the launcher connected.
+    SocketClient { stream: FdIndex },
+    /// `-chardev pty`: the master side of a pty the launcher opened (it printed the slave's path, as QEMU does).
+    Pty { master: FdIndex, path: String },
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// serial channel (core ↔ chardev)
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoreToChardev {
+    /// Bytes the guest wrote to the UART's transmit register, in order.
+    Output(Vec<u8>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChardevToCore {
+    /// Bytes for the guest's receive FIFO.
+    Input(Vec<u8>),
+    /// A break condition (Ctrl-A b in mux mode).
+    Break,
+}
