@@ -177,8 +177,8 @@ impl Channel {
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
         let result = {
             let mut iov = [IoSliceMut::new(&mut rx.buf[start..])];
-            recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC)
-                .map(|msg| {
+            recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC).map(
+                |msg| {
                     let mut got = Vec::new();
                     let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
                     if let Ok(cmsgs) = msg.cmsgs() {
@@ -189,7 +189,8 @@ impl Channel {
                         }
                     }
                     (msg.bytes, got, truncated)
-                })
+                },
+            )
         };
         match result {
             Ok((n, fds, truncated)) => {

@@ -28,9 +28,8 @@ pub enum ChildStartError {
 /// Adopt `fd` (normally [`CONTROL_FD`]) as the control channel, handshake as `role`, and wait for
 /// [`LauncherToChild::Configure`].
 pub fn start_child(role: Role, fd: i32) -> Result<ChildStart, ChildStartError> {
-    let is_socket = nix::sys::stat::fstat(fd)
-        .map(|st| (st.st_mode & nix::libc::S_IFMT) == nix::libc::S_IFSOCK)
-        .unwrap_or(false);
+    let is_socket =
+        nix::sys::stat::fstat(fd).map(|st| (st.st_mode & nix::libc::S_IFMT) == nix::libc::S_IFSOCK).unwrap_or(false);
     if !is_socket {
         return Err(ChildStartError::NoControlChannel { fd });
     }

@@ -49,6 +49,8 @@ pub struct Hello {
 // ---------------------------------------------------------------------------------------------------------------
 // control channel
 
+// Sent once per child: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LauncherToChild {
     /// The child's whole configuration; the file descriptors named by [`FdIndex`] come attached.
