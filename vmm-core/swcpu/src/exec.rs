@@ -714,7 +714,12 @@ impl Exec<'_> {
                 Ok(())
             }
             M::Leave => {
-                let sz = i.stack_pointer_increment() as usize;
+                // iced reports no fixed stack increment for LEAVE (RSP comes from RBP): size from the code.
+                let sz = match i.code() {
+                    iced_x86::Code::Leavew => 2,
+                    iced_x86::Code::Leaved => 4,
+                    _ => 8,
+                };
                 self.c.gpr[4] = self.c.gpr[5];
                 let v = self.pop(sz)?;
                 self.set_gpr_sized(5, sz, v);

@@ -256,6 +256,7 @@ impl SoftVcpu {
                 Err(Fault::Exit(x)) => return x,
             };
             blk.runs.set(blk.runs.get().wrapping_add(1));
+            log::trace!("block {:#x} ({} instructions)", ex.c.rip, blk.insns.len());
             ex.c.end_block = false;
             let n = if had_shadow { 1 } else { blk.insns.len() };
             for i in &blk.insns[..n] {
