@@ -3,6 +3,7 @@
 
 mod diff;
 mod guest;
+mod micro;
 
 use iced_x86::Register;
 
