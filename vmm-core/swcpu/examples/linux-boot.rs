@@ -1,6 +1,8 @@
 //! Boots Debian's Linux 6.1 on the software CPU as far as it gets, printing the serial console.
 //!
-//! `cargo run -p tessera-swcpu --release --example linux-boot -- [bzImage] [seconds] [cmdline]`
+//! `cargo run -p tessera-swcpu --release --example linux-boot -- [bzImage] [seconds] [cmdline] [initrd]`
+//!
+//! (`examples/make-busybox-initrd.sh` builds a busybox initramfs whose /init prints through /dev/kmsg.)
 //!
 //! Like Tessera's core loader will: decompress the bzImage payload on the host (`xz -dc`), load the ELF
 //! vmlinux segments at their physical addresses, build a zero page (setup header copied from the bzImage,
@@ -37,6 +39,7 @@ impl log::Log for Logger {
 
 #[derive(Default)]
 struct Serial {
+    reset: std::sync::atomic::AtomicBool,
     line: Mutex<Vec<u8>>,
     last: Mutex<String>,
 }
@@ -46,6 +49,11 @@ impl IoHandler for Serial {
         data.fill(if port == 0x3fd { 0x60 } else { 0xff });
     }
     fn pio_write(&self, port: u16, data: &[u8]) {
+        // Keyboard-controller reset (0xfe to port 0x64) and the 0xcf9 reset register end the run.
+        if (port == 0x64 && data[0] == 0xfe) || (port == 0xcf9 && data[0] & 4 != 0) {
+            eprintln!("[linux-boot] guest requested reset through port {port:#x}");
+            self.reset.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         if port == 0x3f8 {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&data[..1]);
@@ -63,11 +71,11 @@ impl IoHandler for Serial {
         }
     }
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        eprintln!("[linux-boot] MMIO read {addr:#x} size {}", data.len());
+        log::debug!("MMIO read {addr:#x} size {}", data.len());
         data.fill(0xff);
     }
     fn mmio_write(&self, addr: u64, data: &[u8]) {
-        eprintln!("[linux-boot] MMIO write {addr:#x} {data:02x?}");
+        log::debug!("MMIO write {addr:#x} {data:02x?}");
     }
 }
 
@@ -89,6 +97,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let image = args.get(1).cloned().unwrap_or_else(|| "/boot/vmlinuz-6.1.0-56-amd64".into());
     let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(60.0);
     let cmdline = args.get(3).cloned().unwrap_or_else(|| "earlyprintk=serial,ttyS0 console=ttyS0 nokaslr".into());
+    let initrd = match args.get(4) {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("{p}: {e}"))?),
+        None => None,
+    };
 
     let bz = std::fs::read(&image).map_err(|e| format!("{image}: {e}"))?;
     if bz.len() < 0x1000 || &bz[0x202..0x206] != b"HdrS" {
@@ -102,7 +114,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let payload_len = u32_at(&bz, 0x24c) as usize;
     let payload = bz.get(payload_off..payload_off + payload_len).ok_or("payload outside the file")?;
     let t0 = Instant::now();
-    let mut xz = Command::new("xz").args(["-dc"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let mut xz =
+        Command::new("xz").args(["-dc", "--single-stream"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
     let mut stdin = xz.stdin.take().ok_or("xz stdin")?;
     let data = payload.to_vec();
     let feeder = std::thread::spawn(move || stdin.write_all(&data));
@@ -169,6 +182,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         zp[o + 16..o + 20].copy_from_slice(&t.to_le_bytes());
     }
     zp[0x1e8] = e820.len() as u8;
+    if let Some(rd) = &initrd {
+        // Top of RAM below 256 MiB, page aligned, clear of the kernel's init_size window.
+        let at = (0x1000_0000 - rd.len() as u64) & !0xfff;
+        w(at, rd);
+        zp[0x218..0x21c].copy_from_slice(&(at as u32).to_le_bytes());
+        zp[0x21c..0x220].copy_from_slice(&(rd.len() as u32).to_le_bytes());
+        eprintln!("[linux-boot] initrd {} bytes at {at:#x}", rd.len());
+    }
     w(ZERO_PAGE, &zp);
     let mut cl = cmdline.as_bytes().to_vec();
     cl.push(0);
@@ -231,6 +252,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let el = start.elapsed().as_secs_f64();
         if exit != VcpuExit::Interrupted {
             break exit;
+        }
+        if serial.reset.load(std::sync::atomic::Ordering::SeqCst) {
+            break VcpuExit::Reset;
         }
         if el > seconds {
             break VcpuExit::Interrupted;

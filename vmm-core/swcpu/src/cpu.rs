@@ -647,6 +647,8 @@ impl Exec<'_> {
     }
 
     fn read_slow(&mut self, la: u64, size: usize, user: bool) -> Res<u64> {
+        // Callers pass 1..=8; clamp so a decoding surprise cannot index out of the 8-byte buffer.
+        let size = size.clamp(1, 8);
         let end = la.wrapping_add(size as u64 - 1);
         let g0 = self.la_to_gpa(la, Access::Read, user)?;
         if (la ^ end) & !0xfff == 0 {
@@ -685,6 +687,7 @@ impl Exec<'_> {
     }
 
     fn write_slow(&mut self, la: u64, size: usize, val: u64, user: bool) -> Res<()> {
+        let size = size.clamp(1, 8);
         let end = la.wrapping_add(size as u64 - 1);
         let g0 = self.la_to_gpa(la, Access::Write, user)?;
         if (la ^ end) & !0xfff == 0 {

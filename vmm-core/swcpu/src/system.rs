@@ -432,6 +432,10 @@ impl Exec<'_> {
             return Ok(());
         }
         if r0.is_dr() || r1.is_dr() {
+            // DR8-DR15 (REX.R) do not exist.
+            if r0.number() > 7 || r1.number() > 7 {
+                return ud();
+            }
             self.cpl0()?;
             if r0.is_dr() {
                 let v = self.get_reg(r1);
