@@ -1,1 +1,486 @@
-//! Tessera's software x86-64 CPU
+//! Tessera's software x86-64 CPU: an interpreter over iced-x86-decoded instruction blocks.
+//!
+//! Code map:
+//! - [`mem`]: guest RAM regions ([`GuestRam`]), raw host pointers with unaligned accesses.
+//! - `cpu`: architectural state, 4-level paging with a software TLB (A/D bits, NX, global pages), linear
+//!   memory access, the decoded-block cache (keyed by linear RIP + guest physical address, invalidated by
+//!   writes to code pages).
+//! - `exec`: the integer instruction set and string instructions; `alu`: flag computation.
+//! - `system`: control registers, descriptor tables, segment loads, IDT delivery with IST, IRETQ,
+//!   SYSCALL/SYSRET/SWAPGS, MSRs, port I/O; `cpuid`: the advertised feature set.
+//! - `fpu`: x87 control, FXSAVE/FXRSTOR, the SSE/SSE2 integer/move subset.
+//!
+//! Modes: 64-bit long mode only for now (the core's loader enters the kernel in long mode). The decoder
+//! bitness, segment bases and event delivery already dispatch on the mode so real/protected mode can be added.
+//!
+//! Interrupts: the platform implements [`InterruptSource`]. `run` checks it at block boundaries (blocks end
+//! at every branch, so the latency is a few instructions) honouring IF and the STI/MOV SS shadow.
+//! HLT with IF=1 waits *inside* `run` (on a condition variable, re-checking the source every millisecond
+//! and whenever [`VcpuHandle::wake`] is called); `run` returns [`VcpuExit::Halted`] only for HLT with IF=0
+//! or when no interrupt source is installed. [`VcpuHandle::kick`] makes `run` return
+//! [`VcpuExit::Interrupted`] at the next block boundary (or wakes a waiting HLT).
+//!
+//! Time: [`GuestClock`] is host monotonic time since the vCPU was created, scaled to the TSC frequency; the
+//! TSC, and later the LAPIC timer and PIT, derive from it, so they agree with each other.
+
+mod alu;
+mod cpu;
+mod cpuid;
+mod exec;
+mod fpu;
+pub mod mem;
+mod system;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction};
+pub use mem::GuestRam;
+use tessera_vcpu::{FpuControl, IoHandler, Regs, SpecialRegs, Vcpu, VcpuError, VcpuExit};
+
+use cpu::{Access, Block, Cpu, Exec, Fault, Res};
+use system::Event;
+
+/// Errors of the software CPU's own setup.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid guest RAM layout: {0}")]
+    BadRam(String),
+}
+
+/// The platform's interrupt controller as the CPU sees it (the INTR line and the INTA cycle).
+pub trait InterruptSource: Send + Sync {
+    /// An interrupt is pending on INTR (checked only when RFLAGS.IF=1 and no shadow is active).
+    fn pending(&self) -> bool;
+    /// Acknowledge: the vector to deliver, or `None` if the request went away (spurious).
+    fn acknowledge(&self) -> Option<u8>;
+}
+
+/// The guest's time base: host monotonic time since creation, and the TSC derived from it.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestClock {
+    start: Instant,
+    tsc_khz: u64,
+}
+
+impl GuestClock {
+    pub fn new(tsc_khz: u64) -> Self {
+        GuestClock { start: Instant::now(), tsc_khz: tsc_khz.max(1) }
+    }
+    /// Guest nanoseconds since the clock started.
+    pub fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+    /// TSC ticks (before the guest's IA32_TSC offset).
+    pub fn tsc(&self) -> u64 {
+        (self.now_ns() as u128 * self.tsc_khz as u128 / 1_000_000) as u64
+    }
+    pub fn tsc_khz(&self) -> u64 {
+        self.tsc_khz
+    }
+}
+
+pub(crate) fn clock_tsc(c: &Cpu) -> u64 {
+    c.clock.tsc()
+}
+
+/// Construction options.
+#[derive(Clone, Copy, Debug)]
+pub struct SoftVcpuConfig {
+    /// TSC frequency in kHz (default 1 GHz).
+    pub tsc_khz: u64,
+    /// Advertise a local APIC in CPUID (a LAPIC device must then answer at 0xfee00000).
+    pub apic: bool,
+}
+
+impl Default for SoftVcpuConfig {
+    fn default() -> Self {
+        SoftVcpuConfig { tsc_khz: 1_000_000, apic: true }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    kick: AtomicBool,
+    wake: Mutex<bool>,
+    cond: Condvar,
+}
+
+/// Lets other threads stop a running vCPU or wake a halted one.
+#[derive(Clone)]
+pub struct VcpuHandle(Arc<Shared>);
+
+impl VcpuHandle {
+    /// Makes `run` return `VcpuExit::Interrupted` at the next block boundary.
+    pub fn kick(&self) {
+        self.0.kick.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+    /// Wakes a vCPU waiting in HLT so it re-checks its interrupt source (call after raising a line).
+    pub fn wake(&self) {
+        let mut w = self.0.wake.lock().unwrap_or_else(|e| e.into_inner());
+        *w = true;
+        self.0.cond.notify_all();
+    }
+}
+
+/// Execution counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub instructions: u64,
+    pub blocks_decoded: u64,
+    pub code_page_invalidations: u64,
+}
+
+/// The software vCPU.
+pub struct SoftVcpu {
+    cpu: Cpu,
+    irq: Option<Arc<dyn InterruptSource>>,
+    shared: Arc<Shared>,
+    budget: Option<u64>,
+}
+
+struct NoIo;
+impl IoHandler for NoIo {
+    fn pio_read(&self, _: u16, d: &mut [u8]) {
+        d.fill(0xff)
+    }
+    fn pio_write(&self, _: u16, _: &[u8]) {}
+    fn mmio_read(&self, _: u64, d: &mut [u8]) {
+        d.fill(0xff)
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) {}
+}
+
+impl SoftVcpu {
+    pub fn new(ram: GuestRam) -> Self {
+        Self::with_config(ram, SoftVcpuConfig::default())
+    }
+
+    pub fn with_config(ram: GuestRam, config: SoftVcpuConfig) -> Self {
+        let mut cpu = Cpu::new(ram);
+        cpu.advertise_apic = config.apic;
+        cpu.clock = GuestClock::new(config.tsc_khz);
+        cpu.msr.apic_base = 0xfee0_0900;
+        cpu.msr.pat = 0x0007_0406_0007_0406;
+        SoftVcpu { cpu, irq: None, shared: Arc::new(Shared::default()), budget: None }
+    }
+
+    pub fn handle(&self) -> VcpuHandle {
+        VcpuHandle(self.shared.clone())
+    }
+
+    pub fn set_interrupt_source(&mut self, src: Arc<dyn InterruptSource>) {
+        self.irq = Some(src);
+    }
+
+    pub fn clock(&self) -> GuestClock {
+        self.cpu.clock
+    }
+
+    /// Stop `run` with `VcpuExit::Interrupted` once this many more instructions have retired (tests, benches).
+    pub fn set_instruction_budget(&mut self, n: Option<u64>) {
+        self.budget = n.map(|n| self.cpu.instructions + n);
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            instructions: self.cpu.instructions,
+            blocks_decoded: self.cpu.cache.decoded,
+            code_page_invalidations: self.cpu.cache.invalidations,
+        }
+    }
+
+    pub fn xmm(&self, n: usize) -> u128 {
+        self.cpu.fpu.xmm[n & 15]
+    }
+
+    pub fn set_xmm(&mut self, n: usize, v: u128) {
+        self.cpu.fpu.xmm[n & 15] = v;
+    }
+
+    /// Reads an MSR as RDMSR would (for the core's save/restore and tests).
+    pub fn msr(&mut self, index: u32) -> Option<u64> {
+        let mut ex = Exec { c: &mut self.cpu, io: &NoIo };
+        ex.rdmsr(index).ok()
+    }
+
+    fn run_inner(&mut self, io: &dyn IoHandler) -> VcpuExit {
+        let shared = self.shared.clone();
+        let irq = self.irq.clone();
+        let budget = self.budget;
+        let mut ex = Exec { c: &mut self.cpu, io };
+        loop {
+            if shared.kick.swap(false, Ordering::SeqCst) {
+                return VcpuExit::Interrupted;
+            }
+            if budget.is_some_and(|b| ex.c.instructions >= b) {
+                return VcpuExit::Interrupted;
+            }
+            let had_shadow = ex.c.shadow;
+            if !had_shadow && ex.c.rflags & cpu::IF != 0 {
+                if let Some(src) = &irq {
+                    if src.pending() {
+                        if let Some(v) = src.acknowledge() {
+                            ex.c.halted = false;
+                            ex.c.cur_ip = ex.c.rip;
+                            if let Some(exit) = ex.raise(v, None, Event::External) {
+                                return exit;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            }
+            if ex.c.halted {
+                if ex.c.rflags & cpu::IF == 0 || irq.is_none() {
+                    return VcpuExit::Halted;
+                }
+                let mut w = shared.wake.lock().unwrap_or_else(|e| e.into_inner());
+                if !*w {
+                    w = shared.cond.wait_timeout(w, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+                }
+                *w = false;
+                continue;
+            }
+            let blk = match ex.fetch_block() {
+                Ok(b) => b,
+                Err(Fault::Exc(v, e)) => {
+                    ex.c.cur_ip = ex.c.rip;
+                    if let Some(exit) = ex.raise(v, e, Event::Exception) {
+                        return exit;
+                    }
+                    continue;
+                }
+                Err(Fault::Exit(x)) => return x,
+            };
+            blk.runs.set(blk.runs.get().wrapping_add(1));
+            log::trace!("block {:#x} ({} instructions)", ex.c.rip, blk.insns.len());
+            ex.c.end_block = false;
+            let n = if had_shadow { 1 } else { blk.insns.len() };
+            for i in &blk.insns[..n] {
+                ex.c.cur_ip = ex.c.rip;
+                ex.c.rip = i.next_ip();
+                match ex.step(i) {
+                    Ok(()) => ex.c.instructions += 1,
+                    Err(Fault::Exc(v, e)) => {
+                        ex.c.rip = ex.c.cur_ip;
+                        if let Some(exit) = ex.raise(v, e, Event::Exception) {
+                            return exit;
+                        }
+                        break;
+                    }
+                    Err(Fault::Exit(x)) => {
+                        ex.c.rip = ex.c.cur_ip;
+                        return x;
+                    }
+                }
+                if ex.c.end_block {
+                    break;
+                }
+            }
+            if had_shadow {
+                ex.c.shadow = false;
+            }
+        }
+    }
+}
+
+impl Exec<'_> {
+    /// Delivers an exception, escalating to #DF and triple fault per SDM Vol. 3A "Exception and Interrupt
+    /// Classes" (benign / contributory / page fault).
+    fn raise(&mut self, v: u8, e: Option<u32>, kind: Event) -> Option<VcpuExit> {
+        log::trace!("event {v} error {e:?} at RIP {:#x}", self.c.cur_ip);
+        let contributory = |x: u8| matches!(x, 0 | 10..=13);
+        let mut cur = (v, e, kind);
+        for _ in 0..3 {
+            match self.deliver(cur.0, cur.1, cur.2) {
+                Ok(()) => return None,
+                Err(Fault::Exit(x)) => return Some(x),
+                Err(Fault::Exc(v2, e2)) => {
+                    if cur.0 == cpu::VEC_DF && cur.2 == Event::Exception {
+                        break;
+                    }
+                    let first = if cur.2 == Event::Exception { cur.0 } else { 255 };
+                    let df = (contributory(first) && contributory(v2))
+                        || (first == cpu::VEC_PF && (contributory(v2) || v2 == cpu::VEC_PF));
+                    cur = if df { (cpu::VEC_DF, Some(0), Event::Exception) } else { (v2, e2, Event::Exception) };
+                }
+            }
+        }
+        log::error!("triple fault at RIP {:#x} (first event: vector {v}, error {e:?})", self.c.cur_ip);
+        Some(VcpuExit::Reset)
+    }
+
+    fn fetch_block(&mut self) -> Res<Arc<Block>> {
+        let rip = self.c.rip;
+        let user = self.user();
+        let gpa = self.la_to_gpa(rip, Access::Exec, user)?;
+        let bits = self.c.bitness();
+        let key = (rip, gpa | ((bits as u64) << 56));
+        if let Some(b) = self.c.cache.map.get(&key) {
+            return Ok(b.clone());
+        }
+        self.decode_block(rip, gpa, bits, key)
+    }
+
+    fn decode_block(&mut self, rip: u64, gpa: u64, bits: u32, key: (u64, u64)) -> Res<Arc<Block>> {
+        let avail = (0x1000 - (gpa & 0xfff)) as usize;
+        let mut buf = [0u8; 0x1000];
+        if !self.c.ram.read(gpa, &mut buf[..avail]) {
+            return Err(Fault::Exit(VcpuExit::Unsupported(format!(
+                "instruction fetch from non-RAM guest physical address {gpa:#x} (RIP {rip:#x})"
+            ))));
+        }
+        let mut dec = Decoder::with_ip(bits, &buf[..avail], rip, DecoderOptions::NONE);
+        let mut insns = Vec::with_capacity(16);
+        let mut i = Instruction::default();
+        let mut crosses = false;
+        while dec.can_decode() && insns.len() < 256 {
+            dec.decode_out(&mut i);
+            if i.is_invalid() && dec.last_error() == DecoderError::NoMoreBytes {
+                crosses = true;
+                break;
+            }
+            insns.push(i);
+            if i.flow_control() != FlowControl::Next || i.is_invalid() {
+                break;
+            }
+        }
+        if insns.is_empty() && crosses {
+            return self.decode_crossing(rip, gpa, bits);
+        }
+        let page = gpa & !0xfff;
+        let b = Arc::new(Block { insns: insns.into_boxed_slice(), runs: Default::default() });
+        self.c.mark_code_page(page);
+        self.c.cache.page_blocks.entry(page).or_default().push(key);
+        self.c.cache.map.insert(key, b.clone());
+        self.c.cache.decoded += 1;
+        Ok(b)
+    }
+
+    /// An instruction that straddles a page boundary: fetched through both translations and decoded every
+    /// time (not cached; rare).
+    fn decode_crossing(&mut self, rip: u64, gpa: u64, bits: u32) -> Res<Arc<Block>> {
+        let first = (0x1000 - (gpa & 0xfff)) as usize;
+        let mut b = [0u8; 15];
+        self.phys_read(gpa, &mut b[..first.min(15)]);
+        let user = self.user();
+        let next = (rip & !0xfff).wrapping_add(0x1000);
+        let g2 = self.la_to_gpa(next, Access::Exec, user)?;
+        if first < 15 {
+            self.phys_read(g2, &mut b[first..]);
+        }
+        let mut dec = Decoder::with_ip(bits, &b, rip, DecoderOptions::NONE);
+        let i = dec.decode();
+        Ok(Arc::new(Block { insns: vec![i].into_boxed_slice(), runs: Default::default() }))
+    }
+}
+
+impl Vcpu for SoftVcpu {
+    fn regs(&self) -> tessera_vcpu::Result<Regs> {
+        let g = &self.cpu.gpr;
+        Ok(Regs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rsp: g[4],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: self.cpu.rip,
+            rflags: self.cpu.rflags,
+        })
+    }
+
+    fn set_regs(&mut self, r: &Regs) -> tessera_vcpu::Result<()> {
+        self.cpu.gpr = [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+            r.r15,
+        ];
+        self.cpu.rip = r.rip;
+        self.cpu.rflags = (r.rflags & 0x3f_7fd7) | 2;
+        self.cpu.halted = false;
+        Ok(())
+    }
+
+    fn sregs(&self) -> tessera_vcpu::Result<SpecialRegs> {
+        let c = &self.cpu;
+        Ok(SpecialRegs {
+            es: c.seg[cpu::SEG_ES],
+            cs: c.seg[cpu::SEG_CS],
+            ss: c.seg[cpu::SEG_SS],
+            ds: c.seg[cpu::SEG_DS],
+            fs: c.seg[cpu::SEG_FS],
+            gs: c.seg[cpu::SEG_GS],
+            tr: c.tr,
+            ldt: c.ldt,
+            gdt: c.gdt,
+            idt: c.idt,
+            cr0: c.cr0,
+            cr2: c.cr2,
+            cr3: c.cr3,
+            cr4: c.cr4,
+            cr8: c.cr8,
+            efer: c.efer,
+            apic_base: c.msr.apic_base,
+        })
+    }
+
+    fn set_sregs(&mut self, s: &SpecialRegs) -> tessera_vcpu::Result<()> {
+        if s.efer & cpu::EFER_LMA != 0 && (s.cr0 & cpu::CR0_PG == 0 || s.cr4 & cpu::CR4_PAE == 0) {
+            return Err(VcpuError::Engine(format!(
+                "EFER.LMA set without CR0.PG and CR4.PAE (CR0={:#x} CR4={:#x})",
+                s.cr0, s.cr4
+            )));
+        }
+        let c = &mut self.cpu;
+        c.seg = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs];
+        c.tr = s.tr;
+        c.ldt = s.ldt;
+        c.gdt = s.gdt;
+        c.idt = s.idt;
+        c.cr0 = s.cr0;
+        c.cr2 = s.cr2;
+        c.cr3 = s.cr3;
+        c.cr4 = s.cr4;
+        c.cr8 = s.cr8;
+        c.efer = s.efer;
+        c.msr.apic_base = s.apic_base;
+        c.cpl = s.cs.dpl;
+        c.flush_tlb(false);
+        c.flush_code_cache();
+        Ok(())
+    }
+
+    fn set_fpu_control(&mut self, f: &FpuControl) -> tessera_vcpu::Result<()> {
+        self.cpu.fpu.fcw = f.fcw;
+        self.cpu.fpu.mxcsr = f.mxcsr;
+        Ok(())
+    }
+
+    fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> tessera_vcpu::Result<()> {
+        let mut ex = Exec { c: &mut self.cpu, io: &NoIo };
+        for &(idx, v) in msrs {
+            ex.wrmsr(idx, v).map_err(|_| VcpuError::Engine(format!("MSR {idx:#x} rejects value {v:#x}")))?;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, io: &dyn IoHandler) -> tessera_vcpu::Result<VcpuExit> {
+        Ok(self.run_inner(io))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,591 @@
+//! x87 control instructions, FXSAVE/FXRSTOR, and the SSE/SSE2 integer and move subset that Linux and glibc
+//! use (fact sheet §3, §8). Floating-point arithmetic is not implemented yet and stops with `Unsupported`.
+
+use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
+
+use crate::cpu::*;
+
+const CR0_EM: u64 = 1 << 2;
+const CR0_TS: u64 = 1 << 3;
+const CR4_OSFXSR: u64 = 1 << 9;
+
+/// Integer to 80-bit extended real (exact for 64-bit integers).
+fn int_to_f80(v: i64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if v == 0 {
+        return out;
+    }
+    let neg = v < 0;
+    let m = v.unsigned_abs();
+    let lz = m.leading_zeros();
+    let mant = m << lz;
+    let exp = 16383 + 63 - lz as u16;
+    out[..8].copy_from_slice(&mant.to_le_bytes());
+    out[8..10].copy_from_slice(&(exp | if neg { 0x8000 } else { 0 }).to_le_bytes());
+    out
+}
+
+fn lanes(a: u128, b: u128, w: usize, f: impl Fn(u64, u64) -> u64) -> u128 {
+    let n = 128 / (w * 8);
+    let m = if w == 8 { u64::MAX } else { (1u64 << (w * 8)) - 1 };
+    let mut r = 0u128;
+    for k in 0..n {
+        let sh = k * w * 8;
+        let x = (a >> sh) as u64 & m;
+        let y = (b >> sh) as u64 & m;
+        r |= ((f(x, y) & m) as u128) << sh;
+    }
+    r
+}
+
+fn sx(v: u64, w: usize) -> i64 {
+    crate::alu::sext(v, w)
+}
+
+fn unpack(a: u128, b: u128, w: usize, high: bool) -> u128 {
+    let n = 64 / (w * 8);
+    let m = if w == 8 { u64::MAX as u128 } else { (1u128 << (w * 8)) - 1 };
+    let (a, b) = if high { (a >> 64, b >> 64) } else { (a, b) };
+    let mut r = 0u128;
+    for k in 0..n {
+        let x = (a >> (k * w * 8)) & m;
+        let y = (b >> (k * w * 8)) & m;
+        r |= x << (2 * k * w * 8);
+        r |= y << ((2 * k + 1) * w * 8);
+    }
+    r
+}
+
+fn sat_s(v: i64, w: usize) -> u64 {
+    let (lo, hi) = if w == 1 { (-128i64, 127i64) } else { (-32768, 32767) };
+    v.clamp(lo, hi) as u64 & if w == 1 { 0xff } else { 0xffff }
+}
+
+impl Exec<'_> {
+    fn x87_ok(&self) -> Res<()> {
+        if self.c.cr0 & (CR0_EM | CR0_TS) != 0 {
+            return Err(Fault::Exc(VEC_NM, None));
+        }
+        Ok(())
+    }
+
+    fn sse_ok(&self) -> Res<()> {
+        if self.c.cr0 & CR0_EM != 0 || self.c.cr4 & CR4_OSFXSR == 0 {
+            return ud();
+        }
+        if self.c.cr0 & CR0_TS != 0 {
+            return Err(Fault::Exc(VEC_NM, None));
+        }
+        Ok(())
+    }
+
+    fn top(&self) -> usize {
+        ((self.c.fpu.fsw >> 11) & 7) as usize
+    }
+
+    fn fxsave(&mut self, a: u64) -> Res<()> {
+        if a & 15 != 0 {
+            return gp0();
+        }
+        let f = self.c.fpu.clone();
+        let mut b = [0u8; 512];
+        b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
+        b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+        b[4] = f.ftw;
+        b[6..8].copy_from_slice(&f.fop.to_le_bytes());
+        b[8..16].copy_from_slice(&f.fip.to_le_bytes());
+        b[16..24].copy_from_slice(&f.fdp.to_le_bytes());
+        b[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
+        b[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
+        let top = self.top();
+        for k in 0..8 {
+            b[32 + 16 * k..42 + 16 * k].copy_from_slice(&f.st[(top + k) & 7][..10]);
+        }
+        for k in 0..16 {
+            b[160 + 16 * k..176 + 16 * k].copy_from_slice(&f.xmm[k].to_le_bytes());
+        }
+        let user = self.user();
+        // Bytes 464..512 are available to software and not written (SDM Vol. 2A "FXSAVE").
+        self.write_bytes(a, &b[..464], user)
+    }
+
+    fn fxrstor(&mut self, a: u64) -> Res<()> {
+        if a & 15 != 0 {
+            return gp0();
+        }
+        let mut b = [0u8; 464];
+        let user = self.user();
+        self.read_bytes(a, &mut b, user)?;
+        let mxcsr = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
+        if mxcsr & !0xffff != 0 {
+            return gp0();
+        }
+        let f = &mut self.c.fpu;
+        f.fcw = u16::from_le_bytes([b[0], b[1]]);
+        f.fsw = u16::from_le_bytes([b[2], b[3]]);
+        f.ftw = b[4];
+        f.fop = u16::from_le_bytes([b[6], b[7]]);
+        f.fip = u64::from_le_bytes(b[8..16].try_into().unwrap_or_default());
+        f.fdp = u64::from_le_bytes(b[16..24].try_into().unwrap_or_default());
+        f.mxcsr = mxcsr;
+        let top = ((f.fsw >> 11) & 7) as usize;
+        for k in 0..8 {
+            let mut r = [0u8; 16];
+            r[..10].copy_from_slice(&b[32 + 16 * k..42 + 16 * k]);
+            f.st[(top + k) & 7] = r;
+        }
+        for k in 0..16 {
+            f.xmm[k] = u128::from_le_bytes(b[160 + 16 * k..176 + 16 * k].try_into().unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    fn xmm_of(&self, r: Register) -> Option<usize> {
+        if r.is_xmm() {
+            Some(r.number())
+        } else {
+            None
+        }
+    }
+
+    /// Reads operand `n` as a 128-bit value (XMM register, GPR, or memory of the operand's size).
+    fn rx(&mut self, i: &Instruction, n: u32) -> Res<u128> {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let r = i.op_register(n);
+                match self.xmm_of(r) {
+                    Some(x) => Ok(self.c.fpu.xmm[x]),
+                    None if r.is_mm() => ud(),
+                    None => Ok(self.get_reg(r) as u128),
+                }
+            }
+            OpKind::Memory => {
+                let a = self.ea(i);
+                let sz = i.memory_size().size();
+                if sz == 16 {
+                    let mut b = [0u8; 16];
+                    let user = self.user();
+                    self.read_bytes(a, &mut b, user)?;
+                    Ok(u128::from_le_bytes(b))
+                } else {
+                    Ok(self.read(a, sz)? as u128)
+                }
+            }
+            _ => Ok(i.immediate(n) as u128),
+        }
+    }
+
+    fn aligned16(&self, i: &Instruction) -> Res<()> {
+        if (i.op_kind(0) == OpKind::Memory || i.op_kind(1) == OpKind::Memory) && self.ea(i) & 15 != 0 {
+            return gp0();
+        }
+        Ok(())
+    }
+
+    /// Writes operand 0: an XMM register (whole), a GPR, or memory of the operand's size.
+    fn wx(&mut self, i: &Instruction, v: u128) -> Res<()> {
+        match i.op_kind(0) {
+            OpKind::Register => {
+                let r = i.op0_register();
+                match self.xmm_of(r) {
+                    Some(x) => self.c.fpu.xmm[x] = v,
+                    None if r.is_mm() => return ud(),
+                    None => self.set_reg(r, v as u64),
+                }
+                Ok(())
+            }
+            _ => {
+                let a = self.ea(i);
+                let sz = i.memory_size().size();
+                if sz == 16 {
+                    let user = self.user();
+                    self.write_bytes(a, &v.to_le_bytes(), user)
+                } else {
+                    self.write(a, sz, v as u64)
+                }
+            }
+        }
+    }
+
+    fn x0(&self, i: &Instruction) -> Res<usize> {
+        match self.xmm_of(i.op0_register()) {
+            Some(x) if i.op_kind(0) == OpKind::Register => Ok(x),
+            _ => ud(),
+        }
+    }
+
+    pub fn step_fpu(&mut self, i: &Instruction) -> Res<()> {
+        let m = i.mnemonic();
+        match m {
+            M::Fninit | M::Finit => {
+                self.x87_ok()?;
+                let f = &mut self.c.fpu;
+                f.fcw = 0x37f;
+                f.fsw = 0;
+                f.ftw = 0;
+                f.fop = 0;
+                f.fip = 0;
+                f.fdp = 0;
+                Ok(())
+            }
+            M::Fnclex | M::Fclex => {
+                self.x87_ok()?;
+                self.c.fpu.fsw &= 0x7f00;
+                Ok(())
+            }
+            M::Wait => {
+                if self.c.cr0 & (CR0_TS | 2) == (CR0_TS | 2) {
+                    return Err(Fault::Exc(VEC_NM, None));
+                }
+                Ok(())
+            }
+            M::Fldcw => {
+                self.x87_ok()?;
+                let a = self.ea(i);
+                self.c.fpu.fcw = self.read(a, 2)? as u16;
+                Ok(())
+            }
+            M::Fnstcw | M::Fstcw => {
+                self.x87_ok()?;
+                let v = self.c.fpu.fcw as u64;
+                self.wr(i, 0, 2, v)
+            }
+            M::Fnstsw | M::Fstsw => {
+                self.x87_ok()?;
+                let v = self.c.fpu.fsw as u64;
+                self.wr(i, 0, 2, v)
+            }
+            M::Emms => {
+                self.x87_ok()?;
+                self.c.fpu.ftw = 0;
+                Ok(())
+            }
+            M::Fild => {
+                self.x87_ok()?;
+                let a = self.ea(i);
+                let sz = i.memory_size().size();
+                let v = crate::alu::sext(self.read(a, sz)?, sz);
+                let top = (self.top() + 7) & 7;
+                let f = &mut self.c.fpu;
+                if f.ftw & (1 << top) != 0 {
+                    return self.unimpl(i, "x87 stack overflow");
+                }
+                f.st[top] = int_to_f80(v);
+                f.ftw |= 1 << top;
+                f.fsw = (f.fsw & !0x3800) | ((top as u16) << 11);
+                Ok(())
+            }
+            M::Ffree => {
+                self.x87_ok()?;
+                let k = (self.top() + i.op0_register().number()) & 7;
+                self.c.fpu.ftw &= !(1 << k);
+                Ok(())
+            }
+            M::Fxsave | M::Fxsave64 => {
+                self.x87_ok()?;
+                let a = self.ea(i);
+                self.fxsave(a)
+            }
+            M::Fxrstor | M::Fxrstor64 => {
+                self.x87_ok()?;
+                let a = self.ea(i);
+                self.fxrstor(a)
+            }
+            M::Ldmxcsr => {
+                self.sse_ok()?;
+                let a = self.ea(i);
+                let v = self.read(a, 4)? as u32;
+                if v & !0xffff != 0 {
+                    return gp0();
+                }
+                self.c.fpu.mxcsr = v;
+                Ok(())
+            }
+            M::Stmxcsr => {
+                self.sse_ok()?;
+                let v = self.c.fpu.mxcsr as u64;
+                self.wr(i, 0, 4, v)
+            }
+            M::Xgetbv
+            | M::Xsetbv
+            | M::Xsave
+            | M::Xrstor
+            | M::Xsave64
+            | M::Xrstor64
+            | M::Rdtscp
+            | M::Rdrand
+            | M::Rdseed
+            | M::Popcnt
+            | M::Movbe
+            | M::Rdpid
+            | M::Monitor
+            | M::Mwait
+            | M::Rdfsbase
+            | M::Rdgsbase
+            | M::Wrfsbase
+            | M::Wrgsbase
+            | M::Invpcid
+            | M::Stac
+            | M::Clac
+            | M::Serialize => {
+                // Not advertised in CPUID: a real CPU without the feature raises #UD.
+                ud()
+            }
+            _ => self.step_sse(i),
+        }
+    }
+
+    fn step_sse(&mut self, i: &Instruction) -> Res<()> {
+        let m = i.mnemonic();
+        let is_sse = (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm());
+        if !is_sse {
+            if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_mm()) {
+                // MMX is not advertised.
+                return ud();
+            }
+            if m == M::Movnti {
+                let sz = self.op_size(i, 1);
+                let v = self.get_reg(i.op1_register());
+                return self.wr(i, 0, sz, v);
+            }
+            return self.unimpl(i, "not implemented");
+        }
+        self.sse_ok()?;
+        match m {
+            M::Movaps | M::Movapd | M::Movdqa | M::Movntdq | M::Movntps | M::Movntpd => {
+                self.aligned16(i)?;
+                let v = self.rx(i, 1)?;
+                self.wx(i, v)
+            }
+            M::Movups | M::Movupd | M::Movdqu => {
+                let v = self.rx(i, 1)?;
+                self.wx(i, v)
+            }
+            M::Movd | M::Movq => {
+                let sz = if m == M::Movd { 4 } else { 8 };
+                let v = self.rx(i, 1)? & if sz == 4 { 0xffff_ffff } else { u64::MAX as u128 };
+                if i.op_kind(0) == OpKind::Register && i.op0_register().is_xmm() {
+                    // Loads into an XMM register zero the rest of it.
+                    let x = i.op0_register().number();
+                    self.c.fpu.xmm[x] = v;
+                    Ok(())
+                } else if i.op_kind(0) == OpKind::Register {
+                    self.set_reg(i.op0_register(), v as u64);
+                    Ok(())
+                } else {
+                    let a = self.ea(i);
+                    self.write(a, sz, v as u64)
+                }
+            }
+            M::Movss | M::Movsd => {
+                let sz = if m == M::Movss { 4 } else { 8 };
+                let lm = (1u128 << (sz * 8)) - 1;
+                if i.op_kind(0) == OpKind::Memory {
+                    let v = self.rx(i, 1)?;
+                    let a = self.ea(i);
+                    return self.write(a, sz, v as u64);
+                }
+                let x = self.x0(i)?;
+                let v = self.rx(i, 1)?;
+                if i.op_kind(1) == OpKind::Memory {
+                    self.c.fpu.xmm[x] = v & lm;
+                } else {
+                    self.c.fpu.xmm[x] = (self.c.fpu.xmm[x] & !lm) | (v & lm);
+                }
+                Ok(())
+            }
+            M::Movlpd | M::Movlps | M::Movhpd | M::Movhps => {
+                let high = matches!(m, M::Movhpd | M::Movhps);
+                if i.op_kind(0) == OpKind::Memory {
+                    let v = self.rx(i, 1)?;
+                    let a = self.ea(i);
+                    return self.write(a, 8, if high { (v >> 64) as u64 } else { v as u64 });
+                }
+                let x = self.x0(i)?;
+                let v = self.rx(i, 1)? as u64 as u128;
+                let cur = self.c.fpu.xmm[x];
+                self.c.fpu.xmm[x] =
+                    if high { (cur & u64::MAX as u128) | (v << 64) } else { (cur & !(u64::MAX as u128)) | v };
+                Ok(())
+            }
+            M::Movhlps | M::Movlhps => {
+                let x = self.x0(i)?;
+                let v = self.rx(i, 1)?;
+                let cur = self.c.fpu.xmm[x];
+                self.c.fpu.xmm[x] = if m == M::Movhlps {
+                    (cur & !(u64::MAX as u128)) | (v >> 64)
+                } else {
+                    (cur & u64::MAX as u128) | (v << 64)
+                };
+                Ok(())
+            }
+            M::Pmovmskb | M::Movmskps | M::Movmskpd => {
+                let v = self.rx(i, 1)?;
+                let (w, n) = match m {
+                    M::Pmovmskb => (8, 16),
+                    M::Movmskps => (32, 4),
+                    _ => (64, 2),
+                };
+                let mut r = 0u64;
+                for k in 0..n {
+                    r |= (((v >> (k * w + w - 1)) & 1) as u64) << k;
+                }
+                self.set_reg(i.op0_register(), r);
+                Ok(())
+            }
+            M::Pextrw => {
+                let v = self.rx(i, 1)?;
+                let k = (i.immediate8() & 7) as u32;
+                let r = (v >> (16 * k)) as u64 & 0xffff;
+                self.wr(i, 0, if i.op_kind(0) == OpKind::Memory { 2 } else { 4 }, r)
+            }
+            M::Pinsrw => {
+                let x = self.x0(i)?;
+                let v = self.rx(i, 1)? & 0xffff;
+                let k = (i.immediate8() & 7) as u32;
+                let cur = self.c.fpu.xmm[x];
+                self.c.fpu.xmm[x] = (cur & !(0xffffu128 << (16 * k))) | (v << (16 * k));
+                Ok(())
+            }
+            _ => self.sse_binop(i),
+        }
+    }
+
+    fn sse_binop(&mut self, i: &Instruction) -> Res<()> {
+        let m = i.mnemonic();
+        let x = self.x0(i)?;
+        // Legacy-SSE memory operands of full-width ops must be 16-byte aligned.
+        if i.op_kind(1) == OpKind::Memory && i.memory_size().size() == 16 {
+            self.aligned16(i)?;
+        }
+        let a = self.c.fpu.xmm[x];
+        let b = self.rx(i, 1)?;
+        let r = match m {
+            M::Pxor | M::Xorps | M::Xorpd => a ^ b,
+            M::Por | M::Orps | M::Orpd => a | b,
+            M::Pand | M::Andps | M::Andpd => a & b,
+            M::Pandn | M::Andnps | M::Andnpd => !a & b,
+            M::Paddb => lanes(a, b, 1, u64::wrapping_add),
+            M::Paddw => lanes(a, b, 2, u64::wrapping_add),
+            M::Paddd => lanes(a, b, 4, u64::wrapping_add),
+            M::Paddq => lanes(a, b, 8, u64::wrapping_add),
+            M::Psubb => lanes(a, b, 1, u64::wrapping_sub),
+            M::Psubw => lanes(a, b, 2, u64::wrapping_sub),
+            M::Psubd => lanes(a, b, 4, u64::wrapping_sub),
+            M::Psubq => lanes(a, b, 8, u64::wrapping_sub),
+            M::Paddusb => lanes(a, b, 1, |x, y| (x + y).min(0xff)),
+            M::Paddusw => lanes(a, b, 2, |x, y| (x + y).min(0xffff)),
+            M::Psubusb | M::Psubusw => lanes(a, b, if m == M::Psubusb { 1 } else { 2 }, |x, y| x.saturating_sub(y)),
+            M::Pcmpeqb => lanes(a, b, 1, |x, y| if x == y { u64::MAX } else { 0 }),
+            M::Pcmpeqw => lanes(a, b, 2, |x, y| if x == y { u64::MAX } else { 0 }),
+            M::Pcmpeqd => lanes(a, b, 4, |x, y| if x == y { u64::MAX } else { 0 }),
+            M::Pcmpgtb => lanes(a, b, 1, |x, y| if sx(x, 1) > sx(y, 1) { u64::MAX } else { 0 }),
+            M::Pcmpgtw => lanes(a, b, 2, |x, y| if sx(x, 2) > sx(y, 2) { u64::MAX } else { 0 }),
+            M::Pcmpgtd => lanes(a, b, 4, |x, y| if sx(x, 4) > sx(y, 4) { u64::MAX } else { 0 }),
+            M::Pminub => lanes(a, b, 1, u64::min),
+            M::Pmaxub => lanes(a, b, 1, u64::max),
+            M::Pminsw => lanes(a, b, 2, |x, y| if sx(x, 2) < sx(y, 2) { x } else { y }),
+            M::Pmaxsw => lanes(a, b, 2, |x, y| if sx(x, 2) > sx(y, 2) { x } else { y }),
+            M::Pavgb => lanes(a, b, 1, |x, y| (x + y + 1) >> 1),
+            M::Pavgw => lanes(a, b, 2, |x, y| (x + y + 1) >> 1),
+            M::Pmullw => lanes(a, b, 2, |x, y| x.wrapping_mul(y)),
+            M::Pmulhuw => lanes(a, b, 2, |x, y| (x * y) >> 16),
+            M::Pmulhw => lanes(a, b, 2, |x, y| ((sx(x, 2) * sx(y, 2)) >> 16) as u64),
+            M::Pmuludq => lanes(a, b, 8, |x, y| (x & 0xffff_ffff) * (y & 0xffff_ffff)),
+            M::Psadbw => {
+                let mut r = 0u128;
+                for h in 0..2 {
+                    let mut s = 0u64;
+                    for k in 0..8 {
+                        let sh = h * 64 + k * 8;
+                        s += ((a >> sh) as u8).abs_diff((b >> sh) as u8) as u64;
+                    }
+                    r |= (s as u128) << (h * 64);
+                }
+                r
+            }
+            M::Punpcklbw => unpack(a, b, 1, false),
+            M::Punpcklwd => unpack(a, b, 2, false),
+            M::Punpckldq | M::Unpcklps => unpack(a, b, 4, false),
+            M::Punpcklqdq | M::Unpcklpd => unpack(a, b, 8, false),
+            M::Punpckhbw => unpack(a, b, 1, true),
+            M::Punpckhwd => unpack(a, b, 2, true),
+            M::Punpckhdq | M::Unpckhps => unpack(a, b, 4, true),
+            M::Punpckhqdq | M::Unpckhpd => unpack(a, b, 8, true),
+            M::Packuswb | M::Packsswb | M::Packssdw => {
+                let (w, ow) = if m == M::Packssdw { (4, 2) } else { (2, 1) };
+                let n = 16 / w;
+                let mut r = 0u128;
+                for k in 0..2 * n {
+                    let src = if k < n { a } else { b };
+                    let v = sx((src >> ((k % n) * w * 8)) as u64 & ((1u64 << (w * 8)) - 1), w);
+                    let s = if m == M::Packuswb { v.clamp(0, 255) as u64 } else { sat_s(v, ow) };
+                    r |= (s as u128) << (k * ow * 8);
+                }
+                r
+            }
+            M::Pshufd | M::Shufps => {
+                let imm = i.immediate8() as u32;
+                let mut r = 0u128;
+                for k in 0..4 {
+                    let sel = (imm >> (2 * k)) & 3;
+                    // PSHUFD picks all four dwords from the source; SHUFPS the low two from the destination.
+                    let src = if m == M::Shufps && k < 2 { a } else { b };
+                    r |= ((src >> (32 * sel)) & 0xffff_ffff) << (32 * k);
+                }
+                r
+            }
+            M::Shufpd => {
+                let imm = i.immediate8();
+                let lo = if imm & 1 != 0 { a >> 64 } else { a & u64::MAX as u128 };
+                let hi = if imm & 2 != 0 { b >> 64 } else { b & u64::MAX as u128 };
+                lo | (hi << 64)
+            }
+            M::Pshuflw | M::Pshufhw => {
+                let imm = i.immediate8() as u32;
+                let base = if m == M::Pshufhw { 64 } else { 0 };
+                let half = (b >> base) as u64;
+                let mut h = 0u64;
+                for k in 0..4 {
+                    h |= ((half >> (16 * ((imm >> (2 * k)) & 3))) & 0xffff) << (16 * k);
+                }
+                if m == M::Pshufhw {
+                    (b & u64::MAX as u128) | ((h as u128) << 64)
+                } else {
+                    (b & !(u64::MAX as u128)) | h as u128
+                }
+            }
+            M::Pslldq | M::Psrldq => {
+                let n = i.immediate8().min(16) as u32 * 8;
+                if n >= 128 {
+                    0
+                } else if m == M::Pslldq {
+                    a << n
+                } else {
+                    a >> n
+                }
+            }
+            M::Psllw | M::Pslld | M::Psllq | M::Psrlw | M::Psrld | M::Psrlq | M::Psraw | M::Psrad => {
+                let cnt = if i.op_kind(1) == OpKind::Register || i.op_kind(1) == OpKind::Memory {
+                    b as u64
+                } else {
+                    i.immediate8() as u64
+                };
+                let w = match m {
+                    M::Psllw | M::Psrlw | M::Psraw => 2,
+                    M::Pslld | M::Psrld | M::Psrad => 4,
+                    _ => 8,
+                };
+                let bits = w as u64 * 8;
+                match m {
+                    M::Psllw | M::Pslld | M::Psllq => lanes(a, 0, w, |x, _| if cnt >= bits { 0 } else { x << cnt }),
+                    M::Psrlw | M::Psrld | M::Psrlq => lanes(a, 0, w, |x, _| if cnt >= bits { 0 } else { x >> cnt }),
+                    _ => lanes(a, 0, w, |x, _| (sx(x, w) >> cnt.min(bits - 1)) as u64),
+                }
+            }
+            _ => return self.unimpl(i, "SSE instruction not implemented"),
+        };
+        self.c.fpu.xmm[x] = r;
+        Ok(())
+    }
+}
