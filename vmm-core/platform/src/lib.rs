@@ -1,1 +1,20 @@
-//! PC platform devices modelled in userspace (used with the software CPU; KVM has them in the kernel).
+//! PC platform devices modelled in userspace (used with the software CPU; KVM has them in the
+//! kernel).
+//!
+//! Every device is engine-neutral: plain `read`/`write` methods on its register window, time taken
+//! from one [`clock::GuestClock`].
+
+pub mod clock;
+
+use thiserror::Error;
+
+/// Errors of the platform crate.
+#[derive(Debug, Error)]
+pub enum PlatformError {
+    /// A host clock follows `CLOCK_MONOTONIC`; only a virtual clock can be moved by the caller.
+    #[error("the guest clock follows the host clock and cannot be advanced by the caller")]
+    HostClockNotSettable,
+    /// A configuration value the caller passed is unusable.
+    #[error("invalid platform configuration: {0}")]
+    InvalidConfig(String),
+}
