@@ -4,7 +4,18 @@
 //! Every device is engine-neutral: plain `read`/`write` methods on its register window, time taken
 //! from one [`clock::GuestClock`].
 
+pub mod acpi_pm;
 pub mod clock;
+pub mod ioapic;
+pub mod lapic;
+pub mod pic;
+pub mod pit;
+pub mod platform;
+pub mod rtc;
+
+pub use acpi_pm::SystemRequest;
+pub use clock::{GuestClock, Tsc};
+pub use platform::{InterruptSignal, Platform, PlatformConfig, StartupEvent};
 
 use thiserror::Error;
 
@@ -17,4 +28,7 @@ pub enum PlatformError {
     /// A configuration value the caller passed is unusable.
     #[error("invalid platform configuration: {0}")]
     InvalidConfig(String),
+    /// A WRMSR to IA32_APIC_BASE with reserved bits or the (unadvertised) x2APIC bit.
+    #[error("invalid IA32_APIC_BASE value {0:#x}: reserved or x2APIC bits set")]
+    InvalidApicBase(u64),
 }
