@@ -4,6 +4,7 @@
 //! Every device is engine-neutral: plain `read`/`write` methods on its register window, time taken
 //! from one [`clock::GuestClock`].
 
+pub mod acpi;
 pub mod acpi_pm;
 pub mod clock;
 pub mod ioapic;
@@ -31,4 +32,12 @@ pub enum PlatformError {
     /// A WRMSR to IA32_APIC_BASE with reserved bits or the (unadvertised) x2APIC bit.
     #[error("invalid IA32_APIC_BASE value {0:#x}: reserved or x2APIC bits set")]
     InvalidApicBase(u64),
+    /// The buffer given for the ACPI tables is too small.
+    #[error("the ACPI tables need {needed} bytes but the buffer has {available}")]
+    AcpiBufferTooSmall {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes available.
+        available: usize,
+    },
 }
