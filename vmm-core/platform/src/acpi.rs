@@ -118,7 +118,7 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
             let io = aml::IO::new(base, base, 1, 8);
             let int = aml::Interrupt::new(true, true, false, false, u32::from(irq));
             let crs = aml::ResourceTemplate::new(vec![&io, &int]);
-            let name = format!("COM{}", (i + 1).min(9));
+            let name = format!("COM{}", i + 1);
             let hid = aml::Name::new("_HID".into(), &hid);
             let uid = aml::Name::new("_UID".into(), &uid);
             let crs = aml::Name::new("_CRS".into(), &crs);
@@ -190,6 +190,12 @@ pub fn write_tables(cfg: &AcpiConfig, buf: &mut [u8], guest_addr: u64) -> Result
     if guest_addr & 0xf != 0 {
         return Err(PlatformError::InvalidConfig(format!(
             "ACPI tables at {guest_addr:#x}: the RSDP must be 16-byte aligned"
+        )));
+    }
+    if cfg.serial_ports.len() > 4 {
+        return Err(PlatformError::InvalidConfig(format!(
+            "{} serial ports for the DSDT; COM1-COM4 at most",
+            cfg.serial_ports.len()
         )));
     }
     if cfg.cpus == 0 {
@@ -426,6 +432,9 @@ mod tests {
         let mut none = cfg.clone();
         none.cpus = 0;
         assert!(write_tables(&none, &mut buf, BASE).is_err());
+        let mut many = cfg.clone();
+        many.serial_ports = vec![(0x3f8, 4); 5];
+        assert!(write_tables(&many, &mut buf, BASE).is_err());
     }
 }
 

@@ -1,8 +1,51 @@
-//! PC platform devices modelled in userspace (used with the software CPU; KVM has them in the
-//! kernel).
+//! PC platform devices modelled in userspace, for Tessera's software CPU (KVM has them in the
+//! kernel): 8259A pair + ELCR, 8254 PIT + port 0x61, MC146818 RTC/CMOS, ACPI PM1a/PM timer,
+//! PIIX reset control (0xcf9), IOAPIC, one xAPIC LAPIC per CPU, and the ACPI tables describing
+//! them. No HPET (and no HPET table).
 //!
-//! Every device is engine-neutral: plain `read`/`write` methods on its register window, time taken
-//! from one [`clock::GuestClock`].
+//! Engine-neutral: no KVM, no bus types. Each device has `read`/`write` on its register window
+//! and takes time from one [`GuestClock`]; [`Platform`] wires them together (see
+//! [`platform`] for the interrupt routing and the exact CPU-side semantics).
+//!
+//! # How the core uses it
+//!
+//! ```no_run
+//! use std::sync::{Arc, Mutex};
+//! use tessera_platform::{GuestClock, Platform, PlatformConfig, Tsc};
+//!
+//! let clock = GuestClock::host(); // or GuestClock::virtual_clock(start_unix_secs)
+//! let cfg = PlatformConfig { cpus: 1, ram_below_4g: 512 << 20, ram_above_4g: 0, pm_timer_32bit: false };
+//! let platform = Arc::new(Mutex::new(Platform::new(clock.clone(), &cfg)?));
+//! let tsc = Tsc::new(clock.clone(), 2_000_000_000)?; // RDTSC; pass tsc_early_khz=2000000
+//!
+//! // Bus adapter (per vCPU, cpu = its index): ports in tessera_platform::platform::PORT_RANGES,
+//! // MMIO at the LAPIC base (per CPU, follows MSR 0x1b) and IOAPIC_MMIO.
+//! let mut data = [0u8; 1];
+//! let handled = platform.lock().unwrap().pio_read(0x61, &mut data);
+//!
+//! // Devices the core owns (UARTs) drive their IRQ lines:
+//! platform.lock().unwrap().set_isa_irq(4, true);
+//!
+//! // Run loop of vCPU 0, between instructions / blocks:
+//! let signal = platform.lock().unwrap().interrupt_signal(0).unwrap();
+//! if signal.next_deadline_ns().is_some_and(|d| clock.now_ns() >= d) {
+//!     platform.lock().unwrap().poll(); // timers fire
+//! }
+//! if signal.is_pending() /* && RFLAGS.IF && no STI/MOV-SS shadow */ {
+//!     if let Some(vector) = platform.lock().unwrap().acknowledge(0) {
+//!         // deliver `vector` through the IDT
+//!     }
+//! }
+//! // HLT with IF=1: sleep until an interrupt or the next timer deadline, then poll.
+//! let timeout = signal.next_deadline_ns().and_then(|d| clock.host_duration_until(d));
+//! signal.wait(timeout); // virtual clock: clock.advance_to_ns(deadline) instead of waiting
+//! platform.lock().unwrap().poll();
+//! # Ok::<(), tessera_platform::PlatformError>(())
+//! ```
+//!
+//! ACPI: [`acpi::write_tables`] into a buffer copied to guest memory (0xe0000 is a good
+//! place); its `rsdp_addr` goes to `boot_params.acpi_rsdp_addr` / PVH `rsdp_paddr`. A
+//! [`SystemRequest`] from [`Platform::take_system_request`] ends or resets the VM.
 
 pub mod acpi;
 pub mod acpi_pm;

@@ -213,6 +213,7 @@ pub struct Platform {
     gsi_levels: u32,
     request: Option<SystemRequest>,
     startup_events: VecDeque<(usize, StartupEvent)>,
+    config: PlatformConfig,
 }
 
 impl Platform {
@@ -242,9 +243,43 @@ impl Platform {
             request: None,
             startup_events: VecDeque::new(),
             clock,
+            config: config.clone(),
         };
         p.refresh();
         Ok(p)
+    }
+
+    /// A machine reset (the core acts on [`SystemRequest::Reset`] without `-no-reboot`): every
+    /// device back to its power-on state, except what a battery keeps (CMOS NVRAM, RTC time).
+    /// Interrupt signals stay valid; pending requests and start-up events are dropped.
+    pub fn reset(&mut self) {
+        let clock = self.clock.clone();
+        self.pic = DualPic::new();
+        self.pit = Pit::new(clock.clone());
+        self.rtc.reset();
+        self.pm = AcpiPm::new(clock.clone(), self.config.pm_timer_32bit);
+        self.reset = ResetControl::default();
+        self.ioapic = IoApic::new(self.config.cpus);
+        self.lapics = (0..self.config.cpus).map(|i| LocalApic::new(clock.clone(), i, i == 0)).collect();
+        self.request = None;
+        self.startup_events.clear();
+        // External drivers keep their line levels; re-present them to the fresh controllers.
+        let isa = self.isa_levels & !((1 << IRQ_PIT) | (1 << IRQ_RTC) | (1 << IRQ_SCI));
+        let gsi = self.gsi_levels;
+        self.isa_levels = 0;
+        self.gsi_levels = 0;
+        for irq in 0..16u8 {
+            if isa & (1 << irq) != 0 {
+                self.drive_isa(irq, true);
+            }
+        }
+        for g in 16..24u32 {
+            if gsi & (1 << g) != 0 {
+                self.set_gsi(g, true);
+            }
+        }
+        self.sync_device_lines();
+        self.refresh();
     }
 
     /// The guest clock.
@@ -892,6 +927,32 @@ mod tests {
         let mut d = [0u8; 1];
         assert!(!p.pio_read(0x3f8, &mut d), "not ours");
         assert_eq!(in8(&mut p, 0x70), 0xff);
+    }
+
+    #[test]
+    fn reset_restores_power_on_state_but_keeps_cmos_and_lines() {
+        let c = GuestClock::virtual_clock(0);
+        let mut p = platform(&c);
+        pic_init(&mut p);
+        lapic_w(&mut p, 0xf0, 0x1ff);
+        lapic_w(&mut p, 0x350, 0x10700);
+        out8(&mut p, 0x70, 0x40);
+        out8(&mut p, 0x71, 0x77);
+        p.set_isa_irq(4, true);
+        out8(&mut p, 0xcf9, 0x06);
+        p.reset();
+        assert_eq!(p.take_system_request(), None);
+        assert_eq!(lapic_r(&mut p, 0xf0), 0xff, "LAPIC software-disabled again");
+        assert_eq!(lapic_r(&mut p, 0x350), 0x700, "virtual wire again");
+        assert_eq!(in8(&mut p, 0x21), 0x00, "PIC IMR cleared");
+        out8(&mut p, 0x70, 0x40);
+        assert_eq!(in8(&mut p, 0x71), 0x77, "NVRAM kept");
+        // IRQ4 still high: after the guest re-initialises the PIC it needs a new edge, as on
+        // hardware, but the line level itself was kept.
+        pic_init(&mut p);
+        p.set_isa_irq(4, false);
+        p.set_isa_irq(4, true);
+        assert_eq!(p.acknowledge(0), Some(0x34));
     }
 
     #[test]

@@ -176,6 +176,15 @@ impl Rtc {
         self.cmos[0x5f] = cpus.saturating_sub(1);
     }
 
+    /// The RESET pin (machine reset): interrupt enables and flags cleared (data sheet, "RESET"
+    /// pin); time, NVRAM and the rest of register B stay (the chip is battery-backed).
+    pub fn reset(&mut self) {
+        self.cmos[REG_B] &= !(B_PIE | B_AIE | B_UIE | 0x08);
+        self.cmos[REG_C] = 0;
+        self.index = 0;
+        self.nmi_disabled = false;
+    }
+
     /// Whether the guest has set the NMI-disable bit (port 0x70 bit 7).
     pub fn nmi_disabled(&self) -> bool {
         self.nmi_disabled
