@@ -11,7 +11,7 @@
 //!
 //! ```no_run
 //! use std::sync::{Arc, Mutex};
-//! use tessera_platform::{GuestClock, Platform, PlatformConfig, Tsc};
+//! use tessera_platform::{CpuInterrupts, GuestClock, Platform, PlatformConfig, Tsc};
 //!
 //! let clock = GuestClock::host(); // or GuestClock::virtual_clock(start_unix_secs)
 //! let cfg = PlatformConfig { cpus: 1, ram_below_4g: 512 << 20, ram_above_4g: 0, pm_timer_32bit: false };
@@ -26,20 +26,17 @@
 //! // Devices the core owns (UARTs) drive their IRQ lines:
 //! platform.lock().unwrap().set_isa_irq(4, true);
 //!
-//! // Run loop of vCPU 0, between instructions / blocks:
-//! let signal = platform.lock().unwrap().interrupt_signal(0).unwrap();
-//! if signal.next_deadline_ns().is_some_and(|d| clock.now_ns() >= d) {
-//!     platform.lock().unwrap().poll(); // timers fire
-//! }
-//! if signal.is_pending() /* && RFLAGS.IF && no STI/MOV-SS shadow */ {
-//!     if let Some(vector) = platform.lock().unwrap().acknowledge(0) {
+//! // The CPU side of vCPU 0 (what the software CPU's InterruptSource wraps):
+//! let irq = CpuInterrupts::new(&platform, 0).unwrap();
+//! // at an instruction boundary with IF=1 and no STI/MOV-SS shadow:
+//! if irq.pending() {
+//!     if let Some(vector) = irq.acknowledge() {
 //!         // deliver `vector` through the IDT
 //!     }
 //! }
-//! // HLT with IF=1: sleep until an interrupt or the next timer deadline, then poll.
-//! let timeout = signal.next_deadline_ns().and_then(|d| clock.host_duration_until(d));
-//! signal.wait(timeout); // virtual clock: clock.advance_to_ns(deadline) instead of waiting
-//! platform.lock().unwrap().poll();
+//! // HLT with IF=1: sleep (host clock) or jump (virtual clock) to the next timer deadline,
+//! // waking early for an interrupt; then check `pending` again.
+//! irq.idle();
 //! # Ok::<(), tessera_platform::PlatformError>(())
 //! ```
 //!
@@ -59,7 +56,7 @@ pub mod rtc;
 
 pub use acpi_pm::SystemRequest;
 pub use clock::{GuestClock, Tsc};
-pub use platform::{InterruptSignal, Platform, PlatformConfig, StartupEvent};
+pub use platform::{CpuInterrupts, InterruptSignal, Platform, PlatformConfig, StartupEvent};
 
 use thiserror::Error;
 

@@ -106,13 +106,14 @@ pub struct PlatformConfig {
 
 /// A per-CPU wake-up handle, readable without the platform lock.
 ///
-/// `is_pending` is true while [`Platform::pending_interrupt`] or an NMI is pending for the CPU
-/// as of the last platform operation; `next_deadline_ns` is the earliest guest time at which a
-/// timer needs [`Platform::poll`]. A run loop checks both cheaply between instructions, and an
-/// idle (HLT) vCPU sleeps in [`InterruptSignal::wait`].
+/// `is_pending` mirrors [`Platform::pending_interrupt`] (maskable interrupts) and
+/// `nmi_pending` a pending NMI, as of the last platform operation; `next_deadline_ns` is the
+/// earliest guest time at which a timer needs [`Platform::poll`]. A run loop checks them
+/// cheaply between instructions, and an idle (HLT) vCPU sleeps in [`InterruptSignal::wait`].
 #[derive(Debug)]
 pub struct InterruptSignal {
     pending: AtomicBool,
+    nmi: AtomicBool,
     kicked: AtomicBool,
     deadline_ns: AtomicU64,
     lock: Mutex<()>,
@@ -123,6 +124,7 @@ impl InterruptSignal {
     fn new() -> Self {
         InterruptSignal {
             pending: AtomicBool::new(false),
+            nmi: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
             deadline_ns: AtomicU64::new(u64::MAX),
             lock: Mutex::new(()),
@@ -130,9 +132,14 @@ impl InterruptSignal {
         }
     }
 
-    /// Whether an interrupt (or NMI) is waiting for this CPU.
+    /// Whether a maskable interrupt is waiting for this CPU.
     pub fn is_pending(&self) -> bool {
         self.pending.load(Ordering::Acquire)
+    }
+
+    /// Whether an NMI is waiting for this CPU ([`Platform::take_nmi`]).
+    pub fn nmi_pending(&self) -> bool {
+        self.nmi.load(Ordering::Acquire)
     }
 
     /// Earliest guest time at which a timer event is due (call [`Platform::poll`] then).
@@ -154,17 +161,19 @@ impl InterruptSignal {
         self.cv.notify_all();
     }
 
-    fn publish(&self, pending: bool, deadline: u64) {
+    fn publish(&self, pending: bool, nmi: bool, deadline: u64) {
         let old_deadline = self.deadline_ns.swap(deadline, Ordering::AcqRel);
         let was = self.pending.swap(pending, Ordering::AcqRel);
-        if (pending && !was) || deadline < old_deadline {
+        let nmi_was = self.nmi.swap(nmi, Ordering::AcqRel);
+        if (pending && !was) || (nmi && !nmi_was) || deadline < old_deadline {
             self.notify();
         }
     }
 
-    /// Blocks until an interrupt is pending, [`kick`] was called, the deadline moved earlier, or
-    /// `timeout` passed (`None`: no timeout). Returns true if woken by pending/kick. After it
-    /// returns the caller should [`Platform::poll`] (a timer may be due) and check again.
+    /// Blocks until an interrupt or NMI is pending, [`kick`] was called, the deadline moved
+    /// earlier, or `timeout` passed (`None`: no timeout). Returns true if woken by an interrupt,
+    /// NMI or kick. After it returns the caller should [`Platform::poll`] (a timer may be due)
+    /// and check again.
     ///
     /// [`kick`]: InterruptSignal::kick
     pub fn wait(&self, timeout: Option<Duration>) -> bool {
@@ -172,7 +181,7 @@ impl InterruptSignal {
         let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let start = std::time::Instant::now();
         loop {
-            if self.pending.load(Ordering::Acquire) || self.kicked.swap(false, Ordering::AcqRel) {
+            if self.is_pending() || self.nmi_pending() || self.kicked.swap(false, Ordering::AcqRel) {
                 return true;
             }
             if self.deadline_ns.load(Ordering::Acquire) < deadline_before {
@@ -188,6 +197,96 @@ impl InterruptSignal {
                 }
             }
         }
+    }
+}
+
+/// The CPU's view of a shared platform: what the software CPU calls at instruction boundaries
+/// (its `InterruptSource`: `pending` / `acknowledge` with `&self`) and when idle.
+///
+/// `pending` is lock-free unless a timer deadline has passed, in which case it takes the lock
+/// once to [`Platform::poll`].
+#[derive(Clone, Debug)]
+pub struct CpuInterrupts {
+    platform: Arc<Mutex<Platform>>,
+    signal: Arc<InterruptSignal>,
+    clock: GuestClock,
+    cpu: usize,
+}
+
+impl CpuInterrupts {
+    /// The link for `cpu`, or `None` if the platform has no such CPU.
+    pub fn new(platform: &Arc<Mutex<Platform>>, cpu: usize) -> Option<Self> {
+        let p = platform.lock().unwrap_or_else(|e| e.into_inner());
+        Some(CpuInterrupts {
+            signal: p.interrupt_signal(cpu)?,
+            clock: p.clock().clone(),
+            platform: Arc::clone(platform),
+            cpu,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Platform> {
+        // A panic elsewhere while holding the lock leaves device state consistent enough
+        // (every method finishes its updates before returning); keep going.
+        self.platform.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Polls the timers if a deadline has passed.
+    pub fn service_timers(&self) {
+        if self.signal.next_deadline_ns().is_some_and(|d| self.clock.now_ns() >= d) {
+            self.lock().poll();
+        }
+    }
+
+    /// INTR: a maskable interrupt is pending (timers serviced first). Ask only with IF=1 and
+    /// no interrupt shadow.
+    pub fn pending(&self) -> bool {
+        self.service_timers();
+        self.signal.is_pending()
+    }
+
+    /// INTA: the vector to deliver, or `None` if nothing is deliverable any more.
+    pub fn acknowledge(&self) -> Option<u8> {
+        self.lock().acknowledge(self.cpu)
+    }
+
+    /// An NMI is pending (take it with [`take_nmi`]).
+    ///
+    /// [`take_nmi`]: CpuInterrupts::take_nmi
+    pub fn nmi_pending(&self) -> bool {
+        self.signal.nmi_pending()
+    }
+
+    /// Takes the pending NMI.
+    pub fn take_nmi(&self) -> bool {
+        self.lock().take_nmi(self.cpu)
+    }
+
+    /// HLT with IF=1: sleeps until an interrupt, an NMI, a kick or the next timer deadline
+    /// (host clock), or moves a virtual clock straight to that deadline; then services the
+    /// timers. Returns whether a maskable interrupt is pending afterwards. With no deadline
+    /// and nothing pending on a virtual clock it returns false at once (nothing can ever wake
+    /// the CPU: the caller decides, e.g. reports a hang).
+    pub fn idle(&self) -> bool {
+        if !(self.signal.is_pending() || self.signal.nmi_pending()) {
+            let deadline = self.signal.next_deadline_ns();
+            if self.clock.is_virtual() {
+                if let Some(d) = deadline {
+                    // Cannot fail: the clock is virtual.
+                    let _ = self.clock.advance_to_ns(d);
+                }
+            } else {
+                let timeout = deadline.and_then(|d| self.clock.host_duration_until(d));
+                self.signal.wait(timeout);
+            }
+        }
+        self.service_timers();
+        self.signal.is_pending()
+    }
+
+    /// The wake-up handle (to [`InterruptSignal::kick`] this CPU from another thread).
+    pub fn signal(&self) -> &Arc<InterruptSignal> {
+        &self.signal
     }
 }
 
@@ -433,8 +532,9 @@ impl Platform {
     fn refresh(&mut self) {
         let deadline = self.next_deadline_ns().unwrap_or(u64::MAX);
         for cpu in 0..self.lapics.len() {
-            let pending = self.pending_interrupt(cpu) || self.lapics[cpu].nmi_pending();
-            self.signals[cpu].publish(pending, deadline);
+            let pending = self.pending_interrupt(cpu);
+            let nmi = self.lapics[cpu].nmi_pending();
+            self.signals[cpu].publish(pending, nmi, deadline);
         }
     }
 
@@ -893,6 +993,39 @@ mod tests {
         assert_eq!(p.lock().unwrap().acknowledge(0), Some(0xf3));
         // A timeout with nothing pending returns false.
         assert!(!sig.wait(Some(Duration::from_millis(5))));
+    }
+
+    #[test]
+    fn cpu_interrupts_link_services_timers_and_idles_on_a_virtual_clock() {
+        let c = GuestClock::virtual_clock(0);
+        let p = Arc::new(Mutex::new(platform(&c)));
+        let link = CpuInterrupts::new(&p, 0).unwrap();
+        assert!(CpuInterrupts::new(&p, 1).is_none());
+        {
+            let mut g = p.lock().unwrap();
+            pic_init(&mut g);
+            out8(&mut g, 0x43, 0x34);
+            out8(&mut g, 0x40, 0xa5);
+            out8(&mut g, 0x40, 0x12);
+        }
+        assert!(!link.pending());
+        // HLT: the clock jumps to the PIT's deadline and the tick is pending.
+        assert!(link.idle());
+        assert_eq!(c.now_ns(), crate::clock::ticks_to_ns_ceil(4773, pit::PIT_HZ));
+        assert_eq!(link.acknowledge(), Some(0x30));
+        assert!(!link.pending());
+        // An LINT1 NMI is reported apart from INTR.
+        {
+            let mut g = p.lock().unwrap();
+            lapic_w(&mut g, 0xf0, 0x1ff);
+            lapic_w(&mut g, 0x360, 0x400);
+            g.lapics[0].set_lint(1, true);
+            g.refresh();
+        }
+        assert!(link.nmi_pending());
+        assert!(!link.signal().is_pending());
+        assert!(link.take_nmi());
+        assert!(!link.nmi_pending());
     }
 
     #[test]
