@@ -23,8 +23,9 @@
 //! let mut data = [0u8; 1];
 //! let handled = platform.lock().unwrap().pio_read(0x61, &mut data);
 //!
-//! // Devices the core owns (UARTs) drive their IRQ lines:
-//! platform.lock().unwrap().set_isa_irq(4, true);
+//! // Devices the core owns (UARTs) drive their IRQ lines, like a KVM irqfd:
+//! let com1_irq = tessera_platform::IsaIrq::new(&platform, 4)?;
+//! com1_irq.pulse();
 //!
 //! // The CPU side of vCPU 0 (what the software CPU's InterruptSource wraps):
 //! let irq = CpuInterrupts::new(&platform, 0).unwrap();
@@ -36,7 +37,7 @@
 //! }
 //! // HLT with IF=1: sleep (host clock) or jump (virtual clock) to the next timer deadline,
 //! // waking early for an interrupt; then check `pending` again.
-//! irq.idle();
+//! irq.idle(None);
 //! # Ok::<(), tessera_platform::PlatformError>(())
 //! ```
 //!
@@ -56,7 +57,7 @@ pub mod rtc;
 
 pub use acpi_pm::SystemRequest;
 pub use clock::{GuestClock, Tsc};
-pub use platform::{CpuInterrupts, InterruptSignal, Platform, PlatformConfig, StartupEvent};
+pub use platform::{CpuInterrupts, InterruptSignal, IsaIrq, Platform, PlatformConfig, StartupEvent};
 
 use thiserror::Error;
 

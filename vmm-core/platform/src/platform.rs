@@ -266,8 +266,9 @@ impl CpuInterrupts {
     /// (host clock), or moves a virtual clock straight to that deadline; then services the
     /// timers. Returns whether a maskable interrupt is pending afterwards. With no deadline
     /// and nothing pending on a virtual clock it returns false at once (nothing can ever wake
-    /// the CPU: the caller decides, e.g. reports a hang).
-    pub fn idle(&self) -> bool {
+    /// the CPU: the caller decides, e.g. reports a hang). `max_wait` bounds a host-clock sleep
+    /// (e.g. to look at other work now and then); `None` sleeps as long as needed.
+    pub fn idle(&self, max_wait: Option<Duration>) -> bool {
         if !(self.signal.is_pending() || self.signal.nmi_pending()) {
             let deadline = self.signal.next_deadline_ns();
             if self.clock.is_virtual() {
@@ -277,6 +278,10 @@ impl CpuInterrupts {
                 }
             } else {
                 let timeout = deadline.and_then(|d| self.clock.host_duration_until(d));
+                let timeout = match (timeout, max_wait) {
+                    (Some(t), Some(m)) => Some(t.min(m)),
+                    (t, m) => t.or(m),
+                };
                 self.signal.wait(timeout);
             }
         }
@@ -287,6 +292,37 @@ impl CpuInterrupts {
     /// The wake-up handle (to [`InterruptSignal::kick`] this CPU from another thread).
     pub fn signal(&self) -> &Arc<InterruptSignal> {
         &self.signal
+    }
+}
+
+/// An ISA interrupt line of a shared platform, for devices the core owns (16550 UARTs through
+/// vm-superio's `Trigger`, i8042): the software-engine counterpart of a KVM irqfd.
+#[derive(Clone, Debug)]
+pub struct IsaIrq {
+    platform: Arc<Mutex<Platform>>,
+    irq: u8,
+}
+
+impl IsaIrq {
+    /// The line for ISA IRQ `irq`; an error for lines the platform owns or that do not exist
+    /// ([`Platform::isa_irq_available`]).
+    pub fn new(platform: &Arc<Mutex<Platform>>, irq: u8) -> Result<Self, PlatformError> {
+        if !Platform::isa_irq_available(irq) {
+            return Err(PlatformError::InvalidConfig(format!(
+                "ISA IRQ {irq} is the cascade, a platform device's, or does not exist"
+            )));
+        }
+        Ok(IsaIrq { platform: Arc::clone(platform), irq })
+    }
+
+    /// An edge (what an irqfd write does): rising then falling.
+    pub fn pulse(&self) {
+        self.platform.lock().unwrap_or_else(|e| e.into_inner()).pulse_isa_irq(self.irq);
+    }
+
+    /// Holds the line at `level` (level-style devices).
+    pub fn set_level(&self, level: bool) {
+        self.platform.lock().unwrap_or_else(|e| e.into_inner()).set_isa_irq(self.irq, level);
     }
 }
 
@@ -1010,7 +1046,7 @@ mod tests {
         }
         assert!(!link.pending());
         // HLT: the clock jumps to the PIT's deadline and the tick is pending.
-        assert!(link.idle());
+        assert!(link.idle(None));
         assert_eq!(c.now_ns(), crate::clock::ticks_to_ns_ceil(4773, pit::PIT_HZ));
         assert_eq!(link.acknowledge(), Some(0x30));
         assert!(!link.pending());
@@ -1026,6 +1062,28 @@ mod tests {
         assert!(!link.signal().is_pending());
         assert!(link.take_nmi());
         assert!(!link.nmi_pending());
+    }
+
+    #[test]
+    fn isa_irq_handle_pulses_a_uart_line_and_wakes_an_idle_cpu() {
+        let c = GuestClock::host();
+        let p = Arc::new(Mutex::new(platform(&c)));
+        assert!(IsaIrq::new(&p, 0).is_err());
+        assert!(IsaIrq::new(&p, 2).is_err());
+        assert!(IsaIrq::new(&p, 16).is_err());
+        let com1 = IsaIrq::new(&p, 4).unwrap();
+        pic_init(&mut p.lock().unwrap());
+        let link = CpuInterrupts::new(&p, 0).unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            com1.pulse();
+        });
+        // No timer armed: only the pulse can end this idle.
+        let start = std::time::Instant::now();
+        assert!(link.idle(Some(Duration::from_secs(10))));
+        t.join().unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(15));
+        assert_eq!(link.acknowledge(), Some(0x34));
     }
 
     #[test]
