@@ -76,10 +76,8 @@ fn random_guest_accesses_never_panic() {
                     p.lock().unwrap().poll();
                 }
                 8 => {
-                    if cpus[cpu].pending() {
-                        if cpus[cpu].acknowledge().is_some() {
-                            delivered += 1;
-                        }
+                    if cpus[cpu].pending() && cpus[cpu].acknowledge().is_some() {
+                        delivered += 1;
                     }
                     cpus[cpu].take_nmi();
                     let mut g = p.lock().unwrap();
