@@ -4,7 +4,8 @@
 # Idempotent: it does nothing when everything is there already.
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio xz-utils e2fsprogs binutils tmux)
+packages=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio xz-utils e2fsprogs binutils tmux
+    liblzma-dev pkg-config acpica-tools)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,1 +1,84 @@
-//! PC platform devices modelled in userspace (used with the software CPU; KVM has them in the kernel).
+//! PC platform devices modelled in userspace, for Tessera's software CPU (KVM has them in the
+//! kernel): 8259A pair + ELCR, 8254 PIT + port 0x61, MC146818 RTC/CMOS, ACPI PM1a/PM timer,
+//! PIIX reset control (0xcf9), IOAPIC, one xAPIC LAPIC per CPU, and the ACPI tables describing
+//! them. No HPET (and no HPET table).
+//!
+//! Engine-neutral: no KVM, no bus types. Each device has `read`/`write` on its register window
+//! and takes time from one [`GuestClock`]; [`Platform`] wires them together (see
+//! [`platform`] for the interrupt routing and the exact CPU-side semantics).
+//!
+//! # How the core uses it
+//!
+//! ```no_run
+//! use std::sync::{Arc, Mutex};
+//! use tessera_platform::{CpuInterrupts, GuestClock, Platform, PlatformConfig, Tsc};
+//!
+//! let clock = GuestClock::host(); // or GuestClock::virtual_clock(start_unix_secs)
+//! let cfg = PlatformConfig { cpus: 1, ram_below_4g: 512 << 20, ram_above_4g: 0, pm_timer_32bit: false };
+//! let platform = Arc::new(Mutex::new(Platform::new(clock.clone(), &cfg)?));
+//! let tsc = Tsc::new(clock.clone(), 2_000_000_000)?; // RDTSC; pass tsc_early_khz=2000000
+//!
+//! // Bus adapter (per vCPU, cpu = its index): ports in tessera_platform::platform::PORT_RANGES,
+//! // MMIO at the LAPIC base (per CPU, follows MSR 0x1b) and IOAPIC_MMIO.
+//! let mut data = [0u8; 1];
+//! let handled = platform.lock().unwrap().pio_read(0x61, &mut data);
+//!
+//! // Devices the core owns (UARTs) drive their IRQ lines, like a KVM irqfd:
+//! let com1_irq = tessera_platform::IsaIrq::new(&platform, 4)?;
+//! com1_irq.pulse();
+//!
+//! // The CPU side of vCPU 0 (what the software CPU's InterruptSource wraps):
+//! let irq = CpuInterrupts::new(&platform, 0).unwrap();
+//! // at an instruction boundary with IF=1 and no STI/MOV-SS shadow:
+//! if irq.pending() {
+//!     if let Some(vector) = irq.acknowledge() {
+//!         // deliver `vector` through the IDT
+//!     }
+//! }
+//! // HLT with IF=1: sleep (host clock) or jump (virtual clock) to the next timer deadline,
+//! // waking early for an interrupt; then check `pending` again.
+//! irq.idle(None);
+//! # Ok::<(), tessera_platform::PlatformError>(())
+//! ```
+//!
+//! ACPI: [`acpi::write_tables`] into a buffer copied to guest memory (0xe0000 is a good
+//! place); its `rsdp_addr` goes to `boot_params.acpi_rsdp_addr` / PVH `rsdp_paddr`. A
+//! [`SystemRequest`] from [`Platform::take_system_request`] ends or resets the VM.
+
+pub mod acpi;
+pub mod acpi_pm;
+pub mod clock;
+pub mod ioapic;
+pub mod lapic;
+pub mod pic;
+pub mod pit;
+pub mod platform;
+pub mod rtc;
+
+pub use acpi_pm::SystemRequest;
+pub use clock::{GuestClock, Tsc};
+pub use platform::{CpuInterrupts, InterruptSignal, IsaIrq, Platform, PlatformConfig, StartupEvent};
+
+use thiserror::Error;
+
+/// Errors of the platform crate.
+#[derive(Debug, Error)]
+pub enum PlatformError {
+    /// A host clock follows `CLOCK_MONOTONIC`; only a virtual clock can be moved by the caller.
+    #[error("the guest clock follows the host clock and cannot be advanced by the caller")]
+    HostClockNotSettable,
+    /// A configuration value the caller passed is unusable.
+    #[error("invalid platform configuration: {0}")]
+    InvalidConfig(String),
+    /// A WRMSR to IA32_APIC_BASE with reserved bits or the (unadvertised) x2APIC bit.
+    #[error("invalid IA32_APIC_BASE value {0:#x}: reserved or x2APIC bits set")]
+    InvalidApicBase(u64),
+    /// The buffer given for the ACPI tables is too small.
+    #[error("the ACPI tables need {needed} bytes but the buffer has {available}")]
+    AcpiBufferTooSmall {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes available.
+        available: usize,
+    },
+}
