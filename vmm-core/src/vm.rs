@@ -32,12 +32,19 @@ pub struct Vm {
     log: Arc<GuestLog>,
 }
 
-/// The engine for `accel` and how it enters a Linux bzImage. The software CPU will be chosen here for
-/// [`Accel::Tcg`], entering Linux through [`LinuxEntry::Decompressed`].
-pub fn make_engine(cfg: &CoreConfig, ram: Arc<GuestRam>) -> Result<(Box<dyn Engine>, LinuxEntry), Error> {
+/// How Linux is entered with `accel`: the software CPU skips the decompressor (shared notes §0).
+pub fn linux_entry_for(accel: Accel) -> LinuxEntry {
+    match accel {
+        Accel::Kvm => LinuxEntry::BootProtocol64,
+        Accel::Tcg => LinuxEntry::Decompressed,
+    }
+}
+
+/// The engine for `accel`. The software CPU will be created here for [`Accel::Tcg`].
+pub fn make_engine(cfg: &CoreConfig, ram: Arc<GuestRam>) -> Result<Box<dyn Engine>, Error> {
     let model = CpuModel::parse(&cfg.cpu_model)?;
     match cfg.accel {
-        Accel::Kvm => Ok((Box::new(KvmEngine::open(ram, cfg.smp, model)?), LinuxEntry::BootProtocol64)),
+        Accel::Kvm => Ok(Box::new(KvmEngine::open(ram, cfg.smp, model)?)),
         Accel::Tcg => Err(Error::TcgUnavailable),
     }
 }
@@ -74,9 +81,13 @@ impl Vm {
         };
 
         let ram = Arc::new(GuestRam::new(cfg.ram.size)?);
-        let (mut engine, linux_entry) = make_engine(&cfg, ram.clone())?;
+        if cfg.accel == Accel::Tcg {
+            return Err(Error::TcgUnavailable);
+        }
+        let linux_entry = linux_entry_for(cfg.accel);
         // Load the kernel now so that a bad image is reported before anything runs.
         let first_entry = boot::load(&ram, &mut src, linux_entry)?;
+        let mut engine = make_engine(&cfg, ram.clone())?;
 
         let (events_tx, events): (Sender<VmEvent>, Receiver<VmEvent>) = mpsc::channel();
         let mut devices = Devices::new(log.clone());
