@@ -200,7 +200,10 @@ impl Core {
             Ok(Some(m)) => m,
             Ok(None) => {
                 self.drain_serial();
-                panic!("no control message from tessera-core within {timeout:?}; guest output so far: {:?}", self.text())
+                panic!(
+                    "no control message from tessera-core within {timeout:?}; guest output so far: {:?}",
+                    self.text()
+                )
             }
             Err(e) => {
                 self.drain_serial();
@@ -222,8 +225,7 @@ impl Core {
 
     /// Take every serial message already buffered, without waiting.
     pub fn drain_serial(&mut self) {
-        while let Ok(Some(CoreToChardev::Output(b))) = recv_timeout::<CoreToChardev>(&self.serials[0], Duration::ZERO)
-        {
+        while let Ok(Some(CoreToChardev::Output(b))) = recv_timeout::<CoreToChardev>(&self.serials[0], Duration::ZERO) {
             self.output.extend(b);
         }
     }
@@ -233,7 +235,12 @@ impl Core {
         let deadline = Instant::now() + STEP_TIMEOUT;
         while !self.output.windows(needle.len().max(1)).any(|w| w == needle) {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "guest output never contained {:?}; got {:?}", String::from_utf8_lossy(needle), self.text());
+            assert!(
+                !left.is_zero(),
+                "guest output never contained {:?}; got {:?}",
+                String::from_utf8_lossy(needle),
+                self.text()
+            );
             match recv_timeout::<CoreToChardev>(&self.serials[0], left.min(Duration::from_millis(200))) {
                 Ok(Some(CoreToChardev::Output(b))) => self.output.extend(b),
                 Ok(None) => {}

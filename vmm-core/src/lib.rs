@@ -85,11 +85,11 @@ fn strerror(e: &std::io::Error) -> String {
 }
 
 fn fmt_size(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+    if bytes >= 1 << 30 && bytes & ((1 << 30) - 1) == 0 {
         format!("{}G", bytes >> 30)
-    } else if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    } else if bytes >= 1 << 20 && bytes & ((1 << 20) - 1) == 0 {
         format!("{}M", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+    } else if bytes >= 1 << 10 && bytes & ((1 << 10) - 1) == 0 {
         format!("{}K", bytes >> 10)
     } else {
         format!("{bytes}")

@@ -6,7 +6,9 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::Error;
 
@@ -150,7 +152,11 @@ mod tests {
         assert_eq!(l.low_ram_end(), PCI_HOLE_START);
         assert_eq!(
             l.high_ram(),
-            Some(RamRegion { guest_addr: HIGH_RAM_START, size: (4 << 30) - PCI_HOLE_START, file_offset: PCI_HOLE_START })
+            Some(RamRegion {
+                guest_addr: HIGH_RAM_START,
+                size: (4 << 30) - PCI_HOLE_START,
+                file_offset: PCI_HOLE_START
+            })
         );
         assert_eq!(l.total(), 4 << 30);
     }

@@ -220,7 +220,13 @@ impl RunLoop {
     }
 }
 
-fn vcpu_thread(index: usize, mut vcpu: Box<dyn Vcpu>, io: Arc<dyn ResettableIo>, events: Sender<VmEvent>, stop: Arc<AtomicBool>) {
+fn vcpu_thread(
+    index: usize,
+    mut vcpu: Box<dyn Vcpu>,
+    io: Arc<dyn ResettableIo>,
+    events: Sender<VmEvent>,
+    stop: Arc<AtomicBool>,
+) {
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         while !stop.load(Ordering::SeqCst) {
             let exit = match vcpu.run(io.as_ref()) {

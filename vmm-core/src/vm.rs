@@ -100,7 +100,12 @@ impl Vm {
             devices.serials.push(port);
         }
         let kbd = I8042::new(events_tx.clone());
-        devices.pio.insert(u64::from(DATA_PORT), 1, "the i8042 data port", Arc::new(I8042Port { dev: kbd.clone(), port: DATA_PORT }))?;
+        devices.pio.insert(
+            u64::from(DATA_PORT),
+            1,
+            "the i8042 data port",
+            Arc::new(I8042Port { dev: kbd.clone(), port: DATA_PORT }),
+        )?;
         devices.pio.insert(
             u64::from(COMMAND_PORT),
             1,

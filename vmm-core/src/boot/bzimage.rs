@@ -10,7 +10,9 @@ use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Address, ByteValued, GuestAddress};
 
-use super::{e820_map, load_initrd, long_mode_entry, BootSource, EntryState, CMDLINE_ADDR, HIGH_MEMORY, ZERO_PAGE_ADDR};
+use super::{
+    e820_map, load_initrd, long_mode_entry, BootSource, EntryState, CMDLINE_ADDR, HIGH_MEMORY, ZERO_PAGE_ADDR,
+};
 use crate::memory::GuestRam;
 use crate::Error;
 
@@ -34,7 +36,9 @@ pub fn read_setup_header(src: &mut BootSource) -> Result<setup_header, Error> {
     let mut hdr = setup_header::default();
     let io = |e| Error::ReadKernel { path: src.kernel_path.clone(), source: e };
     src.kernel.seek(SeekFrom::Start(0x1f1)).map_err(io)?;
-    src.kernel.read_exact(hdr.as_mut_slice()).map_err(|e| Error::ReadKernel { path: src.kernel_path.clone(), source: e })?;
+    src.kernel
+        .read_exact(hdr.as_mut_slice())
+        .map_err(|e| Error::ReadKernel { path: src.kernel_path.clone(), source: e })?;
     let size = src.kernel.metadata().map(|m| m.len()).unwrap_or(0);
     let setup_sects = if hdr.setup_sects == 0 { 4 } else { u64::from(hdr.setup_sects) };
     if hdr.header != HDR_MAGIC || (setup_sects + 1) * 512 > size {
@@ -75,14 +79,13 @@ pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
     let hdr = read_setup_header(src)?;
     let (_, work_end) = kernel_working_range(&hdr);
     check_ram_for_kernel(ram, src, work_end)?;
-    let loaded = BzImage::load(ram.memory(), None, &mut src.kernel, Some(GuestAddress(HIGH_MEMORY))).map_err(|e| {
-        match e {
+    let loaded =
+        BzImage::load(ram.memory(), None, &mut src.kernel, Some(GuestAddress(HIGH_MEMORY))).map_err(|e| match e {
             linux_loader::loader::Error::Bzimage(linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel) => {
                 Error::KernelDoesNotFit { path: src.kernel_path.clone() }
             }
             other => Error::UnsupportedKernel { path: src.kernel_path.clone(), reason: other.to_string() },
-        }
-    })?;
+        })?;
     let hdr = loaded.setup_header.unwrap_or(hdr);
     let floor = work_end.max(loaded.kernel_end);
     write_zero_page(ram, src, hdr, floor)?;
@@ -111,9 +114,8 @@ pub(crate) fn write_zero_page(
 
     // boot.rst, "cmdline_size": the maximum length without the terminating NUL (protocol 2.06+; 255 before).
     let max_len = if params.hdr.version >= 0x0206 { params.hdr.cmdline_size as usize } else { 255 };
-    let cmdline = Cmdline::try_from(&src.cmdline, max_len + 1).map_err(|e| {
-        Error::Cmdline(format!("the kernel accepts at most {max_len} bytes of printable ASCII ({e})"))
-    })?;
+    let cmdline = Cmdline::try_from(&src.cmdline, max_len + 1)
+        .map_err(|e| Error::Cmdline(format!("the kernel accepts at most {max_len} bytes of printable ASCII ({e})")))?;
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline).map_err(|e| Error::Cmdline(e.to_string()))?;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
 

@@ -28,6 +28,9 @@ pub fn decompress_payload(src: &mut BootSource) -> Result<Vec<u8>, Error> {
     let len = u64::from(hdr.payload_length);
     let path = src.kernel_path.clone();
     let bad = |reason: String| Error::UnsupportedKernel { path: path.clone(), reason };
+    if len > MAX_VMLINUX {
+        return Err(bad(format!("its payload_length ({len}) is implausible")));
+    }
     let mut payload = vec![0u8; len as usize];
     src.kernel
         .seek(SeekFrom::Start(start))
@@ -38,18 +41,41 @@ pub fn decompress_payload(src: &mut BootSource) -> Result<Vec<u8>, Error> {
             "its payload is not xz-compressed; the direct vmlinux path supports xz only (Debian's kernels)".into(),
         ));
     }
-    let mut out = Vec::new();
-    xz2::read::XzDecoder::new(Cursor::new(payload))
-        .take(MAX_VMLINUX + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| bad(format!("its xz payload does not decompress: {e}")))?;
-    if out.len() as u64 > MAX_VMLINUX {
-        return Err(bad(format!("its payload decompresses to more than {} MiB", MAX_VMLINUX >> 20)));
-    }
+    let out = unxz(&payload).map_err(bad)?;
     if !out.starts_with(b"\x7fELF") || out.get(4) != Some(&2) {
         return Err(bad("its payload is not a 64-bit ELF vmlinux".into()));
     }
     Ok(out)
+}
+
+/// Decompress one xz stream. The kernel build appends the uncompressed size after the stream
+/// (scripts/Makefile.lib `size_append`), so decoding stops at the end of the first stream instead of reading
+/// to the end of the input (xz2's `XzDecoder` reports such trailing bytes as corruption).
+fn unxz(input: &[u8]) -> Result<Vec<u8>, String> {
+    use xz2::stream::{Action, Status, Stream};
+    // The kernel's xz uses a 32 MiB dictionary (scripts/xz_wrap.sh); allow some room above it.
+    let mut stream = Stream::new_stream_decoder(128 << 20, 0).map_err(|e| format!("liblzma: {e}"))?;
+    let mut out: Vec<u8> = Vec::with_capacity(64 << 20);
+    loop {
+        if out.len() == out.capacity() {
+            if out.len() as u64 >= MAX_VMLINUX {
+                return Err(format!("its payload decompresses to more than {} MiB", MAX_VMLINUX >> 20));
+            }
+            out.reserve(out.len());
+        }
+        let consumed = stream.total_in() as usize;
+        let produced = out.len();
+        let status = stream
+            .process_vec(&input[consumed..], &mut out, Action::Finish)
+            .map_err(|e| format!("its xz payload does not decompress: {e}"))?;
+        match status {
+            Status::StreamEnd => return Ok(out),
+            _ if stream.total_in() as usize == consumed && out.len() == produced && out.len() < out.capacity() => {
+                return Err("its xz payload ends before the end of the stream".into())
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Load a bzImage for the software CPU: decompressed vmlinux at its physical addresses, zero page as for the

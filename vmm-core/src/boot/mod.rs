@@ -261,8 +261,7 @@ fn long_mode_entry(mem: &GuestMemoryMmap, rip: u64) -> Result<EntryState, Error>
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 = CR4_PAE;
     sregs.efer = EFER_LME | EFER_LMA;
-    let regs =
-        Regs { rip, rsi: ZERO_PAGE_ADDR, rsp: BOOT_STACK, rbp: BOOT_STACK, rflags: 0x2, ..Regs::default() };
+    let regs = Regs { rip, rsi: ZERO_PAGE_ADDR, rsp: BOOT_STACK, rbp: BOOT_STACK, rflags: 0x2, ..Regs::default() };
     Ok(EntryState { regs, sregs, fpu: FpuControl::default(), msrs: boot_msrs() })
 }
 

@@ -28,8 +28,12 @@ pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
     let mut ident = [0u8; 5];
     {
         use std::io::{Read, Seek, SeekFrom};
-        src.kernel.seek(SeekFrom::Start(0)).map_err(|e| Error::ReadKernel { path: src.kernel_path.clone(), source: e })?;
-        src.kernel.read_exact(&mut ident).map_err(|e| Error::ReadKernel { path: src.kernel_path.clone(), source: e })?;
+        src.kernel
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| Error::ReadKernel { path: src.kernel_path.clone(), source: e })?;
+        src.kernel
+            .read_exact(&mut ident)
+            .map_err(|e| Error::ReadKernel { path: src.kernel_path.clone(), source: e })?;
     }
     if ident[4] != 2 {
         // linux-loader reads ELF64 only. QEMU also boots 32-bit PVH ELFs; say plainly that this one is not.
@@ -76,16 +80,13 @@ pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
         info.nr_modules = 1;
         info.modlist_paddr = MODLIST_ADDR;
         params = BootParams::new(&info, GuestAddress(PVH_INFO_ADDR));
-        params.set_modules(
-            &[hvm_modlist_entry { paddr: addr, size, ..Default::default() }],
-            GuestAddress(MODLIST_ADDR),
-        );
+        params
+            .set_modules(&[hvm_modlist_entry { paddr: addr, size, ..Default::default() }], GuestAddress(MODLIST_ADDR));
     } else {
         params = BootParams::new(&info, GuestAddress(PVH_INFO_ADDR));
     }
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
-    PvhBootConfigurator::write_bootparams(&params, mem)
-        .map_err(|e| Error::BootConfig(e.to_string()))?;
+    PvhBootConfigurator::write_bootparams(&params, mem).map_err(|e| Error::BootConfig(e.to_string()))?;
 
     protected_mode_entry(mem, entry, PVH_INFO_ADDR)
 }
@@ -95,10 +96,9 @@ fn elf_error(src: &BootSource, e: linux_loader::loader::Error) -> Error {
     use linux_loader::loader::Error as L;
     match e {
         L::Elf(E::ReadKernelImage) | L::MemoryOverflow => Error::KernelDoesNotFit { path: src.kernel_path.clone() },
-        L::Elf(E::InvalidPvhNote) => Error::UnsupportedKernel {
-            path: src.kernel_path.clone(),
-            reason: "its Xen PVH note is malformed".into(),
-        },
+        L::Elf(E::InvalidPvhNote) => {
+            Error::UnsupportedKernel { path: src.kernel_path.clone(), reason: "its Xen PVH note is malformed".into() }
+        }
         other => Error::UnsupportedKernel { path: src.kernel_path.clone(), reason: format!("bad ELF file: {other}") },
     }
 }

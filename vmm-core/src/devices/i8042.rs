@@ -97,11 +97,9 @@ impl I8042 {
             // Output port: reset line inactive (bit 0), A20 enabled (bit 1).
             0xd0 => st.output.push_back(0x03),
             // Pulse output lines: a pulse on bit 0 (low bit clear in the command) is the CPU reset line.
-            0xf0..=0xff => {
-                if cmd & 1 == 0 {
-                    drop(st);
-                    self.reset_machine();
-                }
+            0xf0..=0xff if cmd & 1 == 0 => {
+                drop(st);
+                self.reset_machine();
             }
             _ => {}
         }

@@ -53,7 +53,10 @@ impl Devices {
             let (space, fmt_addr) =
                 if mmio { ("MMIO", format!("{addr:#x}")) } else { ("port I/O", format!("port {addr:#x}")) };
             let dir = if write { "write to" } else { "read from" };
-            self.log.line_for("unimp", &format!("unassigned {space} {dir} {fmt_addr} (size {size}); further accesses not logged"));
+            self.log.line_for(
+                "unimp",
+                &format!("unassigned {space} {dir} {fmt_addr} (size {size}); further accesses not logged"),
+            );
         }
     }
 }

@@ -51,7 +51,7 @@ pub fn for_vcpu(supported: &[kvm_cpuid_entry2], model: CpuModel, index: u32, smp
     let mut out: Vec<kvm_cpuid_entry2> = supported.to_vec();
     if model == CpuModel::Qemu64 {
         out.retain(|e| {
-            (e.function < 0x4000_0000 && e.function <= QEMU64_LEVEL)
+            e.function <= QEMU64_LEVEL
                 || (0x4000_0000..0x8000_0000).contains(&e.function)
                 || (e.function >= 0x8000_0000 && e.function <= QEMU64_XLEVEL)
         });

@@ -9,7 +9,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
-use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry, kvm_run};
+use kvm_bindings::{kvm_dtable, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 use tessera_vcpu::{
     DescriptorTable, FpuControl, IoHandler, Regs, Result, Segment, SpecialRegs, Vcpu, VcpuError, VcpuExit,
@@ -133,7 +133,10 @@ impl KvmVcpu {
                         kvm_bindings::KVM_SYSTEM_EVENT_RESET => return Ok(VcpuExit::Reset),
                         kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => return Ok(VcpuExit::PowerOff),
                         other => {
-                            return Ok(VcpuExit::Unsupported(format!("KVM system event {other} on vCPU {}", self.index)))
+                            return Ok(VcpuExit::Unsupported(format!(
+                                "KVM system event {other} on vCPU {}",
+                                self.index
+                            )))
                         }
                     },
                     KvmExit::Intr => {}
@@ -153,9 +156,7 @@ impl KvmVcpu {
                             if suberror == 1 { " (instruction emulation failed)" } else { "" }
                         )));
                     }
-                    other => {
-                        return Ok(VcpuExit::Unsupported(format!("KVM exit {other:?} on vCPU {}", self.index)))
-                    }
+                    other => return Ok(VcpuExit::Unsupported(format!("KVM exit {other:?} on vCPU {}", self.index))),
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);

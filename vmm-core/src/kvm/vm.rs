@@ -67,10 +67,10 @@ impl KvmEngine {
                 "Number of SMP cpus requested ({smp}) exceeds the maximum cpus supported by KVM ({max})"
             )));
         }
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        install_kick_handler().map_err(|e| Error::Kvm { what: "installing the vCPU kick signal handler", source: e })?;
+        let supported =
+            kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        install_kick_handler()
+            .map_err(|e| Error::Kvm { what: "installing the vCPU kick signal handler", source: e })?;
         Ok(KvmEngine { kvm, ram, smp, model, supported, irqs: Vec::new(), vm: None })
     }
 
@@ -128,7 +128,8 @@ impl Engine for KvmEngine {
             return Err(Error::Config(format!("ISA IRQ {irq} does not exist")));
         }
         let evt = Arc::new(
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| Error::Kvm { what: "eventfd", source: e })?,
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(|e| Error::Kvm { what: "eventfd", source: e })?,
         );
         if let Some(vm) = &self.vm {
             vm.register_irqfd(&evt, irq).map_err(kvm_err("KVM_IRQFD"))?;
