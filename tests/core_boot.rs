@@ -5,7 +5,7 @@
 mod harness;
 
 use harness::{kvm_available, start, write_file, Setup, TempDir};
-use tessera_ipc::messages::Accel;
+use tessera_ipc::messages::{Accel, LauncherToChild};
 use tessera_tests::tiny_guest::{asm, pvh_guest};
 
 fn hello_guest(dir: &TempDir) -> std::path::PathBuf {
@@ -99,4 +99,53 @@ fn an_unknown_cpu_model_is_refused() {
     setup.cpu_model = "pentium9".into();
     let mut core = start(&setup);
     assert_eq!(core.expect_fatal(), "unable to find CPU model 'pentium9'");
+}
+
+/// The launcher's `Shutdown` must stop vCPUs wherever they are: spinning in guest code, or halted with
+/// interrupts off (blocked inside KVM), and the core then exits 0 without an `Exit` of its own.
+fn shutdown_stops(name: &str, code: &str) {
+    let dir = TempDir::new(name);
+    let full = format!("{}{code}", asm::print("msg"));
+    let kernel = pvh_guest(&dir.0, name, &full, &asm::string("msg", "running\n")).unwrap();
+    let mut core = start(&Setup::new(&kernel));
+    core.expect_ready();
+    core.wait_output(b"running\n");
+    // Give the vCPU time to settle into its loop (or its HLT).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    core.control.send(&LauncherToChild::Shutdown, &[]).unwrap();
+    let st = core.wait_exit();
+    assert!(st.success(), "tessera-core exited with {st} after Shutdown; stderr: {}", core.stderr_text());
+    assert!(t.elapsed() < std::time::Duration::from_secs(5), "stopping took {:?}", t.elapsed());
+}
+
+#[test]
+fn shutdown_stops_a_spinning_guest() {
+    if kvm_available("shutdown_stops_a_spinning_guest") {
+        shutdown_stops("spin", "1:  jmp 1b\n");
+    }
+}
+
+#[test]
+fn shutdown_stops_a_halted_guest() {
+    if kvm_available("shutdown_stops_a_halted_guest") {
+        // Falls through to the `cli; hlt` loop every tiny guest ends with.
+        shutdown_stops("halted", "");
+    }
+}
+
+#[test]
+fn the_core_exits_when_the_launcher_goes_away() {
+    if !kvm_available("the_core_exits_when_the_launcher_goes_away") {
+        return;
+    }
+    let dir = TempDir::new("orphan");
+    let kernel = pvh_guest(&dir.0, "orphan", "1:  jmp 1b\n", "").unwrap();
+    let mut core = start(&Setup::new(&kernel));
+    core.expect_ready();
+    // Closing our end of the control channel is what the core sees when the launcher dies.
+    let (c, _) = tessera_ipc::Channel::pair().unwrap();
+    drop(std::mem::replace(&mut core.control, c));
+    let st = core.wait_exit();
+    assert_eq!(st.code(), Some(1), "the core ends (status 1) when its launcher is gone");
 }

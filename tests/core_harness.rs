@@ -244,7 +244,16 @@ impl Core {
             match recv_timeout::<CoreToChardev>(&self.serials[0], left.min(Duration::from_millis(200))) {
                 Ok(Some(CoreToChardev::Output(b))) => self.output.extend(b),
                 Ok(None) => {}
-                Err(e) => panic!("serial channel failed: {e}; output so far {:?}", self.text()),
+                Err(e) => {
+                    let control = recv_timeout::<ChildToLauncher>(&self.control, Duration::from_secs(1));
+                    let status = self.wait_exit();
+                    panic!(
+                        "serial channel failed: {e}; output so far {:?}; control: {control:?}; core {status}; \
+                         stderr: {}",
+                        self.text(),
+                        self.stderr_text()
+                    )
+                }
             }
         }
     }
