@@ -273,3 +273,92 @@ fn a_command_line_longer_than_the_kernel_accepts_is_refused() {
     assert!(err.to_string().starts_with("-append:"), "{err}");
     let _ = Path::new(KERNEL);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// PVH
+
+fn pvh_kernel(dir: &Path, name: &str, load_addr: u64, note: bool) -> std::path::PathBuf {
+    let code = tessera_tests::tiny_guest::asm::debug_exit(0x501, 1);
+    tessera_tests::tiny_guest::guest_elf(dir, name, &code, "", load_addr, note).unwrap()
+}
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("tessera-layout-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+#[test]
+fn pvh_start_info_memmap_modules_and_entry_state() {
+    let dir = scratch("pvh");
+    let kernel = pvh_kernel(&dir, "pvh", 0x10_0000, true);
+    let ram_size = 64u64 << 20;
+    let ram = GuestRam::new(ram_size).unwrap();
+    let initrd: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    let (ipath, ifile) = temp_file("pvh-initrd", &initrd, None);
+    let mut src = BootSource {
+        kernel: File::open(&kernel).unwrap(),
+        kernel_path: kernel.display().to_string(),
+        initrd: Some((ifile, ipath.display().to_string())),
+        cmdline: "console=ttyS0 root=/dev/ram0".into(),
+    };
+    let entry = boot::load(&ram, &mut src, LinuxEntry::BootProtocol64).unwrap();
+    std::fs::remove_file(&ipath).ok();
+    std::fs::remove_dir_all(&dir).ok();
+
+    // Entry: 32-bit protected mode, paging off, EBX = hvm_start_info (Linux arch/x86/platform/pvh/head.S).
+    assert_eq!(entry.regs.rip, 0x10_0000);
+    let info_addr = entry.regs.rbx;
+    assert!(entry.sregs.cs.db && !entry.sregs.cs.l && entry.sregs.cs.present);
+    assert_eq!(entry.sregs.cr0 & 0x8000_0001, 1, "CR0.PE without PG");
+    assert_eq!(entry.sregs.efer, 0);
+    assert_eq!(entry.regs.rflags & 0x200, 0, "interrupts off");
+    assert_eq!((entry.sregs.tr.type_, entry.sregs.tr.limit), (0xb, 0x67), "32-bit TSS");
+
+    let info = read(&ram, info_addr, 56);
+    assert_eq!(u32_at(&info, 0), 0x336e_c578, "magic");
+    assert_eq!(u32_at(&info, 4), 1, "version 1: with a memory map");
+    assert_eq!(u32_at(&info, 12), 1, "one module: the initrd");
+    let modlist = u64_at(&info, 16);
+    let cmdline = u64_at(&info, 24);
+    let memmap = u64_at(&info, 40);
+    let entries = u32_at(&info, 48) as usize;
+
+    let c = read(&ram, cmdline, 29);
+    assert_eq!(&c[..28], b"console=ttyS0 root=/dev/ram0");
+    assert_eq!(c[28], 0);
+
+    let m = read(&ram, memmap, 24 * entries);
+    let map: Vec<(u64, u64, u32)> =
+        (0..entries).map(|i| (u64_at(&m, 24 * i), u64_at(&m, 24 * i + 8), u32_at(&m, 24 * i + 16))).collect();
+    let usable: Vec<(u64, u64)> = map.iter().filter(|e| e.2 == 1).map(|e| (e.0, e.1)).collect();
+    assert_eq!(usable, vec![(0, 0x9fc00), (0x10_0000, ram_size - 0x10_0000)], "{map:x?}");
+
+    let module = read(&ram, modlist, 32);
+    let (paddr, size) = (u64_at(&module, 0), u64_at(&module, 8));
+    assert_eq!(size, initrd.len() as u64);
+    assert_eq!(paddr % 4096, 0);
+    assert!(paddr + size <= ram_size && paddr + size > ram_size - 8192, "initrd at the top of RAM: {paddr:#x}");
+    assert_eq!(read(&ram, paddr, initrd.len()), initrd);
+}
+
+#[test]
+fn an_elf_beyond_ram_is_refused_by_note_first() {
+    let dir = scratch("pvh-far");
+    let ram = GuestRam::new(16 << 20).unwrap();
+    let open = |p: &Path| BootSource {
+        kernel: File::open(p).unwrap(),
+        kernel_path: p.display().to_string(),
+        initrd: None,
+        cmdline: String::new(),
+    };
+    // Without the note: QEMU's message, whatever the segments are.
+    let far_plain = pvh_kernel(&dir, "far-plain", 0x4000_0000, false);
+    let err = boot::load(&ram, &mut open(&far_plain), LinuxEntry::BootProtocol64).unwrap_err();
+    assert_eq!(err.to_string(), "Error loading uncompressed kernel without PVH ELF Note");
+    // With the note but linked at 1 GiB in a 16 MiB guest: it does not fit.
+    let far_pvh = pvh_kernel(&dir, "far-pvh", 0x4000_0000, true);
+    let err = boot::load(&ram, &mut open(&far_pvh), LinuxEntry::BootProtocol64).unwrap_err();
+    assert!(matches!(err, Error::KernelDoesNotFit { .. }), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

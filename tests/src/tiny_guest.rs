@@ -10,19 +10,23 @@ use std::process::Command;
 /// Where the guest is linked (and entered).
 pub const LOAD_ADDR: u32 = 0x10_0000;
 
-const LINKER_SCRIPT: &str = r#"
+fn linker_script(load_addr: u64) -> String {
+    format!(
+        r#"
 ENTRY(_start)
-PHDRS {
+PHDRS {{
     text PT_LOAD FLAGS(7);
     note PT_NOTE;
+}}
+SECTIONS {{
+    . = {load_addr:#x};
+    .text : {{ *(.text*) *(.rodata*) *(.data*) *(.bss*) }} :text
+    .note.Xen : {{ *(.note.Xen) }} :text :note
+    /DISCARD/ : {{ *(.note.gnu*) *(.comment) }}
+}}
+"#
+    )
 }
-SECTIONS {
-    . = 0x100000;
-    .text : { *(.text*) *(.rodata*) *(.data*) *(.bss*) } :text
-    .note.Xen : { *(.note.Xen) } :text :note
-    /DISCARD/ : { *(.note.gnu*) *(.comment) }
-}
-"#;
 
 /// The Xen ELF note that announces the 32-bit PVH entry point (Xen public/elfnote.h: type 18).
 const PVH_NOTE: &str = r#"
@@ -41,17 +45,31 @@ const PVH_NOTE: &str = r#"
 /// `dir/name.elf`. `code` runs first and should end by writing to isa-debug-exit or resetting; if it falls
 /// through, the guest halts with interrupts off.
 pub fn pvh_guest(dir: &Path, name: &str, code: &str, data: &str) -> Result<PathBuf, String> {
+    guest_elf(dir, name, code, data, u64::from(LOAD_ADDR), true)
+}
+
+/// Like [`pvh_guest`], linked at `load_addr`, and with the PVH note only when `pvh_note` is set (to test how
+/// an ELF without it is refused).
+pub fn guest_elf(
+    dir: &Path,
+    name: &str,
+    code: &str,
+    data: &str,
+    load_addr: u64,
+    pvh_note: bool,
+) -> Result<PathBuf, String> {
     let src = format!(
         "    .code32\n    .text\n    .globl _start\n_start:\n{code}\n{halt}\n    .data\n{data}\n{note}\n",
         halt = asm::HALT_FOREVER,
-        note = PVH_NOTE
+        note = if pvh_note { PVH_NOTE } else { "" }
     );
     let asm_path = dir.join(format!("{name}.S"));
     let obj = dir.join(format!("{name}.o"));
     let ld_script = dir.join(format!("{name}.ld"));
     let elf = dir.join(format!("{name}.elf"));
     std::fs::write(&asm_path, src).map_err(|e| format!("writing {}: {e}", asm_path.display()))?;
-    std::fs::write(&ld_script, LINKER_SCRIPT).map_err(|e| format!("writing {}: {e}", ld_script.display()))?;
+    std::fs::write(&ld_script, linker_script(load_addr))
+        .map_err(|e| format!("writing {}: {e}", ld_script.display()))?;
     run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&asm_path))?;
     run(Command::new("ld")
         .args(["-m", "elf_x86_64", "--build-id=none", "-z", "noexecstack", "-z", "max-page-size=0x1000", "-T"])

@@ -186,13 +186,10 @@ impl Vm {
         // The guest's last bytes go out before the launcher hears that the VM is over.
         self.devices.stop();
         match outcome {
-            Outcome::Exit { code, reason } => {
-                self.log.line_for("guest_errors", &format!("VM exit: {reason}"));
-                match self.control.send(&ChildToLauncher::Exit { code, reason }, &[]) {
-                    Ok(()) => 0,
-                    Err(_) => 1,
-                }
-            }
+            Outcome::Exit { code, reason } => match self.control.send(&ChildToLauncher::Exit { code, reason }, &[]) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            },
             Outcome::Shutdown => 0,
             Outcome::LauncherGone(why) => {
                 if !ready_failed {

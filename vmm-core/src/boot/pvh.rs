@@ -43,6 +43,11 @@ pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
                 .into(),
         });
     }
+    // Decide on the note before loading anything, as QEMU does: an ELF without it is refused with QEMU's
+    // message even when its segments would not fit in RAM.
+    if !has_pvh_note(&mut src.kernel).map_err(|e| Error::ReadKernel { path: src.kernel_path.clone(), source: e })? {
+        return Err(Error::NoPvhNote);
+    }
     let loaded = Elf::load(mem, None, &mut src.kernel, None).map_err(|e| elf_error(src, e))?;
     let entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => addr.raw_value(),
@@ -101,4 +106,62 @@ fn elf_error(src: &BootSource, e: linux_loader::loader::Error) -> Error {
         }
         other => Error::UnsupportedKernel { path: src.kernel_path.clone(), reason: format!("bad ELF file: {other}") },
     }
+}
+
+/// Xen public/elfnote.h: the 32-bit physical entry point of a PVH kernel.
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+/// Whether an ELF64 file has a `Xen` note of type [`XEN_ELFNOTE_PHYS32_ENTRY`] in one of its PT_NOTE segments
+/// (ELF gABI, "Note Section": namesz, descsz, type, then name and descriptor, each padded to 4 bytes).
+/// Malformed headers count as "no note"; linux-loader then reports the precise problem when it loads.
+pub fn has_pvh_note(file: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PT_NOTE: u32 = 4;
+    const MAX_NOTES: u64 = 1 << 20;
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0))?;
+    match file.read_exact(&mut ehdr) {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        other => other?,
+    }
+    let le64 = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+    let le32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+    let phoff = le64(&ehdr, 0x20);
+    let phentsize = u64::from(u16::from_le_bytes([ehdr[0x36], ehdr[0x37]]));
+    let phnum = u64::from(u16::from_le_bytes([ehdr[0x38], ehdr[0x39]]));
+    if phentsize < 56 {
+        return Ok(false);
+    }
+    for i in 0..phnum {
+        let mut ph = [0u8; 56];
+        file.seek(SeekFrom::Start(phoff.saturating_add(i * phentsize)))?;
+        if file.read_exact(&mut ph).is_err() {
+            return Ok(false);
+        }
+        if le32(&ph, 0) != PT_NOTE {
+            continue;
+        }
+        let (offset, size) = (le64(&ph, 8), le64(&ph, 32).min(MAX_NOTES));
+        let mut notes = vec![0u8; size as usize];
+        file.seek(SeekFrom::Start(offset))?;
+        if file.read_exact(&mut notes).is_err() {
+            return Ok(false);
+        }
+        let mut at = 0usize;
+        while at + 12 <= notes.len() {
+            let namesz = le32(&notes, at) as usize;
+            let descsz = le32(&notes, at + 4) as usize;
+            let kind = le32(&notes, at + 8);
+            let name = notes.get(at + 12..at + 12 + namesz).unwrap_or_default();
+            if kind == XEN_ELFNOTE_PHYS32_ENTRY && name == b"Xen\0" && descsz >= 4 {
+                return Ok(true);
+            }
+            let pad = |n: usize| n.div_ceil(4) * 4;
+            at = match at.checked_add(12 + pad(namesz) + pad(descsz)) {
+                Some(next) => next,
+                None => break,
+            };
+        }
+    }
+    Ok(false)
 }
