@@ -362,3 +362,51 @@ fn an_elf_beyond_ram_is_refused_by_note_first() {
     assert!(matches!(err, Error::KernelDoesNotFit { .. }), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn hostile_bzimage_headers_fail_cleanly() {
+    let ram = GuestRam::new(128 << 20).unwrap();
+    let mut base = vec![0u8; 0x4000];
+    base[0x1f1] = 4; // setup_sects
+    base[0x202..0x206].copy_from_slice(b"HdrS");
+    base[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    base[0x211] = 1; // LOADED_HIGH
+    base[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
+    base[0x238..0x23c].copy_from_slice(&0x7ffu32.to_le_bytes()); // cmdline_size
+    base[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    let variants: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+        ("payload beyond the file", Box::new(|b| b[0x24c..0x250].copy_from_slice(&0x100_0000u32.to_le_bytes()))),
+        ("payload not xz", Box::new(|b| b[0x24c..0x250].copy_from_slice(&0x100u32.to_le_bytes()))),
+        (
+            "truncated xz",
+            Box::new(|b| {
+                b[0x24c..0x250].copy_from_slice(&0x20u32.to_le_bytes());
+                b[0xa00..0xa06].copy_from_slice(b"\xfd7zXZ\0");
+            }),
+        ),
+        ("huge payload length", Box::new(|b| b[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes()))),
+        ("huge init_size", Box::new(|b| b[0x260..0x264].copy_from_slice(&u32::MAX.to_le_bytes()))),
+        ("old protocol", Box::new(|b| b[0x206..0x208].copy_from_slice(&0x0201u16.to_le_bytes()))),
+        ("setup beyond the file", Box::new(|b| b[0x1f1] = 0xff)),
+    ];
+    for (what, patch) in variants {
+        let mut img = base.clone();
+        patch(&mut img);
+        let (p, _) = temp_file("hostile", &img, None);
+        for mode in [LinuxEntry::BootProtocol64, LinuxEntry::Decompressed] {
+            let mut src = BootSource {
+                kernel: File::open(&p).unwrap(),
+                kernel_path: "hostile".into(),
+                initrd: None,
+                cmdline: String::new(),
+            };
+            let r = boot::load(&ram, &mut src, mode);
+            // A 16 KiB image with a valid header loads on the compressed path (it is only copied); everything
+            // the decompressed path reads must be checked.
+            if mode == LinuxEntry::Decompressed || what == "old protocol" || what == "setup beyond the file" {
+                assert!(r.is_err(), "{what} ({mode:?}) was accepted");
+            }
+        }
+        std::fs::remove_file(&p).ok();
+    }
+}

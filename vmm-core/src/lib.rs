@@ -95,3 +95,33 @@ fn fmt_size(bytes: u64) -> String {
         format!("{bytes}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_read_like_qemus() {
+        let enoent = || std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(Error::KvmInit(enoent()).to_string(), "failed to initialize kvm: No such file or directory");
+        assert_eq!(Error::InvalidKernelHeader.to_string(), "invalid kernel header");
+        assert_eq!(
+            Error::InitrdDoesNotFit { size: 100, room: 50 }.to_string(),
+            "initrd is too large, cannot support (max: 50, need 100)"
+        );
+        assert_eq!(
+            Error::ReadKernel { path: "/x".into(), source: enoent() }.to_string(),
+            "could not read kernel file '/x': No such file or directory"
+        );
+        assert_eq!(
+            Error::KernelNeedsRam { path: "bz".into(), need: 80 << 20, have: 64 << 20 }.to_string(),
+            "-kernel bz: the kernel needs RAM up to 80M to start, but the guest has 64M (use a larger -m)"
+        );
+        assert_eq!(
+            Error::RamTooSmall { size: 4096, min: MIN }.to_string(),
+            "-m 4K: guest RAM must be at least 2048 KiB"
+        );
+    }
+
+    const MIN: u64 = crate::memory::MIN_RAM;
+}

@@ -84,7 +84,10 @@ pub fn load_decompressed(ram: &GuestRam, src: &mut BootSource) -> Result<EntrySt
     let hdr = read_setup_header(src)?;
     let (_, work_end) = kernel_working_range(&hdr);
     let vmlinux = decompress_payload(src)?;
-    let entry = u64::from_le_bytes(vmlinux[0x18..0x20].try_into().unwrap_or_default());
+    // e_entry; decompress_payload checked the ELF magic and class, not the length.
+    let entry = vmlinux.get(0x18..0x20).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).ok_or_else(|| {
+        Error::UnsupportedKernel { path: src.kernel_path.clone(), reason: "its vmlinux is truncated".into() }
+    })?;
     check_ram_for_kernel(ram, src, work_end)?;
     let loaded = Elf::load(ram.memory(), None, &mut Cursor::new(vmlinux), None).map_err(|e| match e {
         linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage) => {
