@@ -374,7 +374,8 @@ fn hostile_bzimage_headers_fail_cleanly() {
     base[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
     base[0x238..0x23c].copy_from_slice(&0x7ffu32.to_le_bytes()); // cmdline_size
     base[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-    let variants: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+    let variants: Vec<(&str, Patch)> = vec![
         ("payload beyond the file", Box::new(|b| b[0x24c..0x250].copy_from_slice(&0x100_0000u32.to_le_bytes()))),
         ("payload not xz", Box::new(|b| b[0x24c..0x250].copy_from_slice(&0x100u32.to_le_bytes()))),
         (
