@@ -1,0 +1,264 @@
+//! The engine-neutral run loop. It sees vCPUs only as `dyn Vcpu` (KVM today; the software CPU for `-accel tcg`
+//! plugs in as another [`Engine`]), runs each on its own thread, and turns what they and the devices report
+//! ([`VmEvent`]) into the end of the VM or a reboot.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tessera_vcpu::{IoHandler, Vcpu, VcpuExit};
+
+use crate::devices::serial::IrqLine;
+use crate::Error;
+
+/// Something that happened that the run loop must act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// isa-debug-exit was written with this value.
+    DebugExit(u64),
+    /// The guest reset the machine (keyboard controller, triple fault); the string says how.
+    Reset(String),
+    /// The guest powered the machine off.
+    PowerOff(String),
+    /// A vCPU or device cannot go on.
+    Failed(String),
+    /// The launcher sent `Shutdown`.
+    LauncherShutdown,
+    /// The control channel to the launcher broke.
+    ControlLost(String),
+}
+
+/// Makes a running vCPU return from [`Vcpu::run`] with [`VcpuExit::Interrupted`] soon, from any thread.
+pub trait VcpuKick: Send + Sync {
+    fn kick(&self);
+}
+
+pub struct VcpuHandle {
+    pub vcpu: Box<dyn Vcpu>,
+    pub kick: Arc<dyn VcpuKick>,
+}
+
+/// A way of running guest code: KVM, or the software CPU.
+pub trait Engine: Send {
+    /// Fresh vCPUs in power-on state, index 0 the bootstrap processor. Called at start and again for every
+    /// guest reboot; the engine drops whatever machine state it kept from the previous run.
+    fn create_vcpus(&mut self) -> Result<Vec<VcpuHandle>, Error>;
+    /// The ISA interrupt line `irq` (0–15), for a device to raise. Lines stay valid across reboots.
+    fn irq_line(&mut self, irq: u32) -> Result<Arc<dyn IrqLine>, Error>;
+}
+
+/// How the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Report `Exit { code, reason }` to the launcher.
+    Exit { code: i32, reason: String },
+    /// The launcher asked us to stop.
+    Shutdown,
+    /// The launcher is gone.
+    LauncherGone(String),
+    /// Report `Fatal { message }`.
+    Fatal(String),
+}
+
+/// Devices the run loop resets on a guest reboot.
+pub trait ResettableIo: IoHandler {
+    fn reset(&self);
+}
+
+/// Loads the kernel (again, on reboot) and sets the boot vCPU's entry state.
+pub type BootFn = Box<dyn FnMut(&mut dyn Vcpu) -> Result<(), Error> + Send>;
+
+pub struct RunLoop {
+    pub engine: Box<dyn Engine>,
+    pub io: Arc<dyn ResettableIo>,
+    pub boot: BootFn,
+    pub events: Receiver<VmEvent>,
+    /// For vCPU threads to report on.
+    pub events_tx: Sender<VmEvent>,
+    pub no_reboot: bool,
+    pub no_shutdown: bool,
+}
+
+/// How long stopping vCPUs may take before the run loop gives up on them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+struct Running {
+    threads: Vec<JoinHandle<()>>,
+    kicks: Vec<Arc<dyn VcpuKick>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Kick every vCPU until all threads have ended (or the timeout passed). Returns false on timeout.
+    fn stop(self) -> bool {
+        self.stopping.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            for k in &self.kicks {
+                k.kick();
+            }
+            for t in &self.threads {
+                t.thread().unpark();
+            }
+            if self.threads.iter().all(|t| t.is_finished()) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+        true
+    }
+}
+
+impl RunLoop {
+    /// Boot and run the VM until it ends. `on_started` is called once, when the vCPUs of the first boot run.
+    pub fn run(&mut self, on_started: &mut dyn FnMut()) -> Outcome {
+        let mut started = false;
+        loop {
+            let running = match self.start() {
+                Ok(r) => r,
+                Err(e) => return Outcome::Fatal(e.to_string()),
+            };
+            if !started {
+                on_started();
+                started = true;
+            }
+            let outcome = self.wait(running);
+            match outcome {
+                Some(o) => return o,
+                None => {
+                    self.io.reset();
+                    // Events of the previous run (a second vCPU's reset, a late debug-exit) belong to it; only the
+                    // launcher's word carries over.
+                    while let Ok(ev) = self.events.try_recv() {
+                        match ev {
+                            VmEvent::LauncherShutdown => return Outcome::Shutdown,
+                            VmEvent::ControlLost(m) => return Outcome::LauncherGone(m),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn start(&mut self) -> Result<Running, Error> {
+        let mut vcpus = self.engine.create_vcpus()?;
+        let Some(bsp) = vcpus.first_mut() else {
+            return Err(Error::Config("the machine has no vCPU".into()));
+        };
+        (self.boot)(bsp.vcpu.as_mut())?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut kicks = Vec::new();
+        for (index, h) in vcpus.into_iter().enumerate() {
+            kicks.push(h.kick.clone());
+            let io = self.io.clone();
+            let events = self.events_tx.clone();
+            let stop = stopping.clone();
+            let vcpu = h.vcpu;
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu_thread(index, vcpu, io, events, stop))
+                .map_err(|e| Error::Thread { what: "a vCPU thread", source: e })?;
+            threads.push(t);
+        }
+        Ok(Running { threads, kicks, stopping })
+    }
+
+    /// Wait for the event that ends this run: `Some(outcome)` ends the VM, `None` reboots it.
+    fn wait(&mut self, running: Running) -> Option<Outcome> {
+        let mut running = Some(running);
+        let stop = |r: &mut Option<Running>| {
+            if let Some(r) = r.take() {
+                if !r.stop() {
+                    return Err(Outcome::Fatal("a vCPU did not stop within 3 seconds".into()));
+                }
+            }
+            Ok(())
+        };
+        let outcome = loop {
+            let Ok(ev) = self.events.recv() else {
+                break Some(Outcome::Fatal("the run loop lost its event channel".into()));
+            };
+            match ev {
+                VmEvent::DebugExit(v) => {
+                    break Some(Outcome::Exit {
+                        code: crate::devices::debug_exit::exit_code(v),
+                        reason: format!("the guest wrote {v:#x} to isa-debug-exit"),
+                    })
+                }
+                VmEvent::Reset(why) if self.no_reboot => {
+                    break Some(Outcome::Exit { code: 0, reason: format!("{why} (-no-reboot)") })
+                }
+                VmEvent::Reset(_) => break None,
+                VmEvent::PowerOff(why) if self.no_shutdown => {
+                    // QEMU -no-shutdown: the guest stops, the processes stay until told otherwise.
+                    if let Err(o) = stop(&mut running) {
+                        break Some(o);
+                    }
+                    let _ = why;
+                }
+                VmEvent::PowerOff(why) => break Some(Outcome::Exit { code: 0, reason: why }),
+                VmEvent::Failed(m) => break Some(Outcome::Fatal(m)),
+                VmEvent::LauncherShutdown => break Some(Outcome::Shutdown),
+                VmEvent::ControlLost(m) => break Some(Outcome::LauncherGone(m)),
+            }
+        };
+        if let Err(o) = stop(&mut running) {
+            return Some(o);
+        }
+        outcome
+    }
+}
+
+fn vcpu_thread(
+    index: usize,
+    mut vcpu: Box<dyn Vcpu>,
+    io: Arc<dyn ResettableIo>,
+    events: Sender<VmEvent>,
+    stop: Arc<AtomicBool>,
+) {
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        while !stop.load(Ordering::SeqCst) {
+            let exit = match vcpu.run(io.as_ref()) {
+                Ok(exit) => exit,
+                Err(e) => return Some(VmEvent::Failed(format!("vCPU {index}: {e}"))),
+            };
+            match exit {
+                VcpuExit::Interrupted => {}
+                // Only an engine without an interrupt controller of its own returns this; it is woken by a
+                // kick (the wake-up on interrupts comes with the software CPU's platform devices).
+                VcpuExit::Halted => std::thread::park_timeout(Duration::from_millis(10)),
+                VcpuExit::Reset => {
+                    return Some(VmEvent::Reset(format!("vCPU {index} shut down (triple fault or reset request)")))
+                }
+                VcpuExit::PowerOff => return Some(VmEvent::PowerOff(format!("vCPU {index}: the guest powered off"))),
+                VcpuExit::Unsupported(what) => return Some(VmEvent::Failed(format!("vCPU {index}: {what}"))),
+            }
+        }
+        None
+    }));
+    let event = match result {
+        Ok(ev) => ev,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Some(VmEvent::Failed(format!("vCPU {index} crashed: {what}")))
+        }
+    };
+    if let Some(ev) = event {
+        let _ = events.send(ev);
+    }
+}

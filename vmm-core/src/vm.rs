@@ -1,0 +1,212 @@
+//! The core process's VM: built from the launcher's [`CoreConfig`] and run until it ends, with the control
+//! contract of docs/ARCHITECTURE.md:
+//! * configuration errors → `Fatal { message }` (QEMU's wording where QEMU has one), exit status 1;
+//! * `Ready` once the vCPUs of the first boot run;
+//! * the end of the VM → the UARTs' last bytes are sent, then `Exit { code, reason }`, exit status 0;
+//! * `Shutdown` from the launcher → flush, exit 0.
+
+use std::fs::File;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+
+use tessera_ipc::messages::{Accel, ChildToLauncher, CoreConfig, LauncherToChild};
+use tessera_ipc::{Channel, IpcError, ReceivedFds};
+
+use crate::boot::{self, BootSource, LinuxEntry};
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::i8042::{I8042Port, COMMAND_PORT, DATA_PORT, I8042};
+use crate::devices::serial::{SerialPort, ISA_SERIAL_PORTS, SERIAL_PORT_LEN};
+use crate::devices::Devices;
+use crate::guestlog::GuestLog;
+use crate::kvm::cpuid::CpuModel;
+use crate::kvm::KvmEngine;
+use crate::memory::GuestRam;
+use crate::runloop::{Engine, Outcome, RunLoop, VmEvent};
+use crate::Error;
+
+pub struct Vm {
+    control: Arc<Channel>,
+    devices: Arc<Devices>,
+    runloop: RunLoop,
+    events_tx: Sender<VmEvent>,
+    log: Arc<GuestLog>,
+}
+
+/// How Linux is entered with `accel`: the software CPU skips the decompressor (shared notes §0).
+pub fn linux_entry_for(accel: Accel) -> LinuxEntry {
+    match accel {
+        Accel::Kvm => LinuxEntry::BootProtocol64,
+        Accel::Tcg => LinuxEntry::Decompressed,
+    }
+}
+
+/// The engine for `accel`. The software CPU will be created here for [`Accel::Tcg`].
+pub fn make_engine(cfg: &CoreConfig, ram: Arc<GuestRam>) -> Result<Box<dyn Engine>, Error> {
+    let model = CpuModel::parse(&cfg.cpu_model)?;
+    match cfg.accel {
+        Accel::Kvm => Ok(Box::new(KvmEngine::open(ram, cfg.smp, model)?)),
+        Accel::Tcg => Err(Error::TcgUnavailable),
+    }
+}
+
+impl Vm {
+    pub fn new(cfg: CoreConfig, mut fds: ReceivedFds, control: Arc<Channel>) -> Result<Vm, Error> {
+        let log_out: Box<dyn std::io::Write + Send> = match cfg.log.file {
+            Some(i) => Box::new(File::from(fds.take(i)?)),
+            None => Box::new(std::io::stderr()),
+        };
+        let log = GuestLog::new(cfg.log.items.clone(), log_out);
+        if cfg.start_paused {
+            return Err(Error::Config(
+                "-S: starting with the vCPUs paused needs a monitor to resume them, which Tessera does not have yet"
+                    .into(),
+            ));
+        }
+        if cfg.serial.len() > ISA_SERIAL_PORTS.len() {
+            return Err(Error::Config(format!(
+                "only {} ISA serial ports exist, {} were configured",
+                ISA_SERIAL_PORTS.len(),
+                cfg.serial.len()
+            )));
+        }
+        let Some(kernel) = cfg.boot.kernel.clone() else { return Err(Error::NoKernel) };
+        let mut src = BootSource {
+            kernel: File::from(fds.take(kernel.fd)?),
+            kernel_path: kernel.path,
+            initrd: match cfg.boot.initrd.clone() {
+                Some(f) => Some((File::from(fds.take(f.fd)?), f.path)),
+                None => None,
+            },
+            cmdline: cfg.boot.cmdline.clone(),
+        };
+
+        let ram = Arc::new(GuestRam::new(cfg.ram.size)?);
+        if cfg.accel == Accel::Tcg {
+            return Err(Error::TcgUnavailable);
+        }
+        let linux_entry = linux_entry_for(cfg.accel);
+        // Load the kernel now so that a bad image is reported before anything runs.
+        let first_entry = boot::load(&ram, &mut src, linux_entry)?;
+        let mut engine = make_engine(&cfg, ram.clone())?;
+
+        let (events_tx, events): (Sender<VmEvent>, Receiver<VmEvent>) = mpsc::channel();
+        let mut devices = Devices::new(log.clone());
+        for (i, s) in cfg.serial.iter().enumerate() {
+            let (base, irq) = ISA_SERIAL_PORTS[i];
+            let channel = Arc::new(Channel::from_fd(fds.take(s.channel)?));
+            let line = engine.irq_line(irq)?;
+            let port = SerialPort::new(format!("serial{i} ({})", s.chardev_id), channel, line, log.clone());
+            devices.pio.insert(u64::from(base), SERIAL_PORT_LEN, "a 16550A UART", port.clone())?;
+            devices.serials.push(port);
+        }
+        let kbd = I8042::new(events_tx.clone());
+        devices.pio.insert(
+            u64::from(DATA_PORT),
+            1,
+            "the i8042 data port",
+            Arc::new(I8042Port { dev: kbd.clone(), port: DATA_PORT }),
+        )?;
+        devices.pio.insert(
+            u64::from(COMMAND_PORT),
+            1,
+            "the i8042 command port",
+            Arc::new(I8042Port { dev: kbd.clone(), port: COMMAND_PORT }),
+        )?;
+        devices.i8042 = Some(kbd);
+        if let Some(d) = cfg.debug_exit {
+            devices.pio.insert(
+                u64::from(d.iobase),
+                u64::from(d.iosize),
+                "isa-debug-exit",
+                Arc::new(DebugExit::new(events_tx.clone())),
+            )?;
+        }
+        if fds.unused() > 0 {
+            log.error(&format!("{} file descriptors from the launcher were not used", fds.unused()));
+        }
+        let devices = Arc::new(devices);
+
+        let mut pending = Some(first_entry);
+        let boot_ram = ram.clone();
+        let boot_fn = Box::new(move |vcpu: &mut dyn tessera_vcpu::Vcpu| {
+            // The first boot uses what `new` loaded; a reboot loads the images again, as QEMU does.
+            let entry = match pending.take() {
+                Some(e) => e,
+                None => boot::load(&boot_ram, &mut src, linux_entry)?,
+            };
+            entry.apply(vcpu)
+        });
+        let runloop = RunLoop {
+            engine,
+            io: devices.clone(),
+            boot: boot_fn,
+            events,
+            events_tx: events_tx.clone(),
+            no_reboot: cfg.no_reboot,
+            no_shutdown: cfg.no_shutdown,
+        };
+        Ok(Vm { control, devices, runloop, events_tx, log })
+    }
+
+    /// Run the VM to its end and report it to the launcher. Returns the process exit status.
+    pub fn run(mut self) -> i32 {
+        for s in &self.devices.serials {
+            if let Err(e) = s.start() {
+                return report_fatal(&self.control, &format!("cannot start the serial threads: {e}"));
+            }
+        }
+        let control = self.control.clone();
+        let events = self.events_tx.clone();
+        let spawned = std::thread::Builder::new().name("control".into()).spawn(move || loop {
+            match control.recv::<LauncherToChild>() {
+                Ok((LauncherToChild::Shutdown, _)) => {
+                    let _ = events.send(VmEvent::LauncherShutdown);
+                    return;
+                }
+                // A second configuration is not part of the protocol; the launcher is confused but alive.
+                Ok((LauncherToChild::Configure(_), _)) => {}
+                Err(IpcError::Closed) => {
+                    let _ = events.send(VmEvent::ControlLost("the launcher closed the control channel".into()));
+                    return;
+                }
+                Err(e) => {
+                    let _ = events.send(VmEvent::ControlLost(e.to_string()));
+                    return;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            return report_fatal(&self.control, &format!("cannot start the control thread: {e}"));
+        }
+        let control = self.control.clone();
+        let mut ready_failed = false;
+        let outcome = self.runloop.run(&mut || {
+            ready_failed = control.send(&ChildToLauncher::Ready, &[]).is_err();
+        });
+        // The guest's last bytes go out before the launcher hears that the VM is over.
+        self.devices.stop();
+        match outcome {
+            Outcome::Exit { code, reason } => match self.control.send(&ChildToLauncher::Exit { code, reason }, &[]) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            },
+            Outcome::Shutdown => 0,
+            Outcome::LauncherGone(why) => {
+                if !ready_failed {
+                    self.log.error(&format!("stopping: {why}"));
+                }
+                1
+            }
+            Outcome::Fatal(message) => report_fatal(&self.control, &message),
+        }
+    }
+}
+
+/// Tell the launcher the core cannot go on; returns the exit status for that case.
+pub fn report_fatal(control: &Channel, message: &str) -> i32 {
+    if control.send(&ChildToLauncher::Fatal { message: message.to_string() }, &[]).is_err() {
+        // Nobody to tell: at least the terminal hears it.
+        eprintln!("tessera-core: {message}");
+    }
+    1
+}
