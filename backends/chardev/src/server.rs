@@ -24,8 +24,17 @@ use crate::telnet::{TelnetFilter, TelnetInput, NEGOTIATION};
 use crate::terminal::{self, RawMode};
 use crate::writer::{HostWriter, Pushed};
 
-/// Guest output queued for the host side before new output is dropped.
-const HOST_QUEUE_CAP: usize = 1 << 20;
+/// Guest output queued for the host side before new output is dropped. Dropping only happens once the host
+/// side is stuck (see [`STUCK_TIME`]): before that, a backlog of [`BACKLOG`] bytes stops the reading of front
+/// ends, which makes the core wait, as a real UART waits for a slow line.
+const HOST_QUEUE_CAP: usize = 4 << 20;
+/// Larger than one frame ([`frame::MAX_BODY`]), so a frame read below it always fits under the cap.
+const BACKLOG: usize = 1 << 20;
+/// A host side that has taken nothing for this long is stuck: guest output is then read and dropped past
+/// the cap, so the core never waits on a terminal nobody drains.
+const STUCK_TIME: Duration = Duration::from_secs(2);
+/// Poll interval while front ends are held back for a backlog (the writer threads do not wake the loop).
+const BACKLOG_POLL: Duration = Duration::from_millis(10);
 /// The log file is a local file: give it more room.
 const LOGFILE_QUEUE_CAP: usize = 8 << 20;
 /// Input queued for one front end before the host input stops being read (the terminal or socket then
@@ -221,10 +230,15 @@ impl Chardev {
             }
         }
         let mut timeout = self.draining.map(|d| d - now);
+        let mut at_most = |limit: Duration| timeout = Some(timeout.map_or(limit, |t| t.min(limit)));
         if let Host::Pty { connected: false, .. } = self.host {
-            timeout = Some(timeout.map_or(PTY_RECHECK, |t| t.min(PTY_RECHECK)));
+            at_most(PTY_RECHECK);
         }
-        let ready = match self.poll_once(timeout) {
+        let backlog = self.output_backlog(now);
+        if backlog {
+            at_most(BACKLOG_POLL);
+        }
+        let ready = match self.poll_once(timeout, backlog) {
             Ok(ready) => ready,
             Err(e) => {
                 self.log(format_args!("poll failed: {e}"));
@@ -270,11 +284,18 @@ impl Chardev {
         None
     }
 
-    fn poll_once(&self, timeout: Option<Duration>) -> nix::Result<Vec<(Tag, PollFlags)>> {
+    /// True when guest output waits for a host side that is slow but not stuck: front ends are not read.
+    fn output_backlog(&self, now: Instant) -> bool {
+        std::iter::once(&self.out)
+            .chain(self.logfile.as_ref())
+            .any(|w| w.queued() > BACKLOG && w.stalled_for(now).is_some_and(|t| t < STUCK_TIME))
+    }
+
+    fn poll_once(&self, timeout: Option<Duration>, backlog: bool) -> nix::Result<Vec<(Tag, PollFlags)>> {
         let mut tags = vec![Tag::Control];
         let mut fds = vec![PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
         for (i, f) in self.frontends.iter().enumerate().filter(|(_, f)| f.open) {
-            let mut events = PollFlags::POLLIN;
+            let mut events = if backlog { PollFlags::empty() } else { PollFlags::POLLIN };
             if f.pending() > 0 {
                 events |= PollFlags::POLLOUT;
             }

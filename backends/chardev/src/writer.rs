@@ -27,6 +27,8 @@ struct State {
     busy: bool,
     stop: bool,
     error: Option<Errno>,
+    /// When the thread last finished a write, or when bytes were queued while it was idle.
+    last_progress: Option<Instant>,
 }
 
 struct Shared {
@@ -85,6 +87,9 @@ impl HostWriter {
         if st.queue.len() + data.len() > self.cap {
             return Pushed::Overflow;
         }
+        if st.queue.is_empty() && !st.busy {
+            st.last_progress = Some(Instant::now());
+        }
         st.queue.extend(data);
         self.shared.wake.notify_one();
         Pushed::Queued
@@ -97,6 +102,20 @@ impl HostWriter {
         st.generation += 1;
         st.queue.clear();
         st.error = None;
+    }
+
+    /// Bytes waiting to be written.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().queue.len()
+    }
+
+    /// How long output has been waiting without the target taking any of it; `None` when nothing waits.
+    pub fn stalled_for(&self, now: Instant) -> Option<std::time::Duration> {
+        let st = self.shared.lock();
+        if st.queue.is_empty() && !st.busy {
+            return None;
+        }
+        st.last_progress.map(|t| now.saturating_duration_since(t))
     }
 
     pub fn has_target(&self) -> bool {
@@ -152,6 +171,7 @@ fn run(shared: &Shared) {
         };
         let mut st = shared.lock();
         st.busy = false;
+        st.last_progress = Some(Instant::now());
         if let Err(e) = result {
             if st.generation == generation {
                 st.target = None;
