@@ -14,7 +14,7 @@ use tessera_ipc::messages::{
     ChardevBackend, ChardevConfig, ChardevToCore, ChildConfig, ChildToLauncher, CoreToChardev, FdIndex,
     LauncherToChild, LogConfig, Role,
 };
-use tessera_ipc::{Channel, IpcError};
+use tessera_ipc::Channel;
 
 /// Generous bound for anything the chardev should do "at once" on a loaded machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -195,6 +195,12 @@ impl Running {
         (status, err)
     }
 
+    /// Close the launcher's end of the control channel, as a dying launcher would.
+    pub fn close_control(&mut self) {
+        let (dummy, _) = Channel::pair().expect("socketpair");
+        drop(std::mem::replace(&mut self.control, dummy));
+    }
+
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().expect("wait").is_none()
@@ -223,11 +229,6 @@ pub fn serial_channel(fds: &mut Fds) -> (CoreEnd, FdIndex) {
     let (core, chardev) = Channel::pair().expect("socketpair");
     let index = fds.add(chardev.into_socket());
     (CoreEnd { chan: core }, index)
-}
-
-/// Is this the error of a closed channel?
-pub fn is_closed(e: &IpcError) -> bool {
-    matches!(e, IpcError::Closed)
 }
 
 /// Deterministic test data: `len` bytes that differ from chunk to chunk, so reordering shows.
