@@ -29,11 +29,7 @@ pub fn chardev_binary() -> PathBuf {
     // target/<profile>/deps/<test>-<hash>
     let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
     let bin = dir.join("tessera-chardev");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the binaries first (cargo build --workspace --bins)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: build the binaries first (cargo build --workspace --bins)", bin.display());
     bin
 }
 
