@@ -214,3 +214,22 @@ fn sigint_is_left_to_the_launcher() {
 fn libc_sigterm() -> i32 {
     Signal::SIGTERM as i32
 }
+
+#[test]
+fn one_descriptor_may_serve_both_directions() {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let mut fds = Fds::default();
+    let (core, fe) = serial_channel(&mut fds);
+    let tty = fds.add(pty.slave);
+    let mut cfg = config("serial0", ChardevBackend::Stdio { input: tty, output: tty, raw: true }, vec![fe]);
+    cfg.mux = true;
+    let term = Terminal { master: pty.master };
+    let running = Running::start(cfg, fds);
+    term.type_keys(b"in");
+    assert_eq!(core.input(2), b"in");
+    core.output(b"out");
+    term.read_until(b"out");
+    running.shutdown();
+    assert!(running.wait().0.success());
+    assert!(term.lflags().contains(LocalFlags::ICANON), "terminal not restored");
+}

@@ -101,6 +101,8 @@ pub struct Chardev {
     exit_sent: bool,
     /// Set by `Shutdown`: front ends are read until EOF or this deadline, then the process exits.
     draining: Option<Instant>,
+    /// The launcher closed its end after `Shutdown` (allowed: it has said all it had to say).
+    control_closed: bool,
 }
 
 impl Chardev {
@@ -126,8 +128,14 @@ impl Chardev {
         let (host, target) = match cfg.backend {
             ChardevBackend::Null => (Host::Null, None),
             ChardevBackend::Stdio { input, output, raw: want_raw } => {
+                let input_index = input;
                 let input = fds.take(input)?;
-                let output = fds.take(output)?;
+                // One descriptor for both directions (a terminal opened read-write) is fine too.
+                let output = if output == input_index {
+                    input.try_clone().map_err(|e| ChardevError::sys("duplicate the terminal descriptor", errno(&e)))?
+                } else {
+                    fds.take(output)?
+                };
                 if want_raw && nix::unistd::isatty(input.as_raw_fd()).unwrap_or(false) {
                     raw = Some(RawMode::enter(input.as_fd(), cfg.signal)?);
                 }
@@ -186,6 +194,7 @@ impl Chardev {
             accept_failures: DropWarning::default(),
             exit_sent: false,
             draining: None,
+            control_closed: false,
         };
         if unused > 0 {
             chardev.log(format_args!("{unused} descriptors from the launcher were not named in the configuration"));
@@ -292,8 +301,12 @@ impl Chardev {
     }
 
     fn poll_once(&self, timeout: Option<Duration>, backlog: bool) -> nix::Result<Vec<(Tag, PollFlags)>> {
-        let mut tags = vec![Tag::Control];
-        let mut fds = vec![PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
+        let mut tags = Vec::new();
+        let mut fds = Vec::new();
+        if !self.control_closed {
+            tags.push(Tag::Control);
+            fds.push(PollFd::new(self.control.as_fd(), PollFlags::POLLIN));
+        }
         for (i, f) in self.frontends.iter().enumerate().filter(|(_, f)| f.open) {
             let mut events = if backlog { PollFlags::empty() } else { PollFlags::POLLIN };
             if f.pending() > 0 {
@@ -358,6 +371,10 @@ impl Chardev {
                     self.log("the launcher sent a second configuration; it is ignored");
                 }
                 Err(IpcError::WouldBlock) => return None,
+                Err(IpcError::Closed) if self.draining.is_some() => {
+                    self.control_closed = true;
+                    return None;
+                }
                 Err(IpcError::Closed) => {
                     self.log("the launcher closed the control channel; exiting");
                     return Some(End::LauncherGone);
@@ -632,9 +649,11 @@ impl Chardev {
 }
 
 fn spawn_writer(name: &str, target: Option<Arc<OwnedFd>>, cap: usize) -> Result<HostWriter, ChardevError> {
-    HostWriter::spawn(name, target, cap).map_err(|e| {
-        ChardevError::sys("start an output thread", Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)))
-    })
+    HostWriter::spawn(name, target, cap).map_err(|e| ChardevError::sys("start an output thread", errno(&e)))
+}
+
+fn errno(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), ChardevError> {
