@@ -2,13 +2,16 @@
 //! back afterwards.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::termios::{tcgetattr, LocalFlags, OutputFlags};
 use nix::unistd::{write, Pid};
 use tessera_ipc::messages::{ChardevBackend, ChardevToCore, ChildToLauncher};
-use tessera_tests::chardev::{config, contains, read_until, serial_channel, CoreEnd, Fds, Running, PATIENCE};
+use tessera_tests::chardev::{
+    chardev_binary, config, contains, read_until, serial_channel, CoreEnd, Fds, Running, PATIENCE,
+};
 
 struct Terminal {
     master: OwnedFd,
@@ -34,6 +37,11 @@ impl Terminal {
 
 /// A chardev on a fresh pty's slave side, with `frontends` serial channels and mux on.
 fn start(frontends: usize, signal: bool) -> (Running, Terminal, Vec<CoreEnd>) {
+    start_by(frontends, signal, None)
+}
+
+/// As [`start`], through `cmd` instead of running the binary directly.
+fn start_by(frontends: usize, signal: bool, cmd: Option<Command>) -> (Running, Terminal, Vec<CoreEnd>) {
     let pty = nix::pty::openpty(None, None).expect("openpty");
     let mut fds = Fds::default();
     let mut cores = Vec::new();
@@ -50,7 +58,17 @@ fn start(frontends: usize, signal: bool) -> (Running, Terminal, Vec<CoreEnd>) {
     cfg.signal = signal;
     let term = Terminal { master: pty.master };
     assert!(term.lflags().contains(LocalFlags::ICANON), "a fresh pty starts in canonical mode");
-    let running = Running::start(cfg, fds);
+    let running = match cmd {
+        None => Running::start(cfg, fds),
+        Some(cmd) => {
+            let running = Running::launch_command(cmd, cfg, fds);
+            match running.next_message(Instant::now() + PATIENCE) {
+                ChildToLauncher::Ready => {}
+                other => panic!("expected Ready, got {other:?}"),
+            }
+            running
+        }
+    };
     (running, term, cores)
 }
 
@@ -232,4 +250,34 @@ fn one_descriptor_may_serve_both_directions() {
     running.shutdown();
     assert!(running.wait().0.success());
     assert!(term.lflags().contains(LocalFlags::ICANON), "terminal not restored");
+}
+
+#[test]
+fn the_launchers_death_restores_the_terminal() {
+    // The chardev's parent is a shell standing in for the launcher; SIGKILL it. The launcher's end of the
+    // control channel stays open (the test holds it), so only the parent-death signal can tell the chardev.
+    let mut sh = Command::new("sh");
+    sh.args(["-c", "\"$0\" --ipc-fd 3 & wait"]).arg(chardev_binary());
+    sh.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let (mut running, term, _cores) = start_by(1, true, Some(sh));
+    assert!(!term.lflags().contains(LocalFlags::ICANON));
+    running.child.kill().unwrap();
+    running.child.wait().unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while !term.lflags().contains(LocalFlags::ICANON | LocalFlags::ECHO) {
+        assert!(Instant::now() < deadline, "terminal still raw after the launcher died");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And the chardev is gone: its end of the control channel closed.
+    running.control.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match running.control.try_recv::<ChildToLauncher>() {
+            Err(tessera_ipc::IpcError::Closed) => break,
+            Err(tessera_ipc::IpcError::WouldBlock) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "tessera-chardev still running after its launcher died");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -131,12 +131,18 @@ impl Running {
 
     /// Start the binary and send the configuration, without waiting for its answer.
     pub fn launch(cfg: ChardevConfig, fds: Fds, adjust: impl FnOnce(&mut Command)) -> Running {
-        let (launcher_end, child_end) = Channel::pair().expect("socketpair");
-        let child_sock = child_end.into_socket();
-        let child_raw = child_sock.as_raw_fd();
         let mut cmd = Command::new(chardev_binary());
         cmd.args(["--ipc-fd", "3"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         adjust(&mut cmd);
+        Self::launch_command(cmd, cfg, fds)
+    }
+
+    /// Run `cmd` with the control channel at fd 3 (it must end up running tessera-chardev with
+    /// `--ipc-fd 3`, perhaps through a shell), shake hands and send the configuration.
+    pub fn launch_command(mut cmd: Command, cfg: ChardevConfig, fds: Fds) -> Running {
+        let (launcher_end, child_end) = Channel::pair().expect("socketpair");
+        let child_sock = child_end.into_socket();
+        let child_raw = child_sock.as_raw_fd();
         // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) are made.
         unsafe {
             cmd.pre_exec(move || {
