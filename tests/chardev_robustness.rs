@@ -213,3 +213,73 @@ fn read_until_timeout(f: &std::fs::File, wait: Duration) -> Vec<u8> {
     }
     Vec::new()
 }
+
+#[test]
+fn a_core_that_does_not_take_input_holds_input_back_without_losing_it() {
+    let (in_r, in_w) = nix::unistd::pipe().unwrap();
+    let (_out_r, out_w) = nix::unistd::pipe().unwrap();
+    let mut fds = Fds::default();
+    let (core, fe) = serial_channel(&mut fds);
+    let input = fds.add(in_r);
+    let output = fds.add(out_w);
+    let running = Running::start(config("paced", ChardevBackend::Stdio { input, output, raw: false }, vec![fe]), fds);
+    let typed = tessera_tests::chardev::pattern(1 << 20, 3);
+    let writer = {
+        let typed = typed.clone();
+        std::thread::spawn(move || std::fs::File::from(in_w).write_all(&typed).unwrap())
+    };
+    // The core reads nothing for a while: the chardev stops reading the pipe rather than drop keys.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(core.input(typed.len()) == typed, "typed input lost or reordered");
+    writer.join().unwrap();
+    running.shutdown();
+    let (status, err) = running.wait();
+    assert!(status.success(), "exit status {status}; stderr:\n{err}");
+}
+
+#[test]
+fn with_mux_ctrl_a_x_works_even_when_the_core_takes_no_input() {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let mut fds = Fds::default();
+    let (_core, fe) = serial_channel(&mut fds);
+    let tty = fds.add(pty.slave);
+    let mut cfg = config("stuck", ChardevBackend::Stdio { input: tty, output: tty, raw: true }, vec![fe]);
+    cfg.mux = true;
+    let running = Running::start(cfg, fds);
+    let master = std::sync::Arc::new(pty.master);
+    // Far more keys than the channel to the (stuck) core holds, then C-a x.
+    let typist = {
+        let master = master.clone();
+        std::thread::spawn(move || {
+            let mut keys = vec![b'k'; 2 << 20];
+            keys.extend_from_slice(b"\x01x");
+            let mut rest = &keys[..];
+            while !rest.is_empty() {
+                let n = nix::unistd::write(&*master, rest).expect("type");
+                rest = &rest[n..];
+            }
+        })
+    };
+    // Drain what the chardev prints so its terminal output never fills up.
+    let deadline = Instant::now() + PATIENCE;
+    let msg = loop {
+        let mut buf = [0u8; 4096];
+        let mut pfd = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&*master), nix::poll::PollFlags::POLLIN)];
+        if matches!(nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10u8)), Ok(n) if n > 0) {
+            let _ = nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&*master), &mut buf);
+        }
+        let _ = running.control.set_nonblocking(true);
+        match running.control.try_recv::<ChildToLauncher>() {
+            Ok((msg, _)) => break msg,
+            Err(tessera_ipc::IpcError::WouldBlock) => {}
+            Err(e) => panic!("control channel: {e}"),
+        }
+        assert!(Instant::now() < deadline, "C-a x was not honoured while the core took no input");
+    };
+    assert!(matches!(msg, ChildToLauncher::Exit { code: 0, .. }), "{msg:?}");
+    typist.join().unwrap();
+    running.shutdown();
+    let (status, err) = running.wait();
+    assert!(status.success(), "exit status {status}; stderr:\n{err}");
+    assert!(err.contains("tessera-chardev: stuck: front end #0 is not taking input"), "{err}");
+}

@@ -98,6 +98,7 @@ pub struct Chardev {
     raw: Option<RawMode>,
     dropped: DropWarning,
     accept_failures: DropWarning,
+    input_dropped: DropWarning,
     exit_sent: bool,
     /// Set by `Shutdown`: front ends are read until EOF or this deadline, then the process exits.
     draining: Option<Instant>,
@@ -192,6 +193,7 @@ impl Chardev {
             raw,
             dropped: DropWarning::default(),
             accept_failures: DropWarning::default(),
+            input_dropped: DropWarning::default(),
             exit_sent: false,
             draining: None,
             control_closed: false,
@@ -243,7 +245,8 @@ impl Chardev {
         if let Host::Pty { connected: false, .. } = self.host {
             at_most(PTY_RECHECK);
         }
-        let backlog = self.output_backlog(now);
+        // While draining, the core's last words matter more than pacing: read them even into a backlog.
+        let backlog = self.draining.is_none() && self.output_backlog(now);
         if backlog {
             at_most(BACKLOG_POLL);
         }
@@ -317,7 +320,10 @@ impl Chardev {
         }
         if self.draining.is_none() {
             if let Some(conn) = self.host_input() {
-                if self.focused().is_none_or(|i| self.frontends[i].pending() < FRONTEND_TX_CAP) {
+                // Without mux, a core that does not take input holds the host input back (nothing is lost); with
+                // mux, input is always read so the escape keys work (see `send_to_frontend`).
+                let room = self.focused().is_none_or(|i| self.frontends[i].pending() < FRONTEND_TX_CAP);
+                if room || self.mux.is_some() {
                     tags.push(Tag::HostInput);
                     fds.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
                 }
@@ -447,6 +453,14 @@ impl Chardev {
             return;
         };
         self.focus = i;
+        if self.frontends[i].pending() >= FRONTEND_TX_CAP {
+            // Only in mux mode (otherwise input is not read past the cap): the core has stopped taking input,
+            // and the escape keys must keep working so the user can still leave with C-a x.
+            if self.input_dropped.record(1).is_some() {
+                self.log(format_args!("front end #{i} is not taking input; typed keys are dropped"));
+            }
+            return;
+        }
         match frame::encode(msg, 0) {
             Ok(bytes) => self.frontends[i].tx.extend_from_slice(&bytes),
             Err(e) => {
