@@ -117,8 +117,8 @@ fn a_host_side_that_stops_reading_does_not_stop_input() {
     let (status, err) = running.wait();
     assert!(status.success(), "exit status {status}; stderr:\n{err}");
     assert!(err.contains("tessera-chardev: slow: the host side is not keeping up with guest output"), "{err}");
-    // Warnings are rate-limited: one, not one per dropped frame.
-    assert_eq!(err.matches("not keeping up").count(), 1, "{err}");
+    // Warnings are rate-limited (one per few seconds), not one per dropped frame (over a hundred here).
+    assert!(err.matches("not keeping up").count() <= 5, "{err}");
     drop(mine);
 }
 
