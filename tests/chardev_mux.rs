@@ -281,3 +281,56 @@ fn the_launchers_death_restores_the_terminal() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The chardev as the session leader of the pty, which becomes its controlling terminal: Ctrl-C typed there
+/// is a real SIGINT to its foreground process group.
+fn start_controlling(signal: bool) -> (Running, Terminal, CoreEnd) {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let path = std::ffi::CString::new(nix::unistd::ttyname(&pty.slave).unwrap().into_os_string().into_encoded_bytes())
+        .unwrap();
+    let mut fds = Fds::default();
+    let (core, fe) = serial_channel(&mut fds);
+    let tty = fds.add(pty.slave);
+    let mut cfg = config("serial0", ChardevBackend::Stdio { input: tty, output: tty, raw: true }, vec![fe]);
+    cfg.mux = true;
+    cfg.signal = signal;
+    let term = Terminal { master: pty.master };
+    let running = Running::start_with(cfg, fds, move |cmd| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setsid, open and close are async-signal-safe; `path` was allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if nix::libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A session leader without a controlling terminal acquires the first terminal it opens.
+                let fd = nix::libc::open(path.as_ptr(), nix::libc::O_RDWR);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                nix::libc::close(fd);
+                Ok(())
+            });
+        }
+    });
+    (running, term, core)
+}
+
+#[test]
+fn ctrl_c_on_the_controlling_terminal_follows_signal() {
+    // signal=on: Ctrl-C is a signal (for the launcher, which shares the process group); the chardev ignores
+    // it and the byte does not reach the guest.
+    let (mut running, term, core) = start_controlling(true);
+    term.type_keys(b"\x03\x1ca");
+    assert_eq!(core.input(1), b"a");
+    assert!(running.alive(), "Ctrl-C must not kill tessera-chardev");
+    running.shutdown();
+    assert!(running.wait().0.success());
+
+    // signal=off: Ctrl-C is just a key for the guest.
+    let (running, term, core) = start_controlling(false);
+    term.type_keys(b"\x03\x1ca");
+    assert_eq!(core.input(3), b"\x03\x1ca");
+    running.shutdown();
+    assert!(running.wait().0.success());
+}
