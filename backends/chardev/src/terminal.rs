@@ -81,6 +81,16 @@ fn apply(which: fn(&Saved) -> &libc::termios) {
     }
 }
 
+/// Restore the terminal before the default panic report (a panic anywhere, in any thread, would otherwise
+/// leave the user's terminal raw).
+pub fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        restore();
+        previous(info);
+    }));
+}
+
 extern "C" fn restore_and_die(sig: libc::c_int) {
     restore();
     // SA_RESETHAND made the default action current again: re-raising ends the process with the same
@@ -119,14 +129,42 @@ pub fn install_handlers() -> Result<(), ChardevError> {
         // immutable once set.
         unsafe { sigaction(sig, action) }.map_err(|e| ChardevError::sys("install a signal handler", e))?;
     }
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        restore();
-        previous(info);
-    }));
+    install_panic_hook();
     // The launcher starts children with PR_SET_PDEATHSIG(SIGKILL); SIGKILL cannot be caught, and would leave
     // the user's terminal raw. SIGTERM, handled above, restores it first. Had the launcher already died,
     // its SIGKILL would have ended this process before this point.
     nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| ChardevError::sys("set the parent-death signal", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::termios::{tcgetattr, LocalFlags};
+    use std::os::fd::AsFd;
+
+    // The only test in this binary that enters raw mode: the saved settings are process-wide.
+    #[test]
+    fn raw_mode_and_its_restoration_by_drop_and_by_panic() {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let canonical = |fd| tcgetattr(fd).unwrap().local_flags.contains(LocalFlags::ICANON | LocalFlags::ECHO);
+        assert!(canonical(&pty.slave));
+        install_panic_hook();
+
+        let raw = RawMode::enter(pty.slave.as_fd(), true).unwrap();
+        assert!(!canonical(&pty.slave));
+        assert!(tcgetattr(&pty.slave).unwrap().local_flags.contains(LocalFlags::ISIG));
+        drop(raw);
+        assert!(canonical(&pty.slave), "drop restores");
+
+        // Raw again (as after SIGCONT), then a panic in some thread.
+        reapply_raw(libc::SIGCONT);
+        assert!(!canonical(&pty.slave));
+        let panicked = std::thread::spawn(|| panic!("deliberate panic to test the hook")).join();
+        assert!(panicked.is_err());
+        assert!(canonical(&pty.slave), "the panic hook restores");
+
+        // One terminal per process.
+        assert!(RawMode::enter(pty.slave.as_fd(), true).is_err());
+    }
 }
