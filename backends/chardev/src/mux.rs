@@ -77,6 +77,19 @@ impl Mux {
     }
 }
 
+/// Merge adjacent [`MuxEvent::Input`]s: how typed bytes are grouped depends on how reads split them, and
+/// is of no consequence (tests and the fuzz target compare event streams with it).
+pub fn normalize(events: Vec<MuxEvent>) -> Vec<MuxEvent> {
+    let mut out: Vec<MuxEvent> = Vec::with_capacity(events.len());
+    for e in events {
+        match (out.last_mut(), e) {
+            (Some(MuxEvent::Input(prev)), MuxEvent::Input(more)) => prev.extend(more),
+            (_, e) => out.push(e),
+        }
+    }
+    out
+}
+
 /// The text `C-a h` prints. The layout (a blank line, then one key per line, each line ending in `\n\r`
 /// because QEMU writes them that way and the terminal keeps output post-processing on) is QEMU's; the
 /// descriptions are Tessera's own.
@@ -176,6 +189,32 @@ mod tests {
         assert_eq!(m.feed(b"x"), vec![MuxEvent::Exit]);
         assert_eq!(m.feed(b"\x01"), vec![]);
         assert_eq!(m.feed(b"\x01"), vec![MuxEvent::Input(vec![ESCAPE])]);
+    }
+
+    #[test]
+    fn any_split_of_the_input_gives_the_same_events() {
+        // xorshift: deterministic pseudo-random keys, rich in escapes and command letters.
+        let mut x = 0x9e37_79b9u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for _ in 0..200 {
+            const KEYS: &[u8] = b"\x01hxsbctqa?\x01";
+            let keys: Vec<u8> = (0..next() % 64).map(|_| KEYS[next() as usize % KEYS.len()]).collect();
+            let whole = normalize(Mux::new().feed(&keys));
+            let mut m = Mux::new();
+            let mut parts = Vec::new();
+            let mut rest = &keys[..];
+            while !rest.is_empty() {
+                let n = (next() as usize % 4 + 1).min(rest.len());
+                parts.extend(m.feed(&rest[..n]));
+                rest = &rest[n..];
+            }
+            assert_eq!(whole, normalize(parts), "keys {keys:?}");
+        }
     }
 
     #[test]

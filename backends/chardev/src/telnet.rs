@@ -95,6 +95,18 @@ impl TelnetFilter {
     }
 }
 
+/// Merge adjacent [`TelnetInput::Data`]: the grouping of bytes depends on how reads split them.
+pub fn normalize(input: Vec<TelnetInput>) -> Vec<TelnetInput> {
+    let mut out: Vec<TelnetInput> = Vec::with_capacity(input.len());
+    for i in input {
+        match (out.last_mut(), i) {
+            (Some(TelnetInput::Data(prev)), TelnetInput::Data(more)) => prev.extend(more),
+            (_, i) => out.push(i),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +133,31 @@ mod tests {
         let mut f = TelnetFilter::new();
         let got = f.feed(&[IAC, SB, 24, 0, b'x', b't', IAC, IAC, b'm', IAC, SE, b'z']);
         assert_eq!(got, vec![TelnetInput::Data(b"z".to_vec())]);
+    }
+
+    #[test]
+    fn any_split_of_the_input_gives_the_same_result() {
+        let mut x = 0x2545_f491u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let alphabet = [IAC, IAC, WILL, DO, DONT, SB, SE, BREAK, 241, OPT_ECHO, b'a', b'b'];
+        for _ in 0..300 {
+            let bytes: Vec<u8> = (0..next() % 48).map(|_| alphabet[next() as usize % alphabet.len()]).collect();
+            let whole = normalize(TelnetFilter::new().feed(&bytes));
+            let mut f = TelnetFilter::new();
+            let mut parts = Vec::new();
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let n = (next() as usize % 3 + 1).min(rest.len());
+                parts.extend(f.feed(&rest[..n]));
+                rest = &rest[n..];
+            }
+            assert_eq!(whole, normalize(parts), "bytes {bytes:?}");
+        }
     }
 
     #[test]
