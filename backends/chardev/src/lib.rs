@@ -13,9 +13,11 @@
 //!   launcher must close its own copy of the slave.
 //! * **Process group and signals.** The chardev reads and configures the user's terminal, so it must stay in
 //!   the terminal's foreground process group: start it in the launcher's group (no `setsid`/`setpgid`).
-//!   Ctrl-C and Ctrl-\ (with `signal=on`) then reach the whole group; the chardev ignores SIGINT and SIGQUIT
-//!   and the launcher drives the shutdown (QEMU 7.2 prints `qemu-system-x86_64: terminating on signal 2` and
-//!   exits 0). SIGTERM and SIGHUP restore the terminal and end the process by the same signal. The chardev
+//!   With `signal=on` Ctrl-C and Ctrl-\ reach the whole group as signals; the chardev ignores SIGINT and
+//!   SIGQUIT and the launcher drives the shutdown (QEMU 7.2 prints `qemu-system-x86_64: terminating on signal 2`
+//!   and exits 0). Which lines have `signal=on`, as observed on QEMU 7.2: `-serial stdio` and `-chardev stdio`
+//!   (its default); **not** `-nographic` nor `-serial mon:stdio`, where QEMU turns it off so Ctrl-C reaches the
+//!   guest (an explicit `-chardev stdio,mux=on,signal=on` keeps it). SIGTERM and SIGHUP restore the terminal and end the process by the same signal. The chardev
 //!   changes its parent-death signal to SIGTERM (from the launcher's SIGKILL) so that the launcher's death
 //!   also restores the terminal.
 //! * **Exit.** `Shutdown`: front ends are drained until EOF or one second, output flushed (two seconds at
