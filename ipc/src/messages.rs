@@ -169,7 +169,8 @@ pub struct ChardevConfig {
     pub frontends: Vec<FdIndex>,
     /// `mux=on` (implied by `-nographic` and `-serial mon:stdio`): the Ctrl-A escape keys are active.
     pub mux: bool,
-    /// `signal=on` (stdio default): Ctrl-C ends the VM instead of reaching the guest (when not in mux mode).
+    /// `signal=on` (`-chardev stdio` / `-serial stdio` default): Ctrl-C ends the VM instead of reaching the
+    /// guest. QEMU turns it off for `-nographic` and `-serial mon:stdio`.
     pub signal: bool,
     /// `logfile=`: everything the guest prints is also appended here.
     pub logfile: Option<FdIndex>,
