@@ -934,6 +934,63 @@ mod tests {
     }
 
     #[test]
+    fn ioapic_logical_and_lowest_priority_destinations_with_two_cpus() {
+        let c = GuestClock::virtual_clock(0);
+        let mut p = Platform::new(
+            c.clone(),
+            &PlatformConfig { cpus: 2, ram_below_4g: 1 << 30, ram_above_4g: 0, pm_timer_32bit: false },
+        )
+        .unwrap();
+        for cpu in 0..2 {
+            let w = |p: &mut Platform, off: u64, v: u32| {
+                assert!(p.mmio_write(cpu, LAPIC + off, &v.to_le_bytes()));
+            };
+            w(&mut p, 0xf0, 0x1ff);
+            w(&mut p, 0x350, 0x10700);
+            w(&mut p, 0xe0, 0xffff_ffff); // flat model
+            w(&mut p, 0xd0, 1 << (24 + cpu));
+        }
+        // Pin 5, logical destination 0x02: CPU 1 only.
+        ioapic_w(&mut p, 0x10 + 2 * 5, 0x0000_0845);
+        ioapic_w(&mut p, 0x10 + 2 * 5 + 1, 0x0200_0000);
+        p.pulse_isa_irq(5);
+        assert!(!p.pending_interrupt(0));
+        assert_eq!(p.acknowledge(1), Some(0x45));
+        let eoi = |p: &mut Platform, cpu: usize| {
+            assert!(p.mmio_write(cpu, LAPIC + 0xb0, &0u32.to_le_bytes()));
+        };
+        eoi(&mut p, 1);
+        // Lowest priority to 0x03: exactly one CPU gets it.
+        ioapic_w(&mut p, 0x10 + 2 * 5, 0x0000_0946);
+        ioapic_w(&mut p, 0x10 + 2 * 5 + 1, 0x0300_0000);
+        p.pulse_isa_irq(5);
+        let got = [p.acknowledge(0), p.acknowledge(1)];
+        assert_eq!(got.iter().filter(|v| **v == Some(0x46)).count(), 1, "{got:?}");
+        eoi(&mut p, 0);
+        eoi(&mut p, 1);
+        // Physical broadcast 0xff with fixed mode reaches both.
+        ioapic_w(&mut p, 0x10 + 2 * 5, 0x0000_0047);
+        ioapic_w(&mut p, 0x10 + 2 * 5 + 1, 0xff00_0000);
+        p.pulse_isa_irq(5);
+        assert_eq!(p.acknowledge(0), Some(0x47));
+        assert_eq!(p.acknowledge(1), Some(0x47));
+        // NMI delivery mode through the IOAPIC.
+        ioapic_w(&mut p, 0x10 + 2 * 5, 0x0000_0400);
+        ioapic_w(&mut p, 0x10 + 2 * 5 + 1, 0x0100_0000);
+        p.pulse_isa_irq(5);
+        assert!(p.interrupt_signal(1).unwrap().nmi_pending());
+        assert!(p.take_nmi(1));
+        assert!(!p.take_nmi(0));
+        // An INIT/SIPI pair from CPU 0's ICR to APIC ID 1 becomes start-up events.
+        assert!(p.mmio_write(0, LAPIC + 0x310, &0x0100_0000u32.to_le_bytes()));
+        assert!(p.mmio_write(0, LAPIC + 0x300, &0x0000_4500u32.to_le_bytes()));
+        assert!(p.mmio_write(0, LAPIC + 0x300, &0x0000_4609u32.to_le_bytes()));
+        assert_eq!(p.take_startup_event(), Some((1, StartupEvent::Init)));
+        assert_eq!(p.take_startup_event(), Some((1, StartupEvent::Sipi(9))));
+        assert_eq!(p.take_startup_event(), None);
+    }
+
+    #[test]
     fn sci_is_level_through_ioapic_with_remote_irr() {
         let c = GuestClock::virtual_clock(0);
         let mut p = platform(&c);
