@@ -580,7 +580,7 @@ mod tests {
         c.advance_to_ns(ns_of_ticks(150)).unwrap();
         assert_ne!(pit.read_port61() & 0x20, 0, "one-shot done");
         // MSB-only access.
-        pit.write(0x43, 0x20 | 0x00); // ch0 MSB only, mode 0
+        pit.write(0x43, 0x20); // ch0 MSB only, mode 0
         pit.write(0x40, 0x01); // count 0x100
         assert_eq!(pit.read(0x40), 0x01);
     }
