@@ -1,7 +1,7 @@
 //! PC platform devices modelled in userspace, for Tessera's software CPU (KVM has them in the
 //! kernel): 8259A pair + ELCR, 8254 PIT + port 0x61, MC146818 RTC/CMOS, ACPI PM1a/PM timer,
-//! PIIX reset control (0xcf9), IOAPIC, one xAPIC LAPIC per CPU, and the ACPI tables describing
-//! them. No HPET (and no HPET table).
+//! PIIX reset control (0xcf9), HPET, IOAPIC, one xAPIC LAPIC per CPU, and the ACPI tables
+//! describing them (the HPET table only if asked for).
 //!
 //! Engine-neutral: no KVM, no bus types. Each device has `read`/`write` on its register window
 //! and takes time from one [`GuestClock`]; [`Platform`] wires them together (see
@@ -48,6 +48,7 @@
 pub mod acpi;
 pub mod acpi_pm;
 pub mod clock;
+pub mod hpet;
 pub mod ioapic;
 pub mod lapic;
 pub mod pic;

@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use crate::acpi_pm::{self, AcpiPm, ResetControl, SystemRequest};
 use crate::clock::GuestClock;
+use crate::hpet::{self, Hpet, HpetIrq, HpetRoute};
 use crate::ioapic::{self, ApicMessage, IoApic};
 use crate::lapic::{self, Ipi, LapicEffects, LocalApic};
 use crate::pic::{self, DualPic};
@@ -68,6 +69,9 @@ pub const PORT_RANGES: &[(u16, u16)] = &[
     (acpi_pm::PM_BASE, acpi_pm::PM_LEN),
     (acpi_pm::RESET_CONTROL, 1),
 ];
+
+/// The HPET's MMIO window (base, length).
+pub const HPET_MMIO: (u64, u64) = (hpet::HPET_BASE, hpet::HPET_SIZE);
 
 /// The IOAPIC's MMIO window (base, length). QEMU decodes a 4 KiB page; registers sit in the
 /// first 0x20 bytes.
@@ -339,6 +343,7 @@ pub struct Platform {
     rtc: Rtc,
     pm: AcpiPm,
     reset: ResetControl,
+    hpet: Hpet,
     ioapic: IoApic,
     lapics: Vec<LocalApic>,
     signals: Vec<Arc<InterruptSignal>>,
@@ -369,6 +374,7 @@ impl Platform {
             rtc,
             pm: AcpiPm::new(clock.clone(), config.pm_timer_32bit),
             reset: ResetControl::default(),
+            hpet: Hpet::new(clock.clone()),
             // The IOAPIC's ID follows the LAPICs' (QEMU: ID = number of CPUs).
             ioapic: IoApic::new(config.cpus),
             lapics,
@@ -394,6 +400,7 @@ impl Platform {
         self.rtc.reset();
         self.pm = AcpiPm::new(clock.clone(), self.config.pm_timer_32bit);
         self.reset = ResetControl::default();
+        self.hpet = Hpet::new(clock.clone());
         self.ioapic = IoApic::new(self.config.cpus);
         self.lapics = (0..self.config.cpus).map(|i| LocalApic::new(clock.clone(), i, i == 0)).collect();
         self.request = None;
@@ -503,6 +510,34 @@ impl Platform {
         self.dispatch(msgs);
     }
 
+    /// Drives GSI `gsi` directly (HPET routing): the IOAPIC pin, and for 0-15 except 2 the
+    /// 8259 input of the same number.
+    fn drive_gsi(&mut self, gsi: u32, level: bool) {
+        if gsi < 16 && gsi != 2 {
+            self.pic.set_irq(gsi as u8, level);
+        }
+        let mut msgs = Vec::new();
+        self.ioapic.set_irq(gsi as usize, level, &mut msgs);
+        self.dispatch(msgs);
+    }
+
+    fn apply_hpet(&mut self, events: Vec<HpetIrq>) {
+        for e in events {
+            match e {
+                HpetIrq::Pulse(HpetRoute::Isa(irq)) => {
+                    self.drive_isa(irq, true);
+                    self.drive_isa(irq, false);
+                }
+                HpetIrq::Pulse(HpetRoute::Gsi(g)) => {
+                    self.drive_gsi(g, true);
+                    self.drive_gsi(g, false);
+                }
+                HpetIrq::Level(HpetRoute::Isa(irq), l) => self.drive_isa(irq, l),
+                HpetIrq::Level(HpetRoute::Gsi(g), l) => self.drive_gsi(g, l),
+            }
+        }
+    }
+
     fn deliver(&mut self, target: usize, m: &ApicMessage) {
         let l = &mut self.lapics[target];
         match m.delivery_mode {
@@ -554,7 +589,8 @@ impl Platform {
 
     /// Re-reads the IRQ outputs of the RTC and the SCI and drives their lines.
     fn sync_device_lines(&mut self) {
-        let rtc = self.rtc.irq_level();
+        // HPET legacy replacement disconnects the RTC's IRQ8 (HPET spec §2.3.9).
+        let rtc = self.rtc.irq_level() && !self.hpet.legacy_replacement();
         if rtc != (self.isa_levels & (1 << IRQ_RTC) != 0) {
             self.drive_isa(IRQ_RTC, rtc);
         }
@@ -583,10 +619,14 @@ impl Platform {
     /// [`next_deadline_ns`]: Platform::next_deadline_ns
     pub fn poll(&mut self) {
         let now = self.clock.now_ns();
-        if self.pit.update(now) {
+        // The PIT keeps counting under HPET legacy replacement, but its IRQ0 is disconnected.
+        if self.pit.update(now) && !self.hpet.legacy_replacement() {
             self.drive_isa(IRQ_PIT, true);
             self.drive_isa(IRQ_PIT, false);
         }
+        let mut hpet_events = Vec::new();
+        self.hpet.update(now, &mut hpet_events);
+        self.apply_hpet(hpet_events);
         self.rtc.update(now);
         self.pm.update(now);
         self.sync_device_lines();
@@ -600,11 +640,16 @@ impl Platform {
     /// loop can sleep (host clock) or jump the clock (virtual clock) until then when idle.
     pub fn next_deadline_ns(&self) -> Option<u64> {
         let now = self.clock.now_ns();
-        [self.pit.next_deadline_ns(), self.rtc.next_deadline_ns(now), self.pm.next_deadline_ns()]
-            .into_iter()
-            .chain(self.lapics.iter().map(|l| l.next_deadline_ns()))
-            .flatten()
-            .min()
+        [
+            self.pit.next_deadline_ns(),
+            self.rtc.next_deadline_ns(now),
+            self.pm.next_deadline_ns(),
+            self.hpet.next_deadline_ns(),
+        ]
+        .into_iter()
+        .chain(self.lapics.iter().map(|l| l.next_deadline_ns()))
+        .flatten()
+        .min()
     }
 
     // ---- CPU side ----
@@ -751,7 +796,14 @@ impl Platform {
     /// Whether `addr` is in an MMIO window of the platform as seen by `cpu` (the LAPIC window
     /// follows that CPU's IA32_APIC_BASE and vanishes while the LAPIC is hardware-disabled).
     pub fn handles_mmio(&self, cpu: usize, addr: u64) -> bool {
-        self.lapic_offset(cpu, addr).is_some() || Self::ioapic_offset(addr).is_some()
+        self.lapic_offset(cpu, addr).is_some()
+            || Self::ioapic_offset(addr).is_some()
+            || Self::hpet_offset(addr).is_some()
+    }
+
+    fn hpet_offset(addr: u64) -> Option<u64> {
+        let (base, len) = HPET_MMIO;
+        (addr >= base && addr - base < len).then(|| addr - base)
     }
 
     fn lapic_offset(&self, cpu: usize, addr: u64) -> Option<u64> {
@@ -772,6 +824,8 @@ impl Platform {
             self.lapics[cpu].read(off, data);
         } else if let Some(off) = Self::ioapic_offset(addr) {
             self.ioapic.read(off, data);
+        } else if let Some(off) = Self::hpet_offset(addr) {
+            self.hpet.read(off, data);
         } else {
             return false;
         }
@@ -788,6 +842,17 @@ impl Platform {
             let mut msgs = Vec::new();
             self.ioapic.write(off, data, &mut msgs);
             self.dispatch(msgs);
+        } else if let Some(off) = Self::hpet_offset(addr) {
+            let was_legacy = self.hpet.legacy_replacement();
+            let mut events = Vec::new();
+            self.hpet.write(off, data, &mut events);
+            self.apply_hpet(events);
+            if was_legacy != self.hpet.legacy_replacement() {
+                // Level outputs follow their new routes; the RTC line (dis)connects.
+                let levels = self.hpet.level_outputs();
+                self.apply_hpet(levels.into_iter().map(|(r, l)| HpetIrq::Level(r, l)).collect());
+                self.sync_device_lines();
+            }
         } else {
             return false;
         }
@@ -1141,6 +1206,53 @@ mod tests {
         t.join().unwrap();
         assert!(start.elapsed() >= Duration::from_millis(15));
         assert_eq!(link.acknowledge(), Some(0x34));
+    }
+
+    #[test]
+    fn hpet_legacy_replacement_takes_over_irq0_and_irq8() {
+        let c = GuestClock::virtual_clock(0);
+        let mut p = platform(&c);
+        pic_init(&mut p);
+        // PIT periodic on IRQ0, as before the HPET takes over.
+        out8(&mut p, 0x43, 0x34);
+        out8(&mut p, 0x40, 0xa5);
+        out8(&mut p, 0x40, 0x12);
+        let hw = |p: &mut Platform, off: u64, v: u32| {
+            assert!(p.mmio_write(0, 0xfed0_0000 + off, &v.to_le_bytes()));
+        };
+        let mut d = [0u8; 4];
+        assert!(p.mmio_read(0, 0xfed0_0000, &mut d));
+        assert_eq!(u32::from_le_bytes(d), 0x8086_a201);
+        // Legacy replacement + enable; timer 0 periodic every 1 ms (100000 ticks).
+        hw(&mut p, 0x10, 3);
+        hw(&mut p, 0x100, 0x14c);
+        hw(&mut p, 0x108, 100_000);
+        hw(&mut p, 0x108, 100_000);
+        assert_eq!(p.next_deadline_ns(), Some(1_000_000), "the HPET's, before the PIT's 4 ms");
+        let mut irq0 = 0;
+        for _ in 0..4500 {
+            c.advance_ns(1_000).unwrap();
+            p.poll();
+            while let Some(v) = p.acknowledge(0) {
+                assert_eq!(v, 0x30);
+                irq0 += 1;
+                out8(&mut p, 0x20, 0x20);
+            }
+        }
+        // 4.5 ms: four HPET ticks; the PIT's tick at 4 ms is disconnected.
+        assert_eq!(irq0, 4);
+        // RTC periodic flag raised under legacy mode does not reach IRQ8.
+        out8(&mut p, 0x70, 0x0b);
+        out8(&mut p, 0x71, 0x42);
+        c.advance_ns(2_000_000).unwrap();
+        p.poll();
+        while p.acknowledge(0) == Some(0x30) {
+            out8(&mut p, 0x20, 0x20);
+        }
+        assert!(!p.pending_interrupt(0), "IRQ8 disconnected");
+        // Leaving legacy mode gives IRQ8 back to the RTC (its flag is still up).
+        hw(&mut p, 0x10, 1);
+        assert_eq!(p.acknowledge(0), Some(0x38));
     }
 
     #[test]
