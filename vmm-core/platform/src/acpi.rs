@@ -458,7 +458,7 @@ mod tests {
         assert_eq!(xsdt.len(), 36 + 24);
         assert_eq!(rsdt.len(), 36 + 12);
         let h = table(&buf, u64_at(xsdt, 52), b"HPET");
-        assert_eq!(u32_at(&rsdt, 44), u64_at(xsdt, 52) as u32);
+        assert_eq!(u32_at(rsdt, 44), u64_at(xsdt, 52) as u32);
         assert_eq!(h.len(), 56);
         assert_eq!(u32_at(h, 36), 0x8086_a201, "event timer block id");
         assert_eq!(h[40], 0, "system memory");

@@ -245,12 +245,10 @@ impl Hpet {
                     }
                 }
             }
-            0x0f0 => {
-                // The main counter is writable while halted (spec §2.3.7).
-                if !self.enabled() {
-                    self.counter_base = merge(self.counter_base);
-                    self.checked = self.counter_base;
-                }
+            // The main counter is writable while halted (spec §2.3.7).
+            0x0f0 if !self.enabled() => {
+                self.counter_base = merge(self.counter_base);
+                self.checked = self.counter_base;
             }
             0x100..=0x15f => {
                 let n = ((reg - 0x100) / 0x20) as usize;
