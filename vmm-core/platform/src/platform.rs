@@ -8,6 +8,7 @@
 //!                └─(MADT override 0→2)─► IOAPIC pin 2
 //!  RTC ─IRQ8, SCI ─IRQ9, devices ─IRQn─┬► 8259 IRn  │ INTR
 //!                                      └► IOAPIC pin n
+//!  HPET timer 0/1 (legacy replacement) ─► IRQ0/IRQ8 in place of the PIT/RTC; other routes ─► GSI
 //!                          8259 INTR ─► LAPIC LINT0 (ExtINT) ─► CPU      (virtual wire)
 //!                          8259 INTR ──────────────────────► CPU      (LAPIC hw-disabled)
 //!                          IOAPIC ─► APIC bus ─► LAPIC IRR ───► CPU
@@ -301,6 +302,10 @@ impl CpuInterrupts {
 
 /// An ISA interrupt line of a shared platform, for devices the core owns (16550 UARTs through
 /// vm-superio's `Trigger`, i8042): the software-engine counterpart of a KVM irqfd.
+///
+/// It takes the platform lock, like [`CpuInterrupts`]: call neither while holding that lock
+/// (`std::sync::Mutex` is not reentrant), e.g. do not serve a UART access from inside a
+/// locked `Platform` call.
 #[derive(Clone, Debug)]
 pub struct IsaIrq {
     platform: Arc<Mutex<Platform>>,
