@@ -740,6 +740,12 @@ impl Platform {
         self.request.take()
     }
 
+    /// Sets a CMOS NVRAM byte (0x0e-0x7f, clock registers excepted), for what a firmware or
+    /// QEMU would leave there beyond the memory sizes.
+    pub fn set_cmos(&mut self, index: usize, value: u8) {
+        self.rtc.set_nvram(index, value);
+    }
+
     /// Presses the ACPI power button (QEMU `system_powerdown`).
     pub fn press_power_button(&mut self) {
         self.pm.press_power_button();
@@ -1365,6 +1371,10 @@ mod tests {
         let mut p = platform(&c);
         out8(&mut p, 0x70, 0x34);
         assert_eq!(in8(&mut p, 0x71), 0x00);
+        p.set_cmos(0x3d, 0x21);
+        p.set_cmos(0x00, 0x99); // a clock register: refused
+        out8(&mut p, 0x70, 0x3d);
+        assert_eq!(in8(&mut p, 0x71), 0x21);
         out8(&mut p, 0x70, 0x35);
         assert_eq!(in8(&mut p, 0x71), 0x1f);
         assert_eq!(p.ioapic_id(), 1);
