@@ -11,7 +11,7 @@
 //!
 //! The DSDT's AML (`\_S5`, COM devices) uses the crate's `aml` module.
 //!
-//! No HPET table: there is no HPET device.
+//! The HPET table (not in `acpi_tables`) is written by hand, and only when asked for.
 
 use acpi_tables::aml;
 use acpi_tables::facs::FACS;
@@ -24,6 +24,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
 use crate::acpi_pm::{PM1A_CNT, PM1A_EVT, PM_TMR, RESET_CONTROL, SLP_TYP_S5};
+use crate::hpet::{GCAP_ID, HPET_BASE};
 use crate::ioapic::IOAPIC_BASE;
 use crate::lapic::APIC_DEFAULT_BASE;
 use crate::platform::{IRQ_PIT, IRQ_SCI};
@@ -44,6 +45,9 @@ pub struct AcpiConfig {
     pub pm_timer_32bit: bool,
     /// An i8042 is present (FADT IAPC_BOOT_ARCH bit 1); without it Linux skips the i8042.
     pub i8042: bool,
+    /// Describe the HPET (ACPI HPET table). Linux then prefers it for calibration,
+    /// clocksource and (legacy replacement) the boot clockevent, as on QEMU's default machine.
+    pub hpet: bool,
     /// 16550 UARTs to describe as PNP0501 devices: (I/O base, ISA IRQ). May be empty: Linux
     /// finds COM1-4 at their legacy addresses without ACPI.
     pub serial_ports: Vec<(u16, u8)>,
@@ -100,6 +104,19 @@ fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
     // Local APIC NMI (type 4, length 6): all processors (0xff), LINT1, conforming flags.
     madt.append_slice(&[4, 6, 0xff, 0, 0, 1]);
     madt.as_slice().to_vec()
+}
+
+/// The HPET description table (IA-PC HPET Specification 1.0a §3.2.4).
+fn build_hpet() -> Vec<u8> {
+    let mut t = Sdt::new(*b"HPET", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // Event Timer Block ID: the low 32 bits of the capabilities register.
+    t.append_slice(&(GCAP_ID as u32).to_le_bytes());
+    // Base address: GAS in system memory, 64-bit registers.
+    t.append_slice(&bytes_of(&GAS::new(AddressSpace::SystemMemory, 64, 0, AccessSize::Undefined, HPET_BASE)));
+    t.append_slice(&[0]); // HPET number
+    t.append_slice(&128u16.to_le_bytes()); // minimum clock tick in periodic mode
+    t.append_slice(&[0]); // no page protection
+    t.as_slice().to_vec()
 }
 
 fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
@@ -210,15 +227,23 @@ pub fn write_tables(cfg: &AcpiConfig, buf: &mut [u8], guest_addr: u64) -> Result
     let fadt = build_fadt(cfg, addr(facs_off) as u32, addr(dsdt_off));
     let madt_off = align(fadt_off + fadt.len(), 8);
     let madt = build_madt(cfg);
-    let xsdt_off = align(madt_off + madt.len(), 8);
+    let hpet_off = align(madt_off + madt.len(), 8);
+    let hpet = if cfg.hpet { build_hpet() } else { Vec::new() };
+    let xsdt_off = align(hpet_off + hpet.len(), 8);
+    let mut entries = vec![addr(fadt_off), addr(madt_off)];
+    if cfg.hpet {
+        entries.push(addr(hpet_off));
+    }
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    xsdt.add_entry(addr(fadt_off));
-    xsdt.add_entry(addr(madt_off));
+    for &e in &entries {
+        xsdt.add_entry(e);
+    }
     let xsdt = bytes_of(&xsdt);
     let rsdt_off = align(xsdt_off + xsdt.len(), 8);
     let mut rsdt = Sdt::new(*b"RSDT", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    rsdt.append_slice(&(addr(fadt_off) as u32).to_le_bytes());
-    rsdt.append_slice(&(addr(madt_off) as u32).to_le_bytes());
+    for &e in &entries {
+        rsdt.append_slice(&(e as u32).to_le_bytes());
+    }
     let rsdt = rsdt.as_slice().to_vec();
     let len = rsdt_off + rsdt.len();
 
@@ -247,6 +272,7 @@ pub fn write_tables(cfg: &AcpiConfig, buf: &mut [u8], guest_addr: u64) -> Result
         (dsdt_off, dsdt),
         (fadt_off, fadt),
         (madt_off, madt),
+        (hpet_off, hpet),
         (xsdt_off, xsdt),
         (rsdt_off, rsdt),
     ] {
@@ -290,6 +316,7 @@ mod tests {
             ioapic_id: 2,
             pm_timer_32bit: false,
             i8042: true,
+            hpet: false,
             serial_ports: vec![(0x3f8, 4), (0x2f8, 3)],
         }
     }
@@ -422,6 +449,24 @@ mod tests {
     }
 
     #[test]
+    fn hpet_table_only_when_asked() {
+        let mut cfg = config();
+        cfg.hpet = true;
+        let (buf, _) = build(&cfg);
+        let xsdt = table(&buf, u64_at(&buf, 24), b"XSDT");
+        let rsdt = table(&buf, u64::from(u32_at(&buf, 16)), b"RSDT");
+        assert_eq!(xsdt.len(), 36 + 24);
+        assert_eq!(rsdt.len(), 36 + 12);
+        let h = table(&buf, u64_at(xsdt, 52), b"HPET");
+        assert_eq!(u32_at(rsdt, 44), u64_at(xsdt, 52) as u32);
+        assert_eq!(h.len(), 56);
+        assert_eq!(u32_at(h, 36), 0x8086_a201, "event timer block id");
+        assert_eq!(h[40], 0, "system memory");
+        assert_eq!(u64_at(h, 44), 0xfed0_0000);
+        assert_eq!(u16_at(h, 53), 128);
+    }
+
+    #[test]
     fn bad_placements_are_errors() {
         let cfg = config();
         let mut small = vec![0u8; 64];
@@ -449,8 +494,14 @@ mod iasl {
     #[test]
     #[ignore = "needs iasl (acpica-tools)"]
     fn iasl_disassembles_every_table() {
-        let cfg =
-            AcpiConfig { cpus: 1, ioapic_id: 1, pm_timer_32bit: false, i8042: true, serial_ports: vec![(0x3f8, 4)] };
+        let cfg = AcpiConfig {
+            cpus: 1,
+            ioapic_id: 1,
+            pm_timer_32bit: false,
+            i8042: true,
+            hpet: true,
+            serial_ports: vec![(0x3f8, 4)],
+        };
         let mut buf = vec![0u8; 0x2000];
         let base = 0xe0000u64;
         write_tables(&cfg, &mut buf, base).unwrap();
@@ -461,10 +512,11 @@ mod iasl {
         let xsdt = at(xsdt_addr);
         let fadt_addr = u64::from_le_bytes(xsdt[36..44].try_into().unwrap());
         let madt_addr = u64::from_le_bytes(xsdt[44..52].try_into().unwrap());
+        let hpet_addr = u64::from_le_bytes(xsdt[52..60].try_into().unwrap());
         let fadt = at(fadt_addr);
         let dsdt_addr = u64::from(u32::from_le_bytes(fadt[40..44].try_into().unwrap()));
         let mut outputs = String::new();
-        for (name, addr) in [("facp", fadt_addr), ("apic", madt_addr), ("dsdt", dsdt_addr)] {
+        for (name, addr) in [("facp", fadt_addr), ("apic", madt_addr), ("dsdt", dsdt_addr), ("hpet", hpet_addr)] {
             let t = at(addr);
             let len = u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize;
             let path = dir.join(format!("{name}.dat"));
@@ -485,6 +537,7 @@ mod iasl {
             "Interrupt Source Override",
             "PM Timer Block Address : 00000608",
             "Reset Register",
+            "Hardware Block ID : 8086A201",
         ] {
             assert!(outputs.contains(want), "missing {want:?} in\n{outputs}");
         }

@@ -628,6 +628,33 @@ mod tests {
     }
 
     #[test]
+    fn lint_pins_in_fixed_and_nmi_modes_and_cluster_destinations() {
+        let c = GuestClock::virtual_clock(0);
+        let mut l = enabled(&c);
+        wr(&mut l, 0x350, 0x0000_0061); // LINT0 fixed vector 0x61
+        l.set_lint(0, true);
+        l.set_lint(0, true); // no new edge
+        assert_eq!(l.acknowledge(), Some(0x61));
+        assert_eq!(l.acknowledge(), None);
+        assert!(!l.lint0_passes_extint());
+        wr(&mut l, 0x360, 0x0000_0400); // LINT1 NMI
+        l.set_lint(1, true);
+        assert!(l.take_nmi());
+        assert!(!l.take_nmi());
+        // Cluster model: cluster 2, member bit 1.
+        wr(&mut l, 0xe0, 0x0fff_ffff);
+        assert_eq!(rd(&mut l, 0xe0), 0x0fff_ffff);
+        wr(&mut l, 0xd0, 0x2200_0000);
+        assert!(l.matches_destination(true, 0x22));
+        assert!(l.matches_destination(true, 0xf2), "broadcast cluster");
+        assert!(!l.matches_destination(true, 0x12), "other cluster");
+        assert!(!l.matches_destination(true, 0x21), "other member");
+        // SVR keeps the vector and focus bits, drops EOI-broadcast suppression (not offered).
+        wr(&mut l, 0xf0, 0x13ff);
+        assert_eq!(rd(&mut l, 0xf0), 0x3ff);
+    }
+
+    #[test]
     fn apic_base_msr_rules() {
         let c = GuestClock::virtual_clock(0);
         let mut l = enabled(&c);

@@ -524,6 +524,68 @@ mod tests {
     }
 
     #[test]
+    fn mode3_square_wave_and_mode4_strobe() {
+        let c = GuestClock::virtual_clock(0);
+        let mut pit = Pit::new(c.clone());
+        pit.write_port61(0x01);
+        pit.write(0x43, 0xb6); // ch2 lohi mode 3
+        pit.write(0x42, 10);
+        pit.write(0x42, 0);
+        // High for 5 ticks, low for 5, period 10; the count steps by 2.
+        for (tick, high) in [(0, true), (4, true), (5, false), (9, false), (10, true), (15, false)] {
+            c.advance_to_ns(ns_of_ticks(tick)).unwrap();
+            assert_eq!(pit.read_port61() & 0x20 != 0, high, "tick {tick}");
+        }
+        pit.write(0x43, 0x80); // latch ch2
+        let lo = pit.read(0x42);
+        let hi = pit.read(0x42);
+        assert_eq!(u16::from(lo) | (u16::from(hi) << 8), 10, "mode 3 decrements by 2");
+        // Gate low forces OUT high and holds the count; a rising gate reloads.
+        c.advance_to_ns(ns_of_ticks(17)).unwrap();
+        pit.write_port61(0x00);
+        assert_ne!(pit.read_port61() & 0x20, 0);
+        c.advance_to_ns(ns_of_ticks(100)).unwrap();
+        pit.write_port61(0x01);
+        c.advance_to_ns(ns_of_ticks(105)).unwrap();
+        assert_eq!(pit.read_port61() & 0x20, 0, "restarted at the rising gate");
+
+        // Mode 4 (what Linux's PIT one-shot clockevent uses, 0x38): OUT low for one tick at
+        // terminal count, IRQ0 on the following rising edge, once.
+        pit.write(0x43, 0x38);
+        pit.write(0x40, 100);
+        pit.write(0x40, 0);
+        let t0 = c.now_ns();
+        let start = crate::clock::ns_to_ticks(t0, PIT_HZ);
+        assert_eq!(pit.next_deadline_ns(), Some(ns_of_ticks(start + 101)));
+        c.advance_to_ns(ns_of_ticks(start + 100)).unwrap();
+        assert!(!pit.update(c.now_ns()));
+        c.advance_to_ns(ns_of_ticks(start + 101)).unwrap();
+        assert!(pit.update(c.now_ns()));
+        assert_eq!(pit.next_deadline_ns(), None);
+    }
+
+    #[test]
+    fn mode1_waits_for_a_gate_trigger_and_lsb_only_access() {
+        let c = GuestClock::virtual_clock(0);
+        let mut pit = Pit::new(c.clone());
+        pit.write(0x43, 0x92); // ch2 LSB only, mode 1
+        pit.write(0x42, 50);
+        assert_ne!(pit.read_port61() & 0x20, 0, "OUT high until triggered");
+        c.advance_to_ns(ns_of_ticks(100)).unwrap();
+        assert_eq!(pit.read(0x42), 50, "not counting without a trigger");
+        pit.write_port61(0x01); // rising gate: trigger
+        assert_eq!(pit.read_port61() & 0x20, 0, "OUT low after the trigger");
+        c.advance_to_ns(ns_of_ticks(120)).unwrap();
+        assert_eq!(pit.read(0x42), 30);
+        c.advance_to_ns(ns_of_ticks(150)).unwrap();
+        assert_ne!(pit.read_port61() & 0x20, 0, "one-shot done");
+        // MSB-only access.
+        pit.write(0x43, 0x20); // ch0 MSB only, mode 0
+        pit.write(0x40, 0x01); // count 0x100
+        assert_eq!(pit.read(0x40), 0x01);
+    }
+
+    #[test]
     fn refresh_bit_toggles_with_guest_time() {
         let c = GuestClock::virtual_clock(0);
         let mut pit = Pit::new(c.clone());

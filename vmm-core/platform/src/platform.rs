@@ -8,6 +8,7 @@
 //!                └─(MADT override 0→2)─► IOAPIC pin 2
 //!  RTC ─IRQ8, SCI ─IRQ9, devices ─IRQn─┬► 8259 IRn  │ INTR
 //!                                      └► IOAPIC pin n
+//!  HPET timer 0/1 (legacy replacement) ─► IRQ0/IRQ8 in place of the PIT/RTC; other routes ─► GSI
 //!                          8259 INTR ─► LAPIC LINT0 (ExtINT) ─► CPU      (virtual wire)
 //!                          8259 INTR ──────────────────────► CPU      (LAPIC hw-disabled)
 //!                          IOAPIC ─► APIC bus ─► LAPIC IRR ───► CPU
@@ -42,6 +43,7 @@ use std::time::Duration;
 
 use crate::acpi_pm::{self, AcpiPm, ResetControl, SystemRequest};
 use crate::clock::GuestClock;
+use crate::hpet::{self, Hpet, HpetIrq, HpetRoute};
 use crate::ioapic::{self, ApicMessage, IoApic};
 use crate::lapic::{self, Ipi, LapicEffects, LocalApic};
 use crate::pic::{self, DualPic};
@@ -68,6 +70,9 @@ pub const PORT_RANGES: &[(u16, u16)] = &[
     (acpi_pm::PM_BASE, acpi_pm::PM_LEN),
     (acpi_pm::RESET_CONTROL, 1),
 ];
+
+/// The HPET's MMIO window (base, length).
+pub const HPET_MMIO: (u64, u64) = (hpet::HPET_BASE, hpet::HPET_SIZE);
 
 /// The IOAPIC's MMIO window (base, length). QEMU decodes a 4 KiB page; registers sit in the
 /// first 0x20 bytes.
@@ -204,14 +209,20 @@ impl InterruptSignal {
 /// (its `InterruptSource`: `pending` / `acknowledge` with `&self`) and when idle.
 ///
 /// `pending` is lock-free unless a timer deadline has passed, in which case it takes the lock
-/// once to [`Platform::poll`].
-#[derive(Clone, Debug)]
+/// once to [`Platform::poll`]. On a host clock it reads the time only every
+/// [`HOST_CLOCK_CHECK_INTERVAL`] calls (a clock read costs ~35 ns here, comparable to a short
+/// interpreted block); a due timer is then seen a few blocks late, microseconds at most.
+#[derive(Debug)]
 pub struct CpuInterrupts {
     platform: Arc<Mutex<Platform>>,
     signal: Arc<InterruptSignal>,
     clock: GuestClock,
     cpu: usize,
+    countdown: std::sync::atomic::AtomicU32,
 }
+
+/// How many [`CpuInterrupts::pending`] calls share one host clock read.
+pub const HOST_CLOCK_CHECK_INTERVAL: u32 = 32;
 
 impl CpuInterrupts {
     /// The link for `cpu`, or `None` if the platform has no such CPU.
@@ -222,6 +233,7 @@ impl CpuInterrupts {
             clock: p.clock().clone(),
             platform: Arc::clone(platform),
             cpu,
+            countdown: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -238,10 +250,24 @@ impl CpuInterrupts {
         }
     }
 
-    /// INTR: a maskable interrupt is pending (timers serviced first). Ask only with IF=1 and
-    /// no interrupt shadow.
+    /// INTR: a maskable interrupt is pending (due timers serviced first). Ask only with IF=1
+    /// and no interrupt shadow.
     pub fn pending(&self) -> bool {
-        self.service_timers();
+        if self.signal.is_pending() {
+            return true;
+        }
+        if self.signal.next_deadline_ns().is_some() {
+            let check = self.clock.is_virtual()
+                || self
+                    .countdown
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                        Some(if c == 0 { HOST_CLOCK_CHECK_INTERVAL - 1 } else { c - 1 })
+                    })
+                    .is_ok_and(|c| c == 0);
+            if check {
+                self.service_timers();
+            }
+        }
         self.signal.is_pending()
     }
 
@@ -297,6 +323,10 @@ impl CpuInterrupts {
 
 /// An ISA interrupt line of a shared platform, for devices the core owns (16550 UARTs through
 /// vm-superio's `Trigger`, i8042): the software-engine counterpart of a KVM irqfd.
+///
+/// It takes the platform lock, like [`CpuInterrupts`]: call neither while holding that lock
+/// (`std::sync::Mutex` is not reentrant), e.g. do not serve a UART access from inside a
+/// locked `Platform` call.
 #[derive(Clone, Debug)]
 pub struct IsaIrq {
     platform: Arc<Mutex<Platform>>,
@@ -339,6 +369,7 @@ pub struct Platform {
     rtc: Rtc,
     pm: AcpiPm,
     reset: ResetControl,
+    hpet: Hpet,
     ioapic: IoApic,
     lapics: Vec<LocalApic>,
     signals: Vec<Arc<InterruptSignal>>,
@@ -369,6 +400,7 @@ impl Platform {
             rtc,
             pm: AcpiPm::new(clock.clone(), config.pm_timer_32bit),
             reset: ResetControl::default(),
+            hpet: Hpet::new(clock.clone()),
             // The IOAPIC's ID follows the LAPICs' (QEMU: ID = number of CPUs).
             ioapic: IoApic::new(config.cpus),
             lapics,
@@ -394,6 +426,7 @@ impl Platform {
         self.rtc.reset();
         self.pm = AcpiPm::new(clock.clone(), self.config.pm_timer_32bit);
         self.reset = ResetControl::default();
+        self.hpet = Hpet::new(clock.clone());
         self.ioapic = IoApic::new(self.config.cpus);
         self.lapics = (0..self.config.cpus).map(|i| LocalApic::new(clock.clone(), i, i == 0)).collect();
         self.request = None;
@@ -503,6 +536,34 @@ impl Platform {
         self.dispatch(msgs);
     }
 
+    /// Drives GSI `gsi` directly (HPET routing): the IOAPIC pin, and for 0-15 except 2 the
+    /// 8259 input of the same number.
+    fn drive_gsi(&mut self, gsi: u32, level: bool) {
+        if gsi < 16 && gsi != 2 {
+            self.pic.set_irq(gsi as u8, level);
+        }
+        let mut msgs = Vec::new();
+        self.ioapic.set_irq(gsi as usize, level, &mut msgs);
+        self.dispatch(msgs);
+    }
+
+    fn apply_hpet(&mut self, events: Vec<HpetIrq>) {
+        for e in events {
+            match e {
+                HpetIrq::Pulse(HpetRoute::Isa(irq)) => {
+                    self.drive_isa(irq, true);
+                    self.drive_isa(irq, false);
+                }
+                HpetIrq::Pulse(HpetRoute::Gsi(g)) => {
+                    self.drive_gsi(g, true);
+                    self.drive_gsi(g, false);
+                }
+                HpetIrq::Level(HpetRoute::Isa(irq), l) => self.drive_isa(irq, l),
+                HpetIrq::Level(HpetRoute::Gsi(g), l) => self.drive_gsi(g, l),
+            }
+        }
+    }
+
     fn deliver(&mut self, target: usize, m: &ApicMessage) {
         let l = &mut self.lapics[target];
         match m.delivery_mode {
@@ -554,7 +615,8 @@ impl Platform {
 
     /// Re-reads the IRQ outputs of the RTC and the SCI and drives their lines.
     fn sync_device_lines(&mut self) {
-        let rtc = self.rtc.irq_level();
+        // HPET legacy replacement disconnects the RTC's IRQ8 (HPET spec §2.3.9).
+        let rtc = self.rtc.irq_level() && !self.hpet.legacy_replacement();
         if rtc != (self.isa_levels & (1 << IRQ_RTC) != 0) {
             self.drive_isa(IRQ_RTC, rtc);
         }
@@ -583,10 +645,14 @@ impl Platform {
     /// [`next_deadline_ns`]: Platform::next_deadline_ns
     pub fn poll(&mut self) {
         let now = self.clock.now_ns();
-        if self.pit.update(now) {
+        // The PIT keeps counting under HPET legacy replacement, but its IRQ0 is disconnected.
+        if self.pit.update(now) && !self.hpet.legacy_replacement() {
             self.drive_isa(IRQ_PIT, true);
             self.drive_isa(IRQ_PIT, false);
         }
+        let mut hpet_events = Vec::new();
+        self.hpet.update(now, &mut hpet_events);
+        self.apply_hpet(hpet_events);
         self.rtc.update(now);
         self.pm.update(now);
         self.sync_device_lines();
@@ -600,11 +666,16 @@ impl Platform {
     /// loop can sleep (host clock) or jump the clock (virtual clock) until then when idle.
     pub fn next_deadline_ns(&self) -> Option<u64> {
         let now = self.clock.now_ns();
-        [self.pit.next_deadline_ns(), self.rtc.next_deadline_ns(now), self.pm.next_deadline_ns()]
-            .into_iter()
-            .chain(self.lapics.iter().map(|l| l.next_deadline_ns()))
-            .flatten()
-            .min()
+        [
+            self.pit.next_deadline_ns(),
+            self.rtc.next_deadline_ns(now),
+            self.pm.next_deadline_ns(),
+            self.hpet.next_deadline_ns(),
+        ]
+        .into_iter()
+        .chain(self.lapics.iter().map(|l| l.next_deadline_ns()))
+        .flatten()
+        .min()
     }
 
     // ---- CPU side ----
@@ -667,6 +738,12 @@ impl Platform {
     /// A power-off or reset the guest asked for, taken once.
     pub fn take_system_request(&mut self) -> Option<SystemRequest> {
         self.request.take()
+    }
+
+    /// Sets a CMOS NVRAM byte (0x0e-0x7f, clock registers excepted), for what a firmware or
+    /// QEMU would leave there beyond the memory sizes.
+    pub fn set_cmos(&mut self, index: usize, value: u8) {
+        self.rtc.set_nvram(index, value);
     }
 
     /// Presses the ACPI power button (QEMU `system_powerdown`).
@@ -751,7 +828,14 @@ impl Platform {
     /// Whether `addr` is in an MMIO window of the platform as seen by `cpu` (the LAPIC window
     /// follows that CPU's IA32_APIC_BASE and vanishes while the LAPIC is hardware-disabled).
     pub fn handles_mmio(&self, cpu: usize, addr: u64) -> bool {
-        self.lapic_offset(cpu, addr).is_some() || Self::ioapic_offset(addr).is_some()
+        self.lapic_offset(cpu, addr).is_some()
+            || Self::ioapic_offset(addr).is_some()
+            || Self::hpet_offset(addr).is_some()
+    }
+
+    fn hpet_offset(addr: u64) -> Option<u64> {
+        let (base, len) = HPET_MMIO;
+        (addr >= base && addr - base < len).then(|| addr - base)
     }
 
     fn lapic_offset(&self, cpu: usize, addr: u64) -> Option<u64> {
@@ -772,6 +856,8 @@ impl Platform {
             self.lapics[cpu].read(off, data);
         } else if let Some(off) = Self::ioapic_offset(addr) {
             self.ioapic.read(off, data);
+        } else if let Some(off) = Self::hpet_offset(addr) {
+            self.hpet.read(off, data);
         } else {
             return false;
         }
@@ -788,6 +874,17 @@ impl Platform {
             let mut msgs = Vec::new();
             self.ioapic.write(off, data, &mut msgs);
             self.dispatch(msgs);
+        } else if let Some(off) = Self::hpet_offset(addr) {
+            let was_legacy = self.hpet.legacy_replacement();
+            let mut events = Vec::new();
+            self.hpet.write(off, data, &mut events);
+            self.apply_hpet(events);
+            if was_legacy != self.hpet.legacy_replacement() {
+                // Level outputs follow their new routes; the RTC line (dis)connects.
+                let levels = self.hpet.level_outputs();
+                self.apply_hpet(levels.into_iter().map(|(r, l)| HpetIrq::Level(r, l)).collect());
+                self.sync_device_lines();
+            }
         } else {
             return false;
         }
@@ -934,6 +1031,63 @@ mod tests {
     }
 
     #[test]
+    fn ioapic_logical_and_lowest_priority_destinations_with_two_cpus() {
+        let c = GuestClock::virtual_clock(0);
+        let mut p = Platform::new(
+            c.clone(),
+            &PlatformConfig { cpus: 2, ram_below_4g: 1 << 30, ram_above_4g: 0, pm_timer_32bit: false },
+        )
+        .unwrap();
+        for cpu in 0..2 {
+            let w = |p: &mut Platform, off: u64, v: u32| {
+                assert!(p.mmio_write(cpu, LAPIC + off, &v.to_le_bytes()));
+            };
+            w(&mut p, 0xf0, 0x1ff);
+            w(&mut p, 0x350, 0x10700);
+            w(&mut p, 0xe0, 0xffff_ffff); // flat model
+            w(&mut p, 0xd0, 1 << (24 + cpu));
+        }
+        // Pin 5, logical destination 0x02: CPU 1 only.
+        ioapic_w(&mut p, 0x10 + 2 * 5, 0x0000_0845);
+        ioapic_w(&mut p, 0x10 + 2 * 5 + 1, 0x0200_0000);
+        p.pulse_isa_irq(5);
+        assert!(!p.pending_interrupt(0));
+        assert_eq!(p.acknowledge(1), Some(0x45));
+        let eoi = |p: &mut Platform, cpu: usize| {
+            assert!(p.mmio_write(cpu, LAPIC + 0xb0, &0u32.to_le_bytes()));
+        };
+        eoi(&mut p, 1);
+        // Lowest priority to 0x03: exactly one CPU gets it.
+        ioapic_w(&mut p, 0x10 + 2 * 5, 0x0000_0946);
+        ioapic_w(&mut p, 0x10 + 2 * 5 + 1, 0x0300_0000);
+        p.pulse_isa_irq(5);
+        let got = [p.acknowledge(0), p.acknowledge(1)];
+        assert_eq!(got.iter().filter(|v| **v == Some(0x46)).count(), 1, "{got:?}");
+        eoi(&mut p, 0);
+        eoi(&mut p, 1);
+        // Physical broadcast 0xff with fixed mode reaches both.
+        ioapic_w(&mut p, 0x10 + 2 * 5, 0x0000_0047);
+        ioapic_w(&mut p, 0x10 + 2 * 5 + 1, 0xff00_0000);
+        p.pulse_isa_irq(5);
+        assert_eq!(p.acknowledge(0), Some(0x47));
+        assert_eq!(p.acknowledge(1), Some(0x47));
+        // NMI delivery mode through the IOAPIC.
+        ioapic_w(&mut p, 0x10 + 2 * 5, 0x0000_0400);
+        ioapic_w(&mut p, 0x10 + 2 * 5 + 1, 0x0100_0000);
+        p.pulse_isa_irq(5);
+        assert!(p.interrupt_signal(1).unwrap().nmi_pending());
+        assert!(p.take_nmi(1));
+        assert!(!p.take_nmi(0));
+        // An INIT/SIPI pair from CPU 0's ICR to APIC ID 1 becomes start-up events.
+        assert!(p.mmio_write(0, LAPIC + 0x310, &0x0100_0000u32.to_le_bytes()));
+        assert!(p.mmio_write(0, LAPIC + 0x300, &0x0000_4500u32.to_le_bytes()));
+        assert!(p.mmio_write(0, LAPIC + 0x300, &0x0000_4609u32.to_le_bytes()));
+        assert_eq!(p.take_startup_event(), Some((1, StartupEvent::Init)));
+        assert_eq!(p.take_startup_event(), Some((1, StartupEvent::Sipi(9))));
+        assert_eq!(p.take_startup_event(), None);
+    }
+
+    #[test]
     fn sci_is_level_through_ioapic_with_remote_irr() {
         let c = GuestClock::virtual_clock(0);
         let mut p = platform(&c);
@@ -1065,6 +1219,24 @@ mod tests {
     }
 
     #[test]
+    fn host_clock_pending_sees_a_due_timer_within_the_check_interval() {
+        let c = GuestClock::host();
+        let p = Arc::new(Mutex::new(platform(&c)));
+        pic_init(&mut p.lock().unwrap());
+        let link = CpuInterrupts::new(&p, 0).unwrap();
+        {
+            let mut g = p.lock().unwrap();
+            out8(&mut g, 0x43, 0x30); // mode 0, 100 ticks ≈ 84 µs
+            out8(&mut g, 0x40, 100);
+            out8(&mut g, 0x40, 0);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let calls = (1..=HOST_CLOCK_CHECK_INTERVAL).find(|_| link.pending());
+        assert!(calls.is_some(), "timer not seen in {HOST_CLOCK_CHECK_INTERVAL} calls");
+        assert_eq!(link.acknowledge(), Some(0x30));
+    }
+
+    #[test]
     fn isa_irq_handle_pulses_a_uart_line_and_wakes_an_idle_cpu() {
         let c = GuestClock::host();
         let p = Arc::new(Mutex::new(platform(&c)));
@@ -1084,6 +1256,53 @@ mod tests {
         t.join().unwrap();
         assert!(start.elapsed() >= Duration::from_millis(15));
         assert_eq!(link.acknowledge(), Some(0x34));
+    }
+
+    #[test]
+    fn hpet_legacy_replacement_takes_over_irq0_and_irq8() {
+        let c = GuestClock::virtual_clock(0);
+        let mut p = platform(&c);
+        pic_init(&mut p);
+        // PIT periodic on IRQ0, as before the HPET takes over.
+        out8(&mut p, 0x43, 0x34);
+        out8(&mut p, 0x40, 0xa5);
+        out8(&mut p, 0x40, 0x12);
+        let hw = |p: &mut Platform, off: u64, v: u32| {
+            assert!(p.mmio_write(0, 0xfed0_0000 + off, &v.to_le_bytes()));
+        };
+        let mut d = [0u8; 4];
+        assert!(p.mmio_read(0, 0xfed0_0000, &mut d));
+        assert_eq!(u32::from_le_bytes(d), 0x8086_a201);
+        // Legacy replacement + enable; timer 0 periodic every 1 ms (100000 ticks).
+        hw(&mut p, 0x10, 3);
+        hw(&mut p, 0x100, 0x14c);
+        hw(&mut p, 0x108, 100_000);
+        hw(&mut p, 0x108, 100_000);
+        assert_eq!(p.next_deadline_ns(), Some(1_000_000), "the HPET's, before the PIT's 4 ms");
+        let mut irq0 = 0;
+        for _ in 0..4500 {
+            c.advance_ns(1_000).unwrap();
+            p.poll();
+            while let Some(v) = p.acknowledge(0) {
+                assert_eq!(v, 0x30);
+                irq0 += 1;
+                out8(&mut p, 0x20, 0x20);
+            }
+        }
+        // 4.5 ms: four HPET ticks; the PIT's tick at 4 ms is disconnected.
+        assert_eq!(irq0, 4);
+        // RTC periodic flag raised under legacy mode does not reach IRQ8.
+        out8(&mut p, 0x70, 0x0b);
+        out8(&mut p, 0x71, 0x42);
+        c.advance_ns(2_000_000).unwrap();
+        p.poll();
+        while p.acknowledge(0) == Some(0x30) {
+            out8(&mut p, 0x20, 0x20);
+        }
+        assert!(!p.pending_interrupt(0), "IRQ8 disconnected");
+        // Leaving legacy mode gives IRQ8 back to the RTC (its flag is still up).
+        hw(&mut p, 0x10, 1);
+        assert_eq!(p.acknowledge(0), Some(0x38));
     }
 
     #[test]
@@ -1152,6 +1371,10 @@ mod tests {
         let mut p = platform(&c);
         out8(&mut p, 0x70, 0x34);
         assert_eq!(in8(&mut p, 0x71), 0x00);
+        p.set_cmos(0x3d, 0x21);
+        p.set_cmos(0x00, 0x99); // a clock register: refused
+        out8(&mut p, 0x70, 0x3d);
+        assert_eq!(in8(&mut p, 0x71), 0x21);
         out8(&mut p, 0x70, 0x35);
         assert_eq!(in8(&mut p, 0x71), 0x1f);
         assert_eq!(p.ioapic_id(), 1);

@@ -487,12 +487,17 @@ mod tests {
     fn guest_can_set_the_time_with_set_bit() {
         let c = GuestClock::virtual_clock(T0);
         let mut rtc = Rtc::new(c.clone());
+        // mc146818_set_time: SET, divider chain held in reset, time written, then restored.
         wr(&mut rtc, 0x0b, B_SET | B_24H);
+        let freq = rd(&mut rtc, 0x0a);
+        wr(&mut rtc, 0x0a, freq | 0x70);
+        assert_eq!(rd(&mut rtc, 0x0a) & A_UIP, 0, "no update while held in reset");
         wr(&mut rtc, 4, 0x23);
         wr(&mut rtc, 2, 0x59);
         wr(&mut rtc, 0, 0x58);
         c.advance_ns(5 * NS_PER_SEC).unwrap();
         assert_eq!(rd(&mut rtc, 0), 0x58, "frozen while SET");
+        wr(&mut rtc, 0x0a, freq);
         wr(&mut rtc, 0x0b, B_24H);
         c.advance_ns(3 * NS_PER_SEC).unwrap();
         assert_eq!(rd(&mut rtc, 0), 0x01);

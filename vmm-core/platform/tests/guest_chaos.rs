@@ -59,7 +59,7 @@ fn random_guest_accesses_never_panic() {
                     }
                 }
                 4..=6 => {
-                    let base = if rng.below(2) == 0 { 0xfee0_0000u64 } else { 0xfec0_0000 };
+                    let base = [0xfee0_0000u64, 0xfec0_0000, 0xfed0_0000][rng.below(3) as usize];
                     let addr = base + rng.below(0x1010);
                     let mut g = p.lock().unwrap();
                     if rng.below(3) == 0 {

@@ -118,7 +118,14 @@ fn linux_apic_boot_sequence() {
     // ACPI: the tables the kernel would parse say IRQ0 → GSI2, SCI level/high.
     let mut tables = vec![0u8; 4096];
     let layout = acpi::write_tables(
-        &AcpiConfig { cpus: 1, ioapic_id: m.p.ioapic_id(), pm_timer_32bit: false, i8042: false, serial_ports: vec![] },
+        &AcpiConfig {
+            cpus: 1,
+            ioapic_id: m.p.ioapic_id(),
+            pm_timer_32bit: false,
+            i8042: false,
+            hpet: false,
+            serial_ports: vec![],
+        },
         &mut tables,
         0xe0000,
     )
