@@ -179,3 +179,19 @@ fn unassigned_ports_are_logged_once_with_d_unimp() {
     assert_eq!(log.matches("port 0x80").count(), 1, "{log}");
     assert!(log.contains("unassigned port I/O read from port 0x80 (size 1)"), "{log}");
 }
+
+#[test]
+fn ram_split_around_the_pci_hole_boots() {
+    if !kvm_available("ram_split_around_the_pci_hole_boots") {
+        return;
+    }
+    // 4 GiB: 3 GiB below the hole, 1 GiB from 4 GiB up, in two KVM memory slots backed by one memfd (pages are
+    // only allocated when touched, so this costs the host nothing).
+    let dir = TempDir::new("bigram");
+    let mut setup = Setup::new(&hello_guest(&dir));
+    setup.ram = 4 << 30;
+    let mut core = start(&setup);
+    core.expect_ready();
+    core.expect_exit(0x63);
+    assert_eq!(core.text(), "hello\n");
+}
