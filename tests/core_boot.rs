@@ -149,3 +149,49 @@ fn the_core_exits_when_the_launcher_goes_away() {
     let st = core.wait_exit();
     assert_eq!(st.code(), Some(1), "the core ends (status 1) when its launcher is gone");
 }
+
+#[test]
+fn unassigned_ports_are_logged_once_with_d_unimp() {
+    if !kvm_available("unassigned_ports_are_logged_once_with_d_unimp") {
+        return;
+    }
+    // Reads of nothing return all ones: the guest checks that, and exits with 0x44 if so.
+    let code = r#"
+    inb $0x80, %al
+    inb $0x80, %al
+    outb %al, $0x80
+    cmp $0xff, %al
+    jne 1f
+    mov $0x44, %al
+    mov $0x501, %dx
+    outb %al, %dx
+1:
+"#;
+    let dir = TempDir::new("unimp");
+    let kernel = pvh_guest(&dir.0, "unimp", code, "").unwrap();
+    let mut setup = Setup::new(&kernel);
+    setup.log_items = vec!["unimp".into()];
+    let mut core = start(&setup);
+    core.expect_ready();
+    core.expect_exit((0x44 << 1) | 1);
+    let log = core.stderr_text();
+    // Once per port, whatever the direction.
+    assert_eq!(log.matches("port 0x80").count(), 1, "{log}");
+    assert!(log.contains("unassigned port I/O read from port 0x80 (size 1)"), "{log}");
+}
+
+#[test]
+fn ram_split_around_the_pci_hole_boots() {
+    if !kvm_available("ram_split_around_the_pci_hole_boots") {
+        return;
+    }
+    // 4 GiB: 3 GiB below the hole, 1 GiB from 4 GiB up, in two KVM memory slots backed by one memfd (pages are
+    // only allocated when touched, so this costs the host nothing).
+    let dir = TempDir::new("bigram");
+    let mut setup = Setup::new(&hello_guest(&dir));
+    setup.ram = 4 << 30;
+    let mut core = start(&setup);
+    core.expect_ready();
+    core.expect_exit(0x63);
+    assert_eq!(core.text(), "hello\n");
+}

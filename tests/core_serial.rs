@@ -81,6 +81,7 @@ fn input_is_echoed_in_order_beyond_the_fifo_and_break_is_seen() {
 /// the UART's received-data interrupt and sleeps in `sti; hlt`; its handler drains the FIFO and echoes.
 /// Proves the IRQ line from the UART (irqfd) through the in-kernel PIC to the vCPU.
 const IRQ_ECHO: &str = r#"
+    incl 0x50000            /* boots so far (RAM outside the image survives a reset) */
     mov $0x90000, %esp
     mov $isr, %eax
     mov $(idt + 0x24 * 8), %edi
@@ -141,7 +142,13 @@ isr:
     outb %al, $0x20
     mov $0x90000, %esp
     jmp 30b
-33: mov $0x501, %dx
+33: cmpl $2, 0x50000        /* '!' on the first boot of a REBOOT guest resets the machine */
+    jae 34f
+    cmpb $0, reboot_first
+    je 34f
+    mov $0xfe, %al
+    outb %al, $0x64
+34: mov $0x501, %dx
     mov $0x33, %al
     outb %al, %dx
     jmp 9f
@@ -170,7 +177,7 @@ fn input_raises_the_uart_interrupt() {
         return;
     }
     let dir = TempDir::new("irqecho");
-    let kernel = pvh_guest(&dir.0, "irqecho", IRQ_ECHO, IDT).unwrap();
+    let kernel = pvh_guest(&dir.0, "irqecho", IRQ_ECHO, &format!("{IDT}reboot_first: .byte 0\n")).unwrap();
     let mut core = start(&Setup::new(&kernel));
     core.expect_ready();
     core.wait_output(b"R");
@@ -182,4 +189,26 @@ fn input_raises_the_uart_interrupt() {
     core.send_input(b"!");
     core.expect_exit((0x33 << 1) | 1);
     assert_eq!(core.output, [b"R".as_slice(), b"interrupt-driven\n", &long].concat());
+}
+
+#[test]
+fn interrupts_still_arrive_after_a_reboot() {
+    if !kvm_available("interrupts_still_arrive_after_a_reboot") {
+        return;
+    }
+    // The reboot builds a new KVM VM; the UART's interrupt line must be wired into it again.
+    let dir = TempDir::new("irqreboot");
+    let kernel = pvh_guest(&dir.0, "irqreboot", IRQ_ECHO, &format!("{IDT}reboot_first: .byte 1\n")).unwrap();
+    let mut core = start(&Setup::new(&kernel));
+    core.expect_ready();
+    core.wait_output(b"R");
+    core.send_input(b"first boot\n");
+    core.wait_output(b"first boot\n");
+    core.send_input(b"!");
+    core.wait_output(b"first boot\nR");
+    core.send_input(b"second boot\n");
+    core.wait_output(b"second boot\n");
+    core.send_input(b"!");
+    core.expect_exit((0x33 << 1) | 1);
+    assert_eq!(core.text(), "Rfirst boot\nRsecond boot\n");
 }

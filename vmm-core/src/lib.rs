@@ -4,6 +4,17 @@
 //! Modules: [`memory`] (RAM layout and memfd), [`boot`] (PVH ELF, bzImage, decompressed vmlinux), [`kvm`]
 //! (VM, vCPUs, CPUID), [`devices`] (bus, 16550A, isa-debug-exit, i8042), [`runloop`] (engine-neutral vCPU
 //! threads and VM events), [`vm`] (configuration → running VM, the control contract).
+//!
+//! # Plugging in the software CPU
+//! * Implement [`runloop::Engine`]: `create_vcpus` returns fresh `Box<dyn tessera_vcpu::Vcpu>`s (index 0 is the
+//!   BSP) each with a [`runloop::VcpuKick`] that makes a running `run` return `VcpuExit::Interrupted` soon;
+//!   `irq_line(n)` returns the [`devices::serial::IrqLine`] a device pulses for ISA IRQ `n` (the userspace PIC).
+//! * Create it in [`vm::make_engine`] for `Accel::Tcg`, and remove the `TcgUnavailable` check in `Vm::new`;
+//!   [`vm::linux_entry_for`] already picks [`boot::LinuxEntry::Decompressed`] for Tcg, so a bzImage is unpacked
+//!   on the host ([`boot::elf64::load_decompressed`]) and the BSP starts at the vmlinux's `startup_64`.
+//! * The run loop applies the entry state through the `Vcpu` setters ([`boot::EntryState::apply`]) and serves
+//!   port/MMIO accesses through [`devices::Devices`] (the `IoHandler`). `VcpuExit::Halted` makes the vCPU thread
+//!   park until kicked (10 ms at most); an engine whose interrupts can wake a halted CPU should kick it then.
 
 pub mod boot;
 pub mod devices;

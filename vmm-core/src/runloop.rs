@@ -262,3 +262,184 @@ fn vcpu_thread(
         let _ = events.send(ev);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The run loop with a scripted engine: no KVM needed, and the shape an engine plugs in with.
+
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    use tessera_vcpu::{FpuControl, Regs, SpecialRegs};
+
+    use crate::devices::debug_exit::DebugExit;
+    use crate::devices::Devices;
+    use crate::guestlog::GuestLog;
+
+    #[derive(Clone)]
+    enum Step {
+        Out(u16, u8),
+        Exit(VcpuExit),
+        Panic,
+        SpinUntilKicked,
+    }
+
+    #[derive(Default)]
+    struct Kick(AtomicBool);
+    impl VcpuKick for Kick {
+        fn kick(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    struct ScriptedVcpu {
+        steps: VecDeque<Step>,
+        kick: Arc<Kick>,
+    }
+
+    impl Vcpu for ScriptedVcpu {
+        fn regs(&self) -> tessera_vcpu::Result<Regs> {
+            Ok(Regs::default())
+        }
+        fn set_regs(&mut self, _: &Regs) -> tessera_vcpu::Result<()> {
+            Ok(())
+        }
+        fn sregs(&self) -> tessera_vcpu::Result<SpecialRegs> {
+            Ok(SpecialRegs::default())
+        }
+        fn set_sregs(&mut self, _: &SpecialRegs) -> tessera_vcpu::Result<()> {
+            Ok(())
+        }
+        fn set_fpu_control(&mut self, _: &FpuControl) -> tessera_vcpu::Result<()> {
+            Ok(())
+        }
+        fn set_msrs(&mut self, _: &[(u32, u64)]) -> tessera_vcpu::Result<()> {
+            Ok(())
+        }
+        fn run(&mut self, io: &dyn IoHandler) -> tessera_vcpu::Result<VcpuExit> {
+            loop {
+                if self.kick.0.swap(false, Ordering::SeqCst) {
+                    return Ok(VcpuExit::Interrupted);
+                }
+                match self.steps.pop_front() {
+                    Some(Step::Out(port, v)) => io.pio_write(port, &[v]),
+                    Some(Step::Exit(e)) => return Ok(e),
+                    Some(Step::Panic) => panic!("scripted panic"),
+                    Some(Step::SpinUntilKicked) | None => {
+                        self.steps.push_front(Step::SpinUntilKicked);
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Boot `n` (0-based) runs `scripts[n]` on vCPU 0; other vCPUs spin until kicked.
+    struct ScriptedEngine {
+        scripts: Vec<Vec<Step>>,
+        boots: Arc<AtomicUsize>,
+        smp: usize,
+    }
+
+    impl Engine for ScriptedEngine {
+        fn create_vcpus(&mut self) -> Result<Vec<VcpuHandle>, Error> {
+            let n = self.boots.fetch_add(1, Ordering::SeqCst);
+            let script =
+                self.scripts.get(n).cloned().ok_or_else(|| Error::Config(format!("no script for boot {n}")))?;
+            Ok((0..self.smp)
+                .map(|i| {
+                    let kick = Arc::new(Kick::default());
+                    let steps = if i == 0 { script.clone().into() } else { VecDeque::new() };
+                    VcpuHandle { vcpu: Box::new(ScriptedVcpu { steps, kick: kick.clone() }), kick }
+                })
+                .collect())
+        }
+        fn irq_line(&mut self, _: u32) -> Result<Arc<dyn IrqLine>, Error> {
+            Err(Error::Config("no interrupts here".into()))
+        }
+    }
+
+    struct CountingIo {
+        devices: Devices,
+        resets: AtomicUsize,
+    }
+    impl IoHandler for CountingIo {
+        fn pio_read(&self, port: u16, data: &mut [u8]) {
+            self.devices.pio_read(port, data)
+        }
+        fn pio_write(&self, port: u16, data: &[u8]) {
+            self.devices.pio_write(port, data)
+        }
+        fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+            self.devices.mmio_read(addr, data)
+        }
+        fn mmio_write(&self, addr: u64, data: &[u8]) {
+            self.devices.mmio_write(addr, data)
+        }
+    }
+    impl ResettableIo for CountingIo {
+        fn reset(&self) {
+            self.resets.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn run(scripts: Vec<Vec<Step>>, smp: usize, no_reboot: bool) -> (Outcome, usize, usize, usize) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut devices = Devices::new(GuestLog::stderr(vec![]));
+        devices.pio.insert(0x501, 2, "isa-debug-exit", Arc::new(DebugExit::new(tx.clone()))).unwrap();
+        let io = Arc::new(CountingIo { devices, resets: AtomicUsize::new(0) });
+        let boots = Arc::new(AtomicUsize::new(0));
+        let booted = Arc::new(Mutex::new(0usize));
+        let b = booted.clone();
+        let mut rl = RunLoop {
+            engine: Box::new(ScriptedEngine { scripts, boots: boots.clone(), smp }),
+            io: io.clone(),
+            boot: Box::new(move |_| {
+                *b.lock().unwrap() += 1;
+                Ok(())
+            }),
+            events: rx,
+            events_tx: tx,
+            no_reboot,
+            no_shutdown: false,
+        };
+        let mut started = 0;
+        let outcome = rl.run(&mut || started += 1);
+        assert_eq!(started, 1, "on_started is called once, for the first boot only");
+        let booted = *booted.lock().unwrap();
+        (outcome, boots.load(Ordering::SeqCst), booted, io.resets.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_reset_reboots_and_a_debug_exit_ends_the_vm() {
+        let (outcome, boots, booted, resets) =
+            run(vec![vec![Step::Exit(VcpuExit::Reset)], vec![Step::Out(0x501, 7), Step::SpinUntilKicked]], 2, false);
+        assert_eq!(outcome, Outcome::Exit { code: 15, reason: "the guest wrote 0x7 to isa-debug-exit".into() });
+        assert_eq!((boots, booted, resets), (2, 2, 1), "two machines, two boots, devices reset once");
+    }
+
+    #[test]
+    fn a_reset_with_no_reboot_exits_0() {
+        let (outcome, boots, _, _) = run(vec![vec![Step::Exit(VcpuExit::Reset)]], 1, true);
+        assert!(matches!(outcome, Outcome::Exit { code: 0, .. }), "{outcome:?}");
+        assert_eq!(boots, 1);
+    }
+
+    #[test]
+    fn what_an_engine_cannot_do_and_a_crashing_vcpu_are_fatal() {
+        let (outcome, ..) =
+            run(vec![vec![Step::Exit(VcpuExit::Unsupported("opcode 0f 0b at 0x1000".into()))]], 1, false);
+        assert_eq!(outcome, Outcome::Fatal("vCPU 0: opcode 0f 0b at 0x1000".into()));
+        let (outcome, ..) = run(vec![vec![Step::Panic]], 2, false);
+        assert!(matches!(&outcome, Outcome::Fatal(m) if m.contains("vCPU 0 crashed")), "{outcome:?}");
+    }
+
+    #[test]
+    fn an_engine_error_at_reboot_is_fatal() {
+        // No script for the second boot: create_vcpus fails.
+        let (outcome, ..) = run(vec![vec![Step::Exit(VcpuExit::Reset)]], 1, false);
+        assert_eq!(outcome, Outcome::Fatal("no script for boot 1".into()));
+    }
+}

@@ -109,7 +109,7 @@ fn elf_error(src: &BootSource, e: linux_loader::loader::Error) -> Error {
 }
 
 /// Xen public/elfnote.h: the 32-bit physical entry point of a PVH kernel.
-const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 /// Whether an ELF64 file has a `Xen` note of type [`XEN_ELFNOTE_PHYS32_ENTRY`] in one of its PT_NOTE segments
 /// (ELF gABI, "Note Section": namesz, descsz, type, then name and descriptor, each padded to 4 bytes).
