@@ -119,8 +119,13 @@ pub(crate) struct Block {
 // that the executing block survives its own invalidation); `Cell<u32>` has no pointers.
 unsafe impl Sync for Block {}
 
+/// Entries of the direct-mapped lookup in front of the block map.
+pub(crate) const FAST_BLOCKS: usize = 4096;
+
 #[derive(Default)]
 pub(crate) struct BlockCache {
+    /// Direct-mapped by RIP: (key, block). A hit skips the hash map; cleared on every invalidation.
+    pub fast: Vec<Option<((u64, u64), Arc<Block>)>>,
     pub map: HashMap<(u64, u64), Arc<Block>, BuildIdHasher>,
     /// Guest physical page -> keys of the blocks decoded from it.
     pub page_blocks: HashMap<u64, Vec<(u64, u64)>, BuildIdHasher>,
@@ -257,7 +262,7 @@ impl Cpu {
             ram,
             tlb: Box::new([TlbEntry::default(); TLB_SIZE]),
             code_pages: HashSet::default(),
-            cache: BlockCache::default(),
+            cache: BlockCache { fast: vec![None; FAST_BLOCKS], ..Default::default() },
             end_block: false,
             cur_ip: 0,
             instructions: 0,
@@ -323,6 +328,11 @@ impl Cpu {
                 self.cache.map.remove(&k);
             }
             self.cache.invalidations += 1;
+            for e in self.cache.fast.iter_mut() {
+                if e.as_ref().is_some_and(|(k, _)| (k.1 & ((1 << 56) - 1)) & !0xfff == gpa_page) {
+                    *e = None;
+                }
+            }
         }
         self.code_pages.remove(&gpa_page);
         // The running block may be among them: finish the current instruction and re-fetch.
@@ -330,6 +340,7 @@ impl Cpu {
     }
 
     pub fn flush_code_cache(&mut self) {
+        self.cache.fast.iter_mut().for_each(|e| *e = None);
         self.cache.map.clear();
         self.cache.page_blocks.clear();
         self.code_pages.clear();

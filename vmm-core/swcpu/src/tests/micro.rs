@@ -315,3 +315,67 @@ fn cpuid_reports_amd_long_mode_and_no_avx() {
     let need = (1 << 0) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 15) | (1 << 24) | (1 << 25) | (1 << 26);
     assert_eq!(r.r10 & need, need, "Linux's required leaf-1 EDX features");
 }
+
+#[test]
+fn kick_from_another_thread_interrupts_a_spinning_guest() {
+    let mut a = asm();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.inc(rax).unwrap();
+    a.jmp(top).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let sys = build_system_area();
+    let mem = Mapping::new(CODE_LEN, None);
+    mem.write(0, &code);
+    let mut cpu = make_cpu(&sys, &[(CODE, &mem)], 0);
+    cpu.set_regs(&Regs { rip: CODE, rsp: STACK, rflags: 2, ..Default::default() }).unwrap();
+    let h = cpu.handle();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        h.kick();
+    });
+    let exit = cpu.run(&RecordingIo::default()).unwrap();
+    t.join().unwrap();
+    assert_eq!(exit, VcpuExit::Interrupted);
+    assert!(cpu.regs().unwrap().rax > 0);
+}
+
+struct Line {
+    raised: AtomicBool,
+    taken: AtomicBool,
+}
+impl InterruptSource for Line {
+    fn pending(&self) -> bool {
+        self.raised.load(Ordering::SeqCst) && !self.taken.load(Ordering::SeqCst)
+    }
+    fn acknowledge(&self) -> Option<u8> {
+        (!self.taken.swap(true, Ordering::SeqCst)).then_some(0x50)
+    }
+}
+
+#[test]
+fn hlt_with_interrupts_enabled_waits_for_a_line_raised_later() {
+    let mut a = asm();
+    a.sti().unwrap();
+    a.hlt().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let sys = build_system_area();
+    let mem = Mapping::new(CODE_LEN, None);
+    mem.write(0, &code);
+    let mut cpu = make_cpu(&sys, &[(CODE, &mem)], 0);
+    cpu.set_regs(&Regs { rip: CODE, rsp: STACK, rflags: 2, ..Default::default() }).unwrap();
+    let line = Arc::new(Line { raised: AtomicBool::new(false), taken: AtomicBool::new(false) });
+    cpu.set_interrupt_source(line.clone());
+    let h = cpu.handle();
+    let l2 = line.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        l2.raised.store(true, Ordering::SeqCst);
+        h.wake();
+    });
+    let exit = cpu.run(&RecordingIo::default()).unwrap();
+    t.join().unwrap();
+    assert_eq!(halted_vector(&cpu, &exit), Some(0x50), "the HLT waited inside run and took the interrupt");
+    assert_eq!(mem.r64(STACK - 40 - CODE), CODE + 2, "return address is after the first HLT");
+}
