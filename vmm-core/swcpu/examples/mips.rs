@@ -50,7 +50,16 @@ fn main() {
         // SAFETY: the vector lives until the end of main, after the CPU.
         let ram = unsafe { GuestRam::new(&[(0, base, RAM)]) }.expect("RAM");
         let mut cpu = SoftVcpu::new(ram);
-        let cs = Segment { limit: 0xffff_ffff, selector: 0x8, type_: 0xb, present: true, s: true, l: true, g: true, ..Default::default() };
+        let cs = Segment {
+            limit: 0xffff_ffff,
+            selector: 0x8,
+            type_: 0xb,
+            present: true,
+            s: true,
+            l: true,
+            g: true,
+            ..Default::default()
+        };
         let ds = Segment { selector: 0x10, type_: 3, l: false, db: true, ..cs };
         cpu.set_sregs(&SpecialRegs {
             cs,
@@ -71,8 +80,16 @@ fn main() {
         })
         .expect("sregs");
         let n = 20_000_000u64;
-        cpu.set_regs(&Regs { rip: 0x10000, rcx: n, rsi: 0x20000, rdi: 0x20100, rsp: 0x30000, rflags: 2, ..Default::default() })
-            .expect("regs");
+        cpu.set_regs(&Regs {
+            rip: 0x10000,
+            rcx: n,
+            rsi: 0x20000,
+            rdi: 0x20100,
+            rsp: 0x30000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .expect("regs");
         cpu.set_instruction_budget(Some(200_000_000));
         let t = Instant::now();
         let exit = cpu.run(&NoIo).expect("run");
