@@ -119,16 +119,19 @@ pub(crate) struct Block {
 // that the executing block survives its own invalidation); `Cell<u32>` has no pointers.
 unsafe impl Sync for Block {}
 
+/// (linear RIP, guest physical address | decoder bitness << 56).
+pub(crate) type BlockKey = (u64, u64);
+
 /// Entries of the direct-mapped lookup in front of the block map.
 pub(crate) const FAST_BLOCKS: usize = 4096;
 
 #[derive(Default)]
 pub(crate) struct BlockCache {
     /// Direct-mapped by RIP: (key, block). A hit skips the hash map; cleared on every invalidation.
-    pub fast: Vec<Option<((u64, u64), Arc<Block>)>>,
-    pub map: HashMap<(u64, u64), Arc<Block>, BuildIdHasher>,
+    pub fast: Vec<Option<(BlockKey, Arc<Block>)>>,
+    pub map: HashMap<BlockKey, Arc<Block>, BuildIdHasher>,
     /// Guest physical page -> keys of the blocks decoded from it.
-    pub page_blocks: HashMap<u64, Vec<(u64, u64)>, BuildIdHasher>,
+    pub page_blocks: HashMap<u64, Vec<BlockKey>, BuildIdHasher>,
     pub decoded: u64,
     pub invalidations: u64,
 }
