@@ -111,6 +111,11 @@ pub(crate) const TLB_SIZE: usize = 1024;
 /// stores its compiled code next to `insns` (`code` is the slot for that); invalidation stays the same.
 pub(crate) struct Block {
     pub insns: Box<[Instruction]>,
+    /// Guest physical address and the bytes the block was decoded from: writes this CPU does not see (device
+    /// DMA through vhost-user, other vCPUs) are caught by comparing them when the page is next mapped for
+    /// execution (see `Cpu::validate_code_page`).
+    pub gpa: u64,
+    pub bytes: Box<[u8]>,
     /// Number of times this block ran (the JIT's trigger later).
     pub runs: std::cell::Cell<u32>,
 }
@@ -342,6 +347,28 @@ impl Cpu {
         self.end_block = true;
     }
 
+    /// Drops the blocks of `gpa_page` whose bytes changed behind the CPU's back. Called on every instruction
+    /// TLB fill: a page that receives new code by DMA or from another vCPU must be (re)mapped or its TLB
+    /// entry flushed before this vCPU executes it, which is exactly when a fill happens.
+    pub fn validate_code_page(&mut self, gpa_page: u64) {
+        let Some(keys) = self.cache.page_blocks.get(&gpa_page) else { return };
+        let mut stale = false;
+        let mut buf = [0u8; 0x1000];
+        for k in keys {
+            if let Some(b) = self.cache.map.get(k) {
+                let n = b.bytes.len();
+                if !self.ram.read(b.gpa, &mut buf[..n]) || buf[..n] != b.bytes[..] {
+                    stale = true;
+                    break;
+                }
+            }
+        }
+        if stale {
+            log::debug!("code page {gpa_page:#x} changed without a CPU write: dropping its blocks");
+            self.invalidate_code_page(gpa_page);
+        }
+    }
+
     pub fn flush_code_cache(&mut self) {
         self.cache.fast.iter_mut().for_each(|e| *e = None);
         self.cache.map.clear();
@@ -473,6 +500,9 @@ impl Exec<'_> {
         if self.c.cr0 & CR0_PG == 0 {
             let gpa = la & 0xffff_ffff_f000 & ((1u64 << 52) - 1);
             let host = self.c.ram.host_ptr(gpa, 0x1000).map_or(0, |p| p as usize);
+            if acc == Access::Exec {
+                self.c.validate_code_page(gpa);
+            }
             let mut perm = P_RS | P_WS | P_XS | P_RU | P_WU | P_XU;
             if self.c.code_pages.contains(&gpa) {
                 perm &= !(P_WS | P_WU);
@@ -586,6 +616,9 @@ impl Exec<'_> {
             }
         }
         let global = self.c.cr4 & CR4_PGE != 0 && leaf & 0x100 != 0;
+        if acc == Access::Exec {
+            self.c.validate_code_page(frame);
+        }
         let host = self.c.ram.host_ptr(frame, 0x1000).map_or(0, |p| p as usize);
         let e = TlbEntry { tag: (la >> 12) | TLB_VALID, host, gpa: frame, perm, global };
         self.c.tlb[idx] = e;

@@ -365,7 +365,13 @@ impl Exec<'_> {
             return self.decode_crossing(rip, gpa, bits);
         }
         let page = gpa & !0xfff;
-        let b = Arc::new(Block { insns: insns.into_boxed_slice(), runs: Default::default() });
+        let used = (dec.position()).min(avail);
+        let b = Arc::new(Block {
+            insns: insns.into_boxed_slice(),
+            gpa,
+            bytes: buf[..used].to_vec().into_boxed_slice(),
+            runs: Default::default(),
+        });
         self.c.mark_code_page(page);
         self.c.cache.page_blocks.entry(page).or_default().push(key);
         self.c.cache.map.insert(key, b.clone());
@@ -389,7 +395,7 @@ impl Exec<'_> {
         }
         let mut dec = Decoder::with_ip(bits, &b, rip, DecoderOptions::NONE);
         let i = dec.decode();
-        Ok(Arc::new(Block { insns: vec![i].into_boxed_slice(), runs: Default::default() }))
+        Ok(Arc::new(Block { insns: vec![i].into_boxed_slice(), gpa, bytes: Box::new([]), runs: Default::default() }))
     }
 }
 

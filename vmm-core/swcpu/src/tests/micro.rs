@@ -379,3 +379,28 @@ fn hlt_with_interrupts_enabled_waits_for_a_line_raised_later() {
     assert_eq!(halted_vector(&cpu, &exit), Some(0x50), "the HLT waited inside run and took the interrupt");
     assert_eq!(mem.r64(STACK - 40 - CODE), CODE + 2, "return address is after the first HLT");
 }
+
+#[test]
+fn code_changed_by_dma_is_seen_after_a_tlb_flush() {
+    let mut a = asm();
+    let mut target = a.create_label();
+    a.mov(rax, cr3).unwrap();
+    a.mov(cr3, rax).unwrap();
+    a.call(target).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut target).unwrap();
+    a.mov(al, b'A' as u32).unwrap();
+    a.mov(dx, 0x3f8u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.ret().unwrap();
+    let mut g = run(&mut a, 0, |_| {});
+    assert_eq!(g.serial(), b"A");
+    // A device rewrites the immediate of `mov al, 'A'` directly in guest RAM (no CPU store).
+    let code = g.mem.read_vec(0, 64);
+    let at = code.windows(2).position(|w| w == [0xb0, b'A']).expect("mov al, 'A'") + 1;
+    g.mem.write(at as u64, b"B");
+    g.cpu.set_regs(&Regs { rip: CODE, rsp: STACK, rflags: 2, ..Default::default() }).unwrap();
+    let exit = g.cpu.run(&g.io).unwrap();
+    assert_eq!(exit, VcpuExit::Halted);
+    assert_eq!(g.serial(), b"AB", "the MOV CR3 flush made the CPU re-check the code page");
+}
