@@ -176,13 +176,18 @@ impl Exec<'_> {
     }
 
     pub fn far_jmp_call(&mut self, i: &Instruction, call: bool) -> Res<()> {
-        if i.op_kind(0) != OpKind::Memory {
-            return self.unimpl(i, "far branch with immediate pointer");
-        }
-        let osz = i.memory_size().size().saturating_sub(2).clamp(2, 8);
-        let a = self.ea(i);
-        let off = self.read(a, osz)?;
-        let sel = self.read(a.wrapping_add(osz as u64), 2)? as u16;
+        let (off, sel, osz) = match i.op_kind(0) {
+            // `jmp/call ptr16:16/32` (invalid in 64-bit mode; the PVH entry uses it to enter long mode).
+            OpKind::FarBranch32 => (i.far_branch32() as u64, i.far_branch_selector(), 4),
+            OpKind::FarBranch16 => (i.far_branch16() as u64, i.far_branch_selector(), 2),
+            OpKind::Memory => {
+                let osz = i.memory_size().size().saturating_sub(2).clamp(2, 8);
+                let a = self.ea(i);
+                let off = self.read(a, osz)?;
+                (off, self.read(a.wrapping_add(osz as u64), 2)? as u16, osz)
+            }
+            _ => return self.unimpl(i, "far branch operand"),
+        };
         let seg = self.code_desc_for(sel)?;
         let conforming = seg.type_ & 4 != 0;
         if (conforming && seg.dpl > self.c.cpl)
