@@ -518,7 +518,7 @@ impl Exec<'_> {
                 let t = if matches!(m, M::Cvttsd2si | M::Cvttss2si) { f.trunc() } else { f.round_ties_even() };
                 let r = if self.op_size(i, 0) == 8 {
                     // Out of range or NaN gives the "integer indefinite" value (SDM Vol. 1 "Invalid Operation").
-                    if (-9.223_372_036_854_775_808e18..9.223_372_036_854_775_808e18).contains(&t) {
+                    if (-(2f64.powi(63))..2f64.powi(63)).contains(&t) {
                         t as i64 as u64
                     } else {
                         1 << 63
