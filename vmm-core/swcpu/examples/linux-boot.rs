@@ -2,6 +2,9 @@
 //!
 //! `cargo run -p tessera-swcpu --release --example linux-boot -- [bzImage] [seconds] [cmdline] [initrd]`
 //!
+//! With `SWCPU_PVH=1` the kernel is entered instead at its PVH entry (ELF note XEN_ELFNOTE_PHYS32_ENTRY) in
+//! 32-bit protected mode with paging off and EBX = `hvm_start_info` (arch/x86/platform/pvh/head.S).
+//!
 //! (`examples/make-busybox-initrd.sh` builds a busybox initramfs whose /init prints through /dev/kmsg.)
 //!
 //! Like Tessera's core loader will: decompress the bzImage payload on the host (`xz -dc`), load the ELF
@@ -77,6 +80,33 @@ impl IoHandler for Serial {
     fn mmio_write(&self, addr: u64, data: &[u8]) {
         log::debug!("MMIO write {addr:#x} {data:02x?}");
     }
+}
+
+/// The PVH entry point from the ELF notes (Xen note type 18, XEN_ELFNOTE_PHYS32_ENTRY).
+fn pvh_entry(elf: &[u8]) -> Option<u64> {
+    let phoff = u64_at(elf, 0x20) as usize;
+    let phentsize = u16::from_le_bytes([elf[0x36], elf[0x37]]) as usize;
+    let phnum = u16::from_le_bytes([elf[0x38], elf[0x39]]) as usize;
+    for k in 0..phnum {
+        let ph = elf.get(phoff + k * phentsize..)?;
+        if u32_at(ph, 0) != 4 {
+            continue;
+        }
+        let (off, size) = (u64_at(ph, 8) as usize, u64_at(ph, 32) as usize);
+        let notes = elf.get(off..off + size)?;
+        let mut p = 0;
+        while p + 12 <= notes.len() {
+            let (namesz, descsz, ty) = (u32_at(notes, p) as usize, u32_at(notes, p + 4) as usize, u32_at(notes, p + 8));
+            let name = notes.get(p + 12..p + 12 + namesz)?;
+            let desc_at = p + 12 + namesz.div_ceil(4) * 4;
+            if name.starts_with(b"Xen") && ty == 18 {
+                let d = notes.get(desc_at..desc_at + descsz)?;
+                return Some(if descsz >= 8 { u64_at(d, 0) } else { u32_at(d, 0) as u64 });
+            }
+            p = desc_at + descsz.div_ceil(4) * 4;
+        }
+    }
+    None
 }
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
@@ -207,41 +237,111 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let mut cpu = SoftVcpu::new(ram.clone());
-    let code = Segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x10,
-        type_: 0xb,
-        present: true,
-        dpl: 0,
-        db: false,
-        s: true,
-        l: true,
-        g: true,
-        avl: false,
-        unusable: false,
-    };
-    let data = Segment { selector: 0x18, type_: 3, db: true, l: false, ..code };
-    cpu.set_sregs(&SpecialRegs {
-        cs: code,
-        ds: data,
-        es: data,
-        fs: data,
-        gs: data,
-        ss: data,
-        tr: Segment { base: 0, limit: 0x67, selector: 0, type_: 0xb, present: true, ..Default::default() },
-        ldt: Segment { unusable: true, ..Default::default() },
-        gdt: DescriptorTable { base: GDT, limit: 0x1f },
-        idt: DescriptorTable { base: 0, limit: 0 },
-        cr0: 0x8000_0011,
-        cr2: 0,
-        cr3: PML4,
-        cr4: 0x20,
-        cr8: 0,
-        efer: 0x500,
-        apic_base: 0xfee0_0900,
-    })?;
-    cpu.set_regs(&Regs { rip: entry_phys, rsi: ZERO_PAGE, rsp: 0x8ff0, rbp: 0x8ff0, rflags: 2, ..Default::default() })?;
+    if std::env::var_os("SWCPU_PVH").is_some() {
+        let pvh = pvh_entry(&elf).ok_or("no XEN_ELFNOTE_PHYS32_ENTRY note in the vmlinux")?;
+        // hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h), version 1 with a memory map.
+        const START_INFO: u64 = 0x6000;
+        const MEMMAP: u64 = 0x6100;
+        const MODLIST: u64 = 0x6200;
+        let mut si = vec![0u8; 56];
+        si[0..4].copy_from_slice(&0x336e_c578u32.to_le_bytes());
+        si[4..8].copy_from_slice(&1u32.to_le_bytes());
+        si[24..32].copy_from_slice(&CMDLINE.to_le_bytes());
+        si[40..48].copy_from_slice(&MEMMAP.to_le_bytes());
+        si[48..52].copy_from_slice(&(e820.len() as u32).to_le_bytes());
+        if zp[0x218..0x21c] != [0; 4] {
+            si[12..16].copy_from_slice(&1u32.to_le_bytes());
+            si[16..24].copy_from_slice(&MODLIST.to_le_bytes());
+            let mut m = [0u8; 32];
+            m[0..4].copy_from_slice(&zp[0x218..0x21c]);
+            m[8..12].copy_from_slice(&zp[0x21c..0x220]);
+            w(MODLIST, &m);
+        }
+        w(START_INFO, &si);
+        for (k, (a, l, t)) in e820.iter().enumerate() {
+            let mut e = [0u8; 24];
+            e[0..8].copy_from_slice(&a.to_le_bytes());
+            e[8..16].copy_from_slice(&l.to_le_bytes());
+            e[16..20].copy_from_slice(&t.to_le_bytes());
+            w(MEMMAP + k as u64 * 24, &e);
+        }
+        let code32 = Segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x10,
+            type_: 0xb,
+            present: true,
+            dpl: 0,
+            db: true,
+            s: true,
+            l: false,
+            g: true,
+            avl: false,
+            unusable: false,
+        };
+        let data32 = Segment { selector: 0x18, type_: 3, ..code32 };
+        cpu.set_sregs(&SpecialRegs {
+            cs: code32,
+            ds: data32,
+            es: data32,
+            fs: data32,
+            gs: data32,
+            ss: data32,
+            tr: Segment { base: 0, limit: 0x67, selector: 0, type_: 0xb, present: true, ..Default::default() },
+            ldt: Segment { unusable: true, ..Default::default() },
+            gdt: DescriptorTable { base: GDT, limit: 0x1f },
+            idt: DescriptorTable { base: 0, limit: 0 },
+            cr0: 0x11,
+            efer: 0,
+            apic_base: 0xfee0_0900,
+            ..Default::default()
+        })?;
+        cpu.set_regs(&Regs { rip: pvh, rbx: START_INFO, rflags: 2, ..Default::default() })?;
+        eprintln!("[linux-boot] PVH entry {pvh:#x}, start_info at {START_INFO:#x}");
+    } else {
+        let code = Segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x10,
+            type_: 0xb,
+            present: true,
+            dpl: 0,
+            db: false,
+            s: true,
+            l: true,
+            g: true,
+            avl: false,
+            unusable: false,
+        };
+        let data = Segment { selector: 0x18, type_: 3, db: true, l: false, ..code };
+        cpu.set_sregs(&SpecialRegs {
+            cs: code,
+            ds: data,
+            es: data,
+            fs: data,
+            gs: data,
+            ss: data,
+            tr: Segment { base: 0, limit: 0x67, selector: 0, type_: 0xb, present: true, ..Default::default() },
+            ldt: Segment { unusable: true, ..Default::default() },
+            gdt: DescriptorTable { base: GDT, limit: 0x1f },
+            idt: DescriptorTable { base: 0, limit: 0 },
+            cr0: 0x8000_0011,
+            cr2: 0,
+            cr3: PML4,
+            cr4: 0x20,
+            cr8: 0,
+            efer: 0x500,
+            apic_base: 0xfee0_0900,
+        })?;
+        cpu.set_regs(&Regs {
+            rip: entry_phys,
+            rsi: ZERO_PAGE,
+            rsp: 0x8ff0,
+            rbp: 0x8ff0,
+            rflags: 2,
+            ..Default::default()
+        })?;
+    }
 
     let serial = Serial::default();
     let start = Instant::now();

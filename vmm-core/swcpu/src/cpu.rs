@@ -111,6 +111,11 @@ pub(crate) const TLB_SIZE: usize = 1024;
 /// stores its compiled code next to `insns` (`code` is the slot for that); invalidation stays the same.
 pub(crate) struct Block {
     pub insns: Box<[Instruction]>,
+    /// Guest physical address and the bytes the block was decoded from: writes this CPU does not see (device
+    /// DMA through vhost-user, other vCPUs) are caught by comparing them when the page is next mapped for
+    /// execution (see `Cpu::validate_code_page`).
+    pub gpa: u64,
+    pub bytes: Box<[u8]>,
     /// Number of times this block ran (the JIT's trigger later).
     pub runs: std::cell::Cell<u32>,
 }
@@ -119,11 +124,19 @@ pub(crate) struct Block {
 // that the executing block survives its own invalidation); `Cell<u32>` has no pointers.
 unsafe impl Sync for Block {}
 
+/// (linear RIP, guest physical address | decoder bitness << 56).
+pub(crate) type BlockKey = (u64, u64);
+
+/// Entries of the direct-mapped lookup in front of the block map.
+pub(crate) const FAST_BLOCKS: usize = 4096;
+
 #[derive(Default)]
 pub(crate) struct BlockCache {
-    pub map: HashMap<(u64, u64), Arc<Block>, BuildIdHasher>,
+    /// Direct-mapped by RIP: (key, block). A hit skips the hash map; cleared on every invalidation.
+    pub fast: Vec<Option<(BlockKey, Arc<Block>)>>,
+    pub map: HashMap<BlockKey, Arc<Block>, BuildIdHasher>,
     /// Guest physical page -> keys of the blocks decoded from it.
-    pub page_blocks: HashMap<u64, Vec<(u64, u64)>, BuildIdHasher>,
+    pub page_blocks: HashMap<u64, Vec<BlockKey>, BuildIdHasher>,
     pub decoded: u64,
     pub invalidations: u64,
 }
@@ -257,7 +270,7 @@ impl Cpu {
             ram,
             tlb: Box::new([TlbEntry::default(); TLB_SIZE]),
             code_pages: HashSet::default(),
-            cache: BlockCache::default(),
+            cache: BlockCache { fast: vec![None; FAST_BLOCKS], ..Default::default() },
             end_block: false,
             cur_ip: 0,
             instructions: 0,
@@ -323,13 +336,41 @@ impl Cpu {
                 self.cache.map.remove(&k);
             }
             self.cache.invalidations += 1;
+            for e in self.cache.fast.iter_mut() {
+                if e.as_ref().is_some_and(|(k, _)| (k.1 & ((1 << 56) - 1)) & !0xfff == gpa_page) {
+                    *e = None;
+                }
+            }
         }
         self.code_pages.remove(&gpa_page);
         // The running block may be among them: finish the current instruction and re-fetch.
         self.end_block = true;
     }
 
+    /// Drops the blocks of `gpa_page` whose bytes changed behind the CPU's back. Called on every instruction
+    /// TLB fill: a page that receives new code by DMA or from another vCPU must be (re)mapped or its TLB
+    /// entry flushed before this vCPU executes it, which is exactly when a fill happens.
+    pub fn validate_code_page(&mut self, gpa_page: u64) {
+        let Some(keys) = self.cache.page_blocks.get(&gpa_page) else { return };
+        let mut stale = false;
+        let mut buf = [0u8; 0x1000];
+        for k in keys {
+            if let Some(b) = self.cache.map.get(k) {
+                let n = b.bytes.len();
+                if !self.ram.read(b.gpa, &mut buf[..n]) || buf[..n] != b.bytes[..] {
+                    stale = true;
+                    break;
+                }
+            }
+        }
+        if stale {
+            log::debug!("code page {gpa_page:#x} changed without a CPU write: dropping its blocks");
+            self.invalidate_code_page(gpa_page);
+        }
+    }
+
     pub fn flush_code_cache(&mut self) {
+        self.cache.fast.iter_mut().for_each(|e| *e = None);
         self.cache.map.clear();
         self.cache.page_blocks.clear();
         self.code_pages.clear();
@@ -459,6 +500,9 @@ impl Exec<'_> {
         if self.c.cr0 & CR0_PG == 0 {
             let gpa = la & 0xffff_ffff_f000 & ((1u64 << 52) - 1);
             let host = self.c.ram.host_ptr(gpa, 0x1000).map_or(0, |p| p as usize);
+            if acc == Access::Exec {
+                self.c.validate_code_page(gpa);
+            }
             let mut perm = P_RS | P_WS | P_XS | P_RU | P_WU | P_XU;
             if self.c.code_pages.contains(&gpa) {
                 perm &= !(P_WS | P_WU);
@@ -572,6 +616,9 @@ impl Exec<'_> {
             }
         }
         let global = self.c.cr4 & CR4_PGE != 0 && leaf & 0x100 != 0;
+        if acc == Access::Exec {
+            self.c.validate_code_page(frame);
+        }
         let host = self.c.ram.host_ptr(frame, 0x1000).map_or(0, |p| p as usize);
         let e = TlbEntry { tag: (la >> 12) | TLB_VALID, host, gpa: frame, perm, global };
         self.c.tlb[idx] = e;

@@ -67,7 +67,8 @@ impl Exec<'_> {
 
     #[inline(always)]
     pub fn seg_base(&self, seg: usize) -> u64 {
-        if seg < SEG_FS && self.c.efer & EFER_LMA != 0 {
+        // Only 64-bit mode ignores the ES/CS/SS/DS bases; compatibility mode uses them.
+        if seg < SEG_FS && self.c.long64() {
             0
         } else {
             self.c.seg[seg].base
@@ -617,22 +618,30 @@ impl Exec<'_> {
             },
             M::Call => match i.op_kind(0) {
                 OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                    // 8 bytes in 64-bit mode, 4 in 32-bit code (2 with a 66 prefix).
+                    let sz = (-i.stack_pointer_increment()) as usize;
                     let ret = self.c.rip;
-                    self.push(8, ret)?;
+                    self.push(sz, ret)?;
                     self.c.rip = i.near_branch_target();
                     Ok(())
                 }
                 OpKind::Register | OpKind::Memory if i.memory_size().size() != 10 && i.memory_size().size() != 6 => {
-                    let t = self.rd(i, 0, 8)?;
+                    let sz = (-i.stack_pointer_increment()) as usize;
+                    let t = self.rd(i, 0, sz)?;
                     let ret = self.c.rip;
-                    self.push(8, ret)?;
+                    self.push(sz, ret)?;
                     self.c.rip = t;
                     Ok(())
                 }
                 _ => self.far_jmp_call(i, true),
             },
             M::Ret => {
-                let t = self.pop(8)?;
+                let sz = match i.code() {
+                    iced_x86::Code::Retnd | iced_x86::Code::Retnd_imm16 => 4,
+                    iced_x86::Code::Retnw | iced_x86::Code::Retnw_imm16 => 2,
+                    _ => 8,
+                };
+                let t = self.pop(sz)?;
                 if i.op_count() == 1 {
                     self.c.gpr[4] = self.c.gpr[4].wrapping_add(i.immediate16() as u64);
                 }

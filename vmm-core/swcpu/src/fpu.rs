@@ -56,6 +56,65 @@ fn unpack(a: u128, b: u128, w: usize, high: bool) -> u128 {
     r
 }
 
+const LO64: u128 = u64::MAX as u128;
+const LO32: u128 = u32::MAX as u128;
+
+fn d(v: u128, k: u32) -> f64 {
+    f64::from_bits((v >> (64 * k)) as u64)
+}
+fn s(v: u128, k: u32) -> f32 {
+    f32::from_bits((v >> (32 * k)) as u32)
+}
+fn pd(f: impl Fn(f64, f64) -> f64, a: u128, b: u128) -> u128 {
+    (f(d(a, 0), d(b, 0)).to_bits() as u128) | ((f(d(a, 1), d(b, 1)).to_bits() as u128) << 64)
+}
+fn ps(f: impl Fn(f32, f32) -> f32, a: u128, b: u128) -> u128 {
+    (0..4).fold(0u128, |r, k| r | ((f(s(a, k), s(b, k)).to_bits() as u128) << (32 * k)))
+}
+fn sd(f: impl Fn(f64, f64) -> f64, a: u128, b: u128) -> u128 {
+    (a & !LO64) | f(d(a, 0), d(b, 0)).to_bits() as u128
+}
+fn ss(f: impl Fn(f32, f32) -> f32, a: u128, b: u128) -> u128 {
+    (a & !LO32) | f(s(a, 0), s(b, 0)).to_bits() as u128
+}
+/// MINSD/MAXSD semantics: the second operand when either is NaN or both are zero (SDM Vol. 2B "MINSD").
+fn min64(x: f64, y: f64) -> f64 {
+    if x < y {
+        x
+    } else {
+        y
+    }
+}
+fn max64(x: f64, y: f64) -> f64 {
+    if x > y {
+        x
+    } else {
+        y
+    }
+}
+fn min32(x: f32, y: f32) -> f32 {
+    if x < y {
+        x
+    } else {
+        y
+    }
+}
+fn max32(x: f32, y: f32) -> f32 {
+    if x > y {
+        x
+    } else {
+        y
+    }
+}
+/// Float to int32 with x86's integer-indefinite result for NaN/out of range.
+fn f2i32(t: f64) -> u32 {
+    if (-2_147_483_648.0..2_147_483_648.0).contains(&t) {
+        t as i32 as u32
+    } else {
+        0x8000_0000
+    }
+}
+
 fn sat_s(v: i64, w: usize) -> u64 {
     let (lo, hi) = if w == 1 { (-128i64, 127i64) } else { (-32768, 32767) };
     v.clamp(lo, hi) as u64 & if w == 1 { 0xff } else { 0xffff }
@@ -337,7 +396,8 @@ impl Exec<'_> {
 
     fn step_sse(&mut self, i: &Instruction) -> Res<()> {
         let m = i.mnemonic();
-        let is_sse = (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm());
+        let is_sse = (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm())
+            || matches!(m, M::Cvttsd2si | M::Cvtsd2si | M::Cvttss2si | M::Cvtss2si);
         if !is_sse {
             if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_mm()) {
                 // MMX is not advertised.
@@ -447,8 +507,131 @@ impl Exec<'_> {
                 self.c.fpu.xmm[x] = (cur & !(0xffffu128 << (16 * k))) | (v << (16 * k));
                 Ok(())
             }
+            M::Cvttsd2si | M::Cvtsd2si | M::Cvttss2si | M::Cvtss2si => {
+                self.check_rounding();
+                let v = self.rx(i, 1)?;
+                let f = if matches!(m, M::Cvttsd2si | M::Cvtsd2si) {
+                    f64::from_bits(v as u64)
+                } else {
+                    f32::from_bits(v as u32) as f64
+                };
+                let t = if matches!(m, M::Cvttsd2si | M::Cvttss2si) { f.trunc() } else { f.round_ties_even() };
+                let r = if self.op_size(i, 0) == 8 {
+                    // Out of range or NaN gives the "integer indefinite" value (SDM Vol. 1 "Invalid Operation").
+                    if (-(2f64.powi(63))..2f64.powi(63)).contains(&t) {
+                        t as i64 as u64
+                    } else {
+                        1 << 63
+                    }
+                } else if (-2_147_483_648.0..2_147_483_648.0).contains(&t) {
+                    t as i32 as u32 as u64
+                } else {
+                    0x8000_0000
+                };
+                self.set_reg(i.op0_register(), r);
+                Ok(())
+            }
+            M::Comisd | M::Ucomisd | M::Comiss | M::Ucomiss => {
+                let x = self.x0(i)?;
+                let b = self.rx(i, 1)?;
+                let a = self.c.fpu.xmm[x];
+                let (a, b) = if matches!(m, M::Comisd | M::Ucomisd) {
+                    (f64::from_bits(a as u64), f64::from_bits(b as u64))
+                } else {
+                    (f32::from_bits(a as u32) as f64, f32::from_bits(b as u32) as f64)
+                };
+                // SDM Vol. 2A "COMISD": unordered ZF,PF,CF = 111; greater 000; less 001; equal 100.
+                let f = match a.partial_cmp(&b) {
+                    None => ZF | PF | CF,
+                    Some(std::cmp::Ordering::Greater) => 0,
+                    Some(std::cmp::Ordering::Less) => CF,
+                    Some(std::cmp::Ordering::Equal) => ZF,
+                };
+                self.c.rflags = (self.c.rflags & !ARITH) | f;
+                Ok(())
+            }
             _ => self.sse_binop(i),
         }
+    }
+
+    /// Arithmetic here uses the host's SSE with its default rounding (nearest-even), which is what the guest
+    /// gets unless it changes MXCSR.RC; a different mode is logged once (not emulated yet).
+    fn check_rounding(&mut self) {
+        if self.c.fpu.mxcsr & 0x6000 != 0 {
+            let (mx, rip) = (self.c.fpu.mxcsr, self.c.cur_ip);
+            self.log_once(
+                0x3_0000_0000,
+                format!("MXCSR rounding mode {mx:#x} not emulated (using nearest) at RIP {rip:#x}"),
+            );
+        }
+    }
+
+    /// SSE/SSE2 floating-point arithmetic and conversions with the host's IEEE operations (same ISA, so NaN
+    /// propagation and results match; MXCSR status flags are not updated yet).
+    fn sse_float(&mut self, i: &Instruction, a: u128, b: u128) -> Option<u128> {
+        let m = i.mnemonic();
+        let r = match m {
+            M::Addsd => sd(|x, y| x + y, a, b),
+            M::Subsd => sd(|x, y| x - y, a, b),
+            M::Mulsd => sd(|x, y| x * y, a, b),
+            M::Divsd => sd(|x, y| x / y, a, b),
+            M::Minsd => sd(min64, a, b),
+            M::Maxsd => sd(max64, a, b),
+            M::Sqrtsd => sd(|_, y| y.sqrt(), a, b),
+            M::Addss => ss(|x, y| x + y, a, b),
+            M::Subss => ss(|x, y| x - y, a, b),
+            M::Mulss => ss(|x, y| x * y, a, b),
+            M::Divss => ss(|x, y| x / y, a, b),
+            M::Minss => ss(min32, a, b),
+            M::Maxss => ss(max32, a, b),
+            M::Sqrtss => ss(|_, y| y.sqrt(), a, b),
+            M::Addpd => pd(|x, y| x + y, a, b),
+            M::Subpd => pd(|x, y| x - y, a, b),
+            M::Mulpd => pd(|x, y| x * y, a, b),
+            M::Divpd => pd(|x, y| x / y, a, b),
+            M::Minpd => pd(min64, a, b),
+            M::Maxpd => pd(max64, a, b),
+            M::Sqrtpd => pd(|_, y| y.sqrt(), a, b),
+            M::Addps => ps(|x, y| x + y, a, b),
+            M::Subps => ps(|x, y| x - y, a, b),
+            M::Mulps => ps(|x, y| x * y, a, b),
+            M::Divps => ps(|x, y| x / y, a, b),
+            M::Minps => ps(min32, a, b),
+            M::Maxps => ps(max32, a, b),
+            M::Sqrtps => ps(|_, y| y.sqrt(), a, b),
+            M::Cvtsi2sd | M::Cvtsi2ss => {
+                let v = if self.op_size(i, 1) == 8 { b as u64 as i64 } else { b as u32 as i32 as i64 };
+                if m == M::Cvtsi2sd {
+                    (a & !LO64) | (v as f64).to_bits() as u128
+                } else {
+                    (a & !LO32) | (v as f32).to_bits() as u128
+                }
+            }
+            M::Cvtss2sd => (a & !LO64) | (s(b, 0) as f64).to_bits() as u128,
+            M::Cvtsd2ss => (a & !LO32) | (d(b, 0) as f32).to_bits() as u128,
+            M::Cvtps2pd => (s(b, 0) as f64).to_bits() as u128 | (((s(b, 1) as f64).to_bits() as u128) << 64),
+            M::Cvtpd2ps => (d(b, 0) as f32).to_bits() as u128 | (((d(b, 1) as f32).to_bits() as u128) << 32),
+            M::Cvtdq2pd => {
+                ((b as u32 as i32 as f64).to_bits() as u128)
+                    | (((((b >> 32) as u32 as i32) as f64).to_bits() as u128) << 64)
+            }
+            M::Cvtdq2ps => {
+                (0..4).fold(0u128, |r, k| r | ((((b >> (32 * k)) as u32 as i32 as f32).to_bits() as u128) << (32 * k)))
+            }
+            M::Cvttps2dq | M::Cvtps2dq => (0..4).fold(0u128, |r, k| {
+                let f = s(b, k) as f64;
+                let t = if m == M::Cvttps2dq { f.trunc() } else { f.round_ties_even() };
+                r | ((f2i32(t) as u128) << (32 * k))
+            }),
+            M::Cvttpd2dq | M::Cvtpd2dq => (0..2).fold(0u128, |r, k| {
+                let f = d(b, k);
+                let t = if m == M::Cvttpd2dq { f.trunc() } else { f.round_ties_even() };
+                r | ((f2i32(t) as u128) << (32 * k))
+            }),
+            _ => return None,
+        };
+        self.check_rounding();
+        Some(r)
     }
 
     fn sse_binop(&mut self, i: &Instruction) -> Res<()> {
@@ -460,6 +643,10 @@ impl Exec<'_> {
         }
         let a = self.c.fpu.xmm[x];
         let b = self.rx(i, 1)?;
+        if let Some(r) = self.sse_float(i, a, b) {
+            self.c.fpu.xmm[x] = r;
+            return Ok(());
+        }
         let r = match m {
             M::Pxor | M::Xorps | M::Xorpd => a ^ b,
             M::Por | M::Orps | M::Orpd => a | b,

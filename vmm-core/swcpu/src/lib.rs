@@ -212,7 +212,7 @@ impl SoftVcpu {
         let budget = self.budget;
         let mut ex = Exec { c: &mut self.cpu, io };
         loop {
-            if shared.kick.swap(false, Ordering::SeqCst) {
+            if shared.kick.load(Ordering::Relaxed) && shared.kick.swap(false, Ordering::SeqCst) {
                 return VcpuExit::Interrupted;
             }
             if budget.is_some_and(|b| ex.c.instructions >= b) {
@@ -319,12 +319,25 @@ impl Exec<'_> {
         let gpa = self.la_to_gpa(rip, Access::Exec, user)?;
         let bits = self.c.bitness();
         let key = (rip, gpa | ((bits as u64) << 56));
-        if let Some(b) = self.c.cache.map.get(&key) {
-            return Ok(b.clone());
+        let slot = (rip as usize ^ (rip >> 12) as usize) & (cpu::FAST_BLOCKS - 1);
+        if let Some((k, b)) = &self.c.cache.fast[slot] {
+            if *k == key {
+                return Ok(b.clone());
+            }
         }
-        self.decode_block(rip, gpa, bits, key)
+        let b = match self.c.cache.map.get(&key) {
+            Some(b) => b.clone(),
+            None => self.decode_block(rip, gpa, bits, key)?,
+        };
+        // Blocks spanning two pages (decoded per use) are not cached anywhere.
+        if self.c.cache.map.contains_key(&key) {
+            self.c.cache.fast[slot] = Some((key, b.clone()));
+        }
+        Ok(b)
     }
 
+    #[cold]
+    #[inline(never)]
     fn decode_block(&mut self, rip: u64, gpa: u64, bits: u32, key: (u64, u64)) -> Res<Arc<Block>> {
         let avail = (0x1000 - (gpa & 0xfff)) as usize;
         let mut buf = [0u8; 0x1000];
@@ -352,7 +365,13 @@ impl Exec<'_> {
             return self.decode_crossing(rip, gpa, bits);
         }
         let page = gpa & !0xfff;
-        let b = Arc::new(Block { insns: insns.into_boxed_slice(), runs: Default::default() });
+        let used = (dec.position()).min(avail);
+        let b = Arc::new(Block {
+            insns: insns.into_boxed_slice(),
+            gpa,
+            bytes: buf[..used].to_vec().into_boxed_slice(),
+            runs: Default::default(),
+        });
         self.c.mark_code_page(page);
         self.c.cache.page_blocks.entry(page).or_default().push(key);
         self.c.cache.map.insert(key, b.clone());
@@ -362,6 +381,8 @@ impl Exec<'_> {
 
     /// An instruction that straddles a page boundary: fetched through both translations and decoded every
     /// time (not cached; rare).
+    #[cold]
+    #[inline(never)]
     fn decode_crossing(&mut self, rip: u64, gpa: u64, bits: u32) -> Res<Arc<Block>> {
         let first = (0x1000 - (gpa & 0xfff)) as usize;
         let mut b = [0u8; 15];
@@ -374,7 +395,7 @@ impl Exec<'_> {
         }
         let mut dec = Decoder::with_ip(bits, &b, rip, DecoderOptions::NONE);
         let i = dec.decode();
-        Ok(Arc::new(Block { insns: vec![i].into_boxed_slice(), runs: Default::default() }))
+        Ok(Arc::new(Block { insns: vec![i].into_boxed_slice(), gpa, bytes: Box::new([]), runs: Default::default() }))
     }
 }
 

@@ -135,7 +135,7 @@ impl Exec<'_> {
         }
         if seg.type_ & 1 == 0 {
             seg.type_ |= 1;
-            self.write_as(addr + 5, 1, (d >> 40) | 1, false)?;
+            self.write_as(addr.wrapping_add(5), 1, (d >> 40) | 1, false)?;
         }
         self.c.seg[s] = seg;
         Ok(())
@@ -176,13 +176,18 @@ impl Exec<'_> {
     }
 
     pub fn far_jmp_call(&mut self, i: &Instruction, call: bool) -> Res<()> {
-        if i.op_kind(0) != OpKind::Memory {
-            return self.unimpl(i, "far branch with immediate pointer");
-        }
-        let osz = i.memory_size().size() - 2;
-        let a = self.ea(i);
-        let off = self.read(a, osz)?;
-        let sel = self.read(a + osz as u64, 2)? as u16;
+        let (off, sel, osz) = match i.op_kind(0) {
+            // `jmp/call ptr16:16/32` (invalid in 64-bit mode; the PVH entry uses it to enter long mode).
+            OpKind::FarBranch32 => (i.far_branch32() as u64, i.far_branch_selector(), 4),
+            OpKind::FarBranch16 => (i.far_branch16() as u64, i.far_branch_selector(), 2),
+            OpKind::Memory => {
+                let osz = i.memory_size().size().saturating_sub(2).clamp(2, 8);
+                let a = self.ea(i);
+                let off = self.read(a, osz)?;
+                (off, self.read(a.wrapping_add(osz as u64), 2)? as u16, osz)
+            }
+            _ => return self.unimpl(i, "far branch operand"),
+        };
         let seg = self.code_desc_for(sel)?;
         let conforming = seg.type_ & 4 != 0;
         if (conforming && seg.dpl > self.c.cpl)
@@ -212,7 +217,7 @@ impl Exec<'_> {
         let sp = self.c.gpr[4];
         let ssb = self.seg_base(SEG_SS);
         let rip = self.read(sp.wrapping_add(ssb), osz)?;
-        let sel = self.read(sp.wrapping_add(ssb + osz as u64), osz)? as u16;
+        let sel = self.read(sp.wrapping_add(ssb).wrapping_add(osz as u64), osz)? as u16;
         let rpl = (sel & 3) as u8;
         if rpl != self.c.cpl {
             return self.unimpl(i, "far return to another privilege level");
@@ -249,7 +254,7 @@ impl Exec<'_> {
         }
         let ga = self.c.idt.base.wrapping_add(vector as u64 * 16);
         let lo = self.read_as(ga, 8, false)?;
-        let hi = self.read_as(ga + 8, 8, false)?;
+        let hi = self.read_as(ga.wrapping_add(8), 8, false)?;
         let ty = (lo >> 40) & 0xf;
         let dpl = ((lo >> 45) & 3) as u8;
         if ty != 0xe && ty != 0xf {
@@ -378,7 +383,7 @@ impl Exec<'_> {
         if off + 1 > self.c.tr.limit as u64 {
             return gp0();
         }
-        let bits = self.read_as(self.c.tr.base + off, 2, false)?;
+        let bits = self.read_as(self.c.tr.base.wrapping_add(off), 2, false)?;
         let m = ((1u64 << size) - 1) << (port % 8);
         if bits & m != 0 {
             return gp0();
@@ -725,7 +730,11 @@ impl Exec<'_> {
                 self.cpl0()?;
                 let a = self.ea(i);
                 let limit = self.read(a, 2)? as u16;
-                let base = if self.c.long64() { self.read(a + 2, 8)? } else { self.read(a + 2, 4)? & 0xff_ffff_ffff };
+                let base = if self.c.long64() {
+                    self.read(a.wrapping_add(2), 8)?
+                } else {
+                    self.read(a.wrapping_add(2), 4)? & 0xff_ffff_ffff
+                };
                 let t = if i.mnemonic() == M::Lgdt { &mut self.c.gdt } else { &mut self.c.idt };
                 t.base = base;
                 t.limit = limit;
@@ -735,7 +744,7 @@ impl Exec<'_> {
                 let t = if i.mnemonic() == M::Sgdt { self.c.gdt } else { self.c.idt };
                 let a = self.ea(i);
                 self.write(a, 2, t.limit as u64)?;
-                self.write(a + 2, 8, t.base)
+                self.write(a.wrapping_add(2), 8, t.base)
             }
             M::Ltr | M::Lldt => {
                 self.cpl0()?;
@@ -752,7 +761,7 @@ impl Exec<'_> {
                     return Err(Fault::Exc(VEC_GP, Some((sel & !3) as u32)));
                 }
                 let (addr, d) = self.read_desc(sel)?;
-                let hi = if self.c.efer & EFER_LMA != 0 { self.read_as(addr + 8, 8, false)? } else { 0 };
+                let hi = if self.c.efer & EFER_LMA != 0 { self.read_as(addr.wrapping_add(8), 8, false)? } else { 0 };
                 let mut seg = parse_desc(sel, d);
                 seg.base |= (hi & 0xffff_ffff) << 32;
                 let want = if ltr { 9 } else { 2 };
@@ -764,7 +773,7 @@ impl Exec<'_> {
                 }
                 if ltr {
                     seg.type_ = 0xb;
-                    self.write_as(addr + 5, 1, (d >> 40) | 2, false)?;
+                    self.write_as(addr.wrapping_add(5), 1, (d >> 40) | 2, false)?;
                     self.c.tr = seg;
                 } else {
                     self.c.ldt = seg;

@@ -207,3 +207,11 @@ impl IoHandler for RecordingIo {
         self.mmio.lock().unwrap().push((addr, data.to_vec()));
     }
 }
+
+impl Mapping {
+    pub fn read_vec(&self, off: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.read(off, &mut v);
+        v
+    }
+}

@@ -284,10 +284,11 @@ const IDTR_ZERO: u64 = CODE + 0x800;
 fn unimplemented_instruction_is_reported_with_address() {
     let mut a = asm();
     a.nop().unwrap();
-    a.addsd(xmm0, xmm1).unwrap();
+    // x87 arithmetic is not implemented yet: `fadd st, st(1)`.
+    a.db(&[0xd8, 0xc1]).unwrap();
     let g = run(&mut a, 0, |_| {});
     match g.exit {
-        VcpuExit::Unsupported(s) => assert!(s.contains("addsd") && s.contains("0x100001"), "{s}"),
+        VcpuExit::Unsupported(s) => assert!(s.contains("fadd") && s.contains("0x100001"), "{s}"),
         e => panic!("expected Unsupported, got {e:?}"),
     }
 }
@@ -314,4 +315,93 @@ fn cpuid_reports_amd_long_mode_and_no_avx() {
     assert_eq!(r.r9 & (1 << 26), 0, "no XSAVE");
     let need = (1 << 0) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 15) | (1 << 24) | (1 << 25) | (1 << 26);
     assert_eq!(r.r10 & need, need, "Linux's required leaf-1 EDX features");
+}
+
+#[test]
+fn kick_from_another_thread_interrupts_a_spinning_guest() {
+    let mut a = asm();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.inc(rax).unwrap();
+    a.jmp(top).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let sys = build_system_area();
+    let mem = Mapping::new(CODE_LEN, None);
+    mem.write(0, &code);
+    let mut cpu = make_cpu(&sys, &[(CODE, &mem)], 0);
+    cpu.set_regs(&Regs { rip: CODE, rsp: STACK, rflags: 2, ..Default::default() }).unwrap();
+    let h = cpu.handle();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        h.kick();
+    });
+    let exit = cpu.run(&RecordingIo::default()).unwrap();
+    t.join().unwrap();
+    assert_eq!(exit, VcpuExit::Interrupted);
+    assert!(cpu.regs().unwrap().rax > 0);
+}
+
+struct Line {
+    raised: AtomicBool,
+    taken: AtomicBool,
+}
+impl InterruptSource for Line {
+    fn pending(&self) -> bool {
+        self.raised.load(Ordering::SeqCst) && !self.taken.load(Ordering::SeqCst)
+    }
+    fn acknowledge(&self) -> Option<u8> {
+        (!self.taken.swap(true, Ordering::SeqCst)).then_some(0x50)
+    }
+}
+
+#[test]
+fn hlt_with_interrupts_enabled_waits_for_a_line_raised_later() {
+    let mut a = asm();
+    a.sti().unwrap();
+    a.hlt().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let sys = build_system_area();
+    let mem = Mapping::new(CODE_LEN, None);
+    mem.write(0, &code);
+    let mut cpu = make_cpu(&sys, &[(CODE, &mem)], 0);
+    cpu.set_regs(&Regs { rip: CODE, rsp: STACK, rflags: 2, ..Default::default() }).unwrap();
+    let line = Arc::new(Line { raised: AtomicBool::new(false), taken: AtomicBool::new(false) });
+    cpu.set_interrupt_source(line.clone());
+    let h = cpu.handle();
+    let l2 = line.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        l2.raised.store(true, Ordering::SeqCst);
+        h.wake();
+    });
+    let exit = cpu.run(&RecordingIo::default()).unwrap();
+    t.join().unwrap();
+    assert_eq!(halted_vector(&cpu, &exit), Some(0x50), "the HLT waited inside run and took the interrupt");
+    assert_eq!(mem.r64(STACK - 40 - CODE), CODE + 2, "return address is after the first HLT");
+}
+
+#[test]
+fn code_changed_by_dma_is_seen_after_a_tlb_flush() {
+    let mut a = asm();
+    let mut target = a.create_label();
+    a.mov(rax, cr3).unwrap();
+    a.mov(cr3, rax).unwrap();
+    a.call(target).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut target).unwrap();
+    a.mov(al, b'A' as u32).unwrap();
+    a.mov(dx, 0x3f8u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.ret().unwrap();
+    let mut g = run(&mut a, 0, |_| {});
+    assert_eq!(g.serial(), b"A");
+    // A device rewrites the immediate of `mov al, 'A'` directly in guest RAM (no CPU store).
+    let code = g.mem.read_vec(0, 64);
+    let at = code.windows(2).position(|w| w == [0xb0, b'A']).expect("mov al, 'A'") + 1;
+    g.mem.write(at as u64, b"B");
+    g.cpu.set_regs(&Regs { rip: CODE, rsp: STACK, rflags: 2, ..Default::default() }).unwrap();
+    let exit = g.cpu.run(&g.io).unwrap();
+    assert_eq!(exit, VcpuExit::Halted);
+    assert_eq!(g.serial(), b"AB", "the MOV CR3 flush made the CPU re-check the code page");
 }
