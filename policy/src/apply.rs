@@ -48,7 +48,11 @@ pub struct SandboxReport {
 impl std::fmt::Display for SandboxReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if !self.enabled {
-            return write!(f, "tessera-{}: sandbox off (uid {}, gid {}, root {})", self.kind, self.uid, self.gid, self.root);
+            return write!(
+                f,
+                "tessera-{}: sandbox off (uid {}, gid {}, root {})",
+                self.kind, self.uid, self.gid, self.root
+            );
         }
         write!(
             f,
@@ -321,7 +325,10 @@ fn verify_no_capabilities() -> Result<(), PolicyError> {
         let left = caps::read(None, set)
             .map_err(|e| PolicyError::Capabilities { step: "reading back", message: e.to_string() })?;
         if !left.is_empty() {
-            return Err(PolicyError::Capabilities { step: "checking", message: format!("{set:?} still holds {left:?}") });
+            return Err(PolicyError::Capabilities {
+                step: "checking",
+                message: format!("{set:?} still holds {left:?}"),
+            });
         }
     }
     // Bounding set, by number: the caps crate only knows the capabilities of its release.
@@ -365,13 +372,17 @@ fn enter_empty_root(chroot: Option<&Path>) -> Result<String, PolicyError> {
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(os("making mounts private"))?;
     let (new_root, described): (PathBuf, String) = match chroot {
         Some(dir) => {
-            mount(Some(dir), dir, none, MsFlags::MS_BIND | MsFlags::MS_REC, none).map_err(os("bind-mounting -chroot dir"))?;
+            mount(Some(dir), dir, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
+                .map_err(os("bind-mounting -chroot dir"))?;
             (dir.to_path_buf(), dir.display().to_string())
         }
         None => {
             // Any existing directory will do as mount point: the mount exists only in this namespace.
             let point = ["/tmp", "/proc"].into_iter().map(PathBuf::from).find(|p| p.is_dir()).ok_or_else(|| {
-                PolicyError::Os { step: "finding a mount point", source: std::io::Error::from_raw_os_error(libc::ENOENT) }
+                PolicyError::Os {
+                    step: "finding a mount point",
+                    source: std::io::Error::from_raw_os_error(libc::ENOENT),
+                }
             })?;
             mount(
                 Some("tessera-empty"),
@@ -439,9 +450,7 @@ impl Prepared {
     }
 
     fn apply_landlock(&mut self) -> Result<(), PolicyError> {
-        use landlock::{
-            Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus, Scope, ABI,
-        };
+        use landlock::{Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus, Scope, ABI};
         if self.options.landlock == LandlockMode::Off {
             self.report.landlock = "off".to_string();
             return Ok(());

@@ -302,7 +302,8 @@ impl Profile {
                 return Err(invalid(format!("group \"{}\" (from {from}) allows nothing", g.name)));
             }
             for s in &g.syscalls {
-                syscalls::number(s).ok_or_else(|| invalid(format!("unknown syscall \"{s}\" in group \"{}\"", g.name)))?;
+                syscalls::number(s)
+                    .ok_or_else(|| invalid(format!("unknown syscall \"{s}\" in group \"{}\"", g.name)))?;
                 if !unconditional.insert(s.as_str()) {
                     return Err(invalid(format!("syscall \"{s}\" is allowed twice (group \"{}\")", g.name)));
                 }
@@ -338,7 +339,8 @@ impl Profile {
             syscalls::errno_number(&g.errno)
                 .ok_or_else(|| invalid(format!("unknown errno \"{}\" in group \"{}\"", g.errno, g.name)))?;
             for s in &g.syscalls {
-                syscalls::number(s).ok_or_else(|| invalid(format!("unknown syscall \"{s}\" in group \"{}\"", g.name)))?;
+                syscalls::number(s)
+                    .ok_or_else(|| invalid(format!("unknown syscall \"{s}\" in group \"{}\"", g.name)))?;
                 if unconditional.contains(s.as_str()) || conditional.contains(s.as_str()) {
                     return Err(invalid(format!("syscall \"{s}\" is both allowed and answered with {}", g.errno)));
                 }

@@ -85,16 +85,13 @@ fn op(name: &str) -> Result<(), String> {
         }
         "ptrace-parent" => {
             // SAFETY: PTRACE_ATTACH takes a pid; addr and data are unused.
-            let rc = unsafe {
-                libc::ptrace(libc::PTRACE_ATTACH, libc::getppid(), std::ptr::null_mut::<libc::c_void>(), 0)
-            };
+            let rc =
+                unsafe { libc::ptrace(libc::PTRACE_ATTACH, libc::getppid(), std::ptr::null_mut::<libc::c_void>(), 0) };
             check(rc)
         }
         "mount" => {
             // SAFETY: NUL-terminated strings, no data.
-            let rc = unsafe {
-                libc::mount(c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null())
-            };
+            let rc = unsafe { libc::mount(c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) };
             check(rc.into())
         }
         "kill-parent" => {
