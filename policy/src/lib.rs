@@ -10,6 +10,7 @@
 //! docs/SECURITY.md has the threat model and what each process can reach.
 
 mod apply;
+pub mod hostile;
 mod options;
 mod profile;
 mod seccomp;

@@ -251,6 +251,14 @@ impl SandboxOptions {
         s
     }
 
+    /// The environment variable for a child started by this process (the launcher): [`SANDBOX_ENV`] and the
+    /// options with this process as the parent the child checks for.
+    pub fn child_env(&self) -> (&'static str, String) {
+        let mut o = self.clone();
+        o.parent_pid = Some(std::process::id());
+        (SANDBOX_ENV, o.to_env_value())
+    }
+
     /// Parses [`SandboxOptions::to_env_value`]'s output.
     pub fn from_env_value(value: &str) -> Result<SandboxOptions, PolicyError> {
         let bad = |message: &str| PolicyError::SandboxEnv { value: value.to_string(), message: message.to_string() };
