@@ -12,8 +12,18 @@ fn leaky_pipe() -> (OwnedFd, OwnedFd) {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: fds has room for the two descriptors pipe() writes.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // Moved to high numbers (F_DUPFD does not set close-on-exec): the shell's own directory descriptor for
+    // the glob takes the lowest free number and must not be mistaken for a leak.
+    let high = fds.map(|fd| {
+        // SAFETY: fd is open; F_DUPFD returns a new descriptor >= 200 or -1.
+        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD, 200) };
+        assert!(new >= 200);
+        // SAFETY: fd was created above and is not used again.
+        unsafe { libc::close(fd) };
+        new
+    });
     // SAFETY: both descriptors were just created and are owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    unsafe { (OwnedFd::from_raw_fd(high[0]), OwnedFd::from_raw_fd(high[1])) }
 }
 
 fn child_fds(hook: Option<(u32, Vec<RawFd>)>) -> std::io::Result<Vec<RawFd>> {

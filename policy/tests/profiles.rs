@@ -306,3 +306,57 @@ fn options_cross_the_environment_unchanged() {
         assert!(SandboxOptions::from_env_value(bad).is_err(), "{bad}");
     }
 }
+
+/// Every other named value in the profiles, against the libc crate's constants (or the kernel's ioctl
+/// encoding where libc has none).
+#[test]
+fn named_rule_values_match_libc() {
+    let v = |x: i64| x as u64;
+    let table: &[(&str, u64, Option<u64>)] = &[
+        // (name, value, mask)
+        ("FIONBIO", v(libc::FIONBIO as i64), None),
+        ("FIOCLEX", v(libc::FIOCLEX as i64), None),
+        ("TCGETS", v(libc::TCGETS as i64), None),
+        ("TCSETS", v(libc::TCSETS as i64), None),
+        ("TCSETSW", v(libc::TCSETSW as i64), None),
+        ("TCSETSF", v(libc::TCSETSF as i64), None),
+        ("TIOCGWINSZ", v(libc::TIOCGWINSZ as i64), None),
+        ("PR_SET_NAME", v(libc::PR_SET_NAME.into()), None),
+        ("AF_UNIX", v(libc::AF_UNIX.into()), None),
+        ("CLONE_THREAD", v(libc::CLONE_THREAD.into()), Some(v(libc::CLONE_THREAD.into()))),
+        ("prot without PROT_EXEC", 0, Some(v(libc::PROT_EXEC.into()))),
+        ("IPPROTO_TCP, TCP_NODELAY", v(libc::IPPROTO_TCP.into()), None),
+        ("new_limit NULL (read only)", 0, None),
+        ("own process", u64::MAX, None), // "$pid", checked below
+        ("F_GETFD", v(libc::F_GETFD.into()), None),
+        ("F_SETFD", v(libc::F_SETFD.into()), None),
+        ("F_GETFL", v(libc::F_GETFL.into()), None),
+        ("F_SETFL", v(libc::F_SETFL.into()), None),
+        ("F_DUPFD_CLOEXEC", v(libc::F_DUPFD_CLOEXEC.into()), None),
+        ("F_ADD_SEALS", v(libc::F_ADD_SEALS.into()), None),
+        ("F_GET_SEALS", v(libc::F_GET_SEALS.into()), None),
+        ("BLKSSZGET", v(libc::BLKSSZGET as i64), None),
+        ("BLKPBSZGET", v(libc::BLKPBSZGET as i64), None),
+        // _IOR(0x12, 114, size_t): libc has no constant.
+        ("BLKGETSIZE64", (2 << 30) | (8 << 16) | (0x12 << 8) | 114, None),
+        ("TUNSETOFFLOAD", v(libc::TUNSETOFFLOAD as i64), None),
+        ("TUNSETVNETHDRSZ", v(libc::TUNSETVNETHDRSZ as i64), None),
+        ("TUNGETVNETHDRSZ", v(libc::TUNGETVNETHDRSZ as i64), None),
+        ("TUNGETIFF", v(libc::TUNGETIFF as i64), None),
+    ];
+    for kind in ProcessKind::ALL {
+        let p = Profile::load(kind).unwrap();
+        for r in p.allow.iter().flat_map(|(_, g)| g.rules.iter()).filter(|r| !r.name.starts_with("KVM_")) {
+            let (_, want, mask) = table
+                .iter()
+                .find(|(n, _, _)| *n == r.name)
+                .unwrap_or_else(|| panic!("{kind}: rule {:?} is not in this test's table: add it", r.name));
+            if r.name == "own process" {
+                assert_eq!(r.value, ArgValue::Symbol("$pid".to_string()));
+            } else {
+                assert_eq!(r.value, ArgValue::Number(*want), "{kind}: {}", r.name);
+            }
+            assert_eq!(r.mask, *mask, "{kind}: {}", r.name);
+        }
+    }
+}
