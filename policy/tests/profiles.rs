@@ -360,3 +360,16 @@ fn named_rule_values_match_libc() {
         }
     }
 }
+
+/// docs/SECURITY.md describes every group: a group added to a profile must be added there too.
+#[test]
+fn security_doc_names_every_group() {
+    let doc = include_str!("../../docs/SECURITY.md");
+    for kind in ProcessKind::ALL {
+        let p = Profile::load(kind).unwrap();
+        let names = p.allow.iter().map(|(_, g)| &g.name).chain(p.errno.iter().map(|(_, g)| &g.name));
+        for name in names {
+            assert!(doc.contains(&format!("`{name}`")), "docs/SECURITY.md does not mention group `{name}` ({kind})");
+        }
+    }
+}
