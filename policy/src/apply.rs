@@ -197,7 +197,9 @@ pub fn prepare(kind: ProcessKind, options: &SandboxOptions, keep_fds: &[RawFd]) 
         warnings: Vec::new(),
     };
     let privileged = geteuid().is_root() && has_effective_cap(caps::Capability::CAP_SYS_ADMIN);
-    if options.runas.is_some() && !geteuid().is_root() {
+    // Switching to another uid needs real root (CAP_SETUID in the initial user namespace); a root without
+    // CAP_SYS_ADMIN (some containers) cannot do the mounts either.
+    if options.runas.is_some() && (!geteuid().is_root() || (options.enabled && !privileged)) {
         return Err(PolicyError::RunAsNeedsRoot { kind });
     }
 

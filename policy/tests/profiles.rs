@@ -190,24 +190,27 @@ fn kvm_ioctl_numbers_match_kvm_bindings() {
     assert_eq!(seen.len(), expected.len(), "every KVM ioctl of the table is in the core profile");
 }
 
-/// The syscalls the real tessera-blk made under strace must all be answered by its profile (allowed, or
+/// The syscalls the real binaries made under strace must all be answered by their profile (allowed, or
 /// failed with an errno glibc copes with), except those made before the sandbox is entered.
 #[test]
-fn blk_profile_covers_what_tessera_blk_does_under_strace() {
-    let blk = Profile::load(ProcessKind::Blk).unwrap();
-    let errno: BTreeSet<&str> = blk.errno.iter().flat_map(|(_, g)| g.syscalls.iter().map(String::as_str)).collect();
-    let observed = include_str!("observed/blk.txt");
-    let mut checked = 0;
-    for line in observed.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        if line.ends_with("start-up") {
-            continue;
+fn profiles_cover_what_the_real_binaries_do_under_strace() {
+    for (kind, observed) in
+        [(ProcessKind::Blk, include_str!("observed/blk.txt")), (ProcessKind::Core, include_str!("observed/core.txt"))]
+    {
+        let p = Profile::load(kind).unwrap();
+        let errno: BTreeSet<&str> = p.errno.iter().flat_map(|(_, g)| g.syscalls.iter().map(String::as_str)).collect();
+        let mut checked = 0;
+        for line in observed.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            if line.ends_with("start-up") {
+                continue;
+            }
+            let s = line.trim();
+            assert!(syscalls::number(s).is_some(), "{s} is not in the syscall table");
+            assert!(p.allows(s) || errno.contains(s), "tessera-{kind} makes {s} and its profile would kill it");
+            checked += 1;
         }
-        let s = line.trim();
-        assert!(syscalls::number(s).is_some(), "{s} is not in the syscall table");
-        assert!(blk.allows(s) || errno.contains(s), "tessera-blk makes {s} and its profile would kill it");
-        checked += 1;
+        assert!(checked > 30, "{kind}: the observed list was read ({checked} entries)");
     }
-    assert!(checked > 30, "the observed list was read ({checked} entries)");
 }
 
 #[test]
