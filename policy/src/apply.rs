@@ -144,6 +144,23 @@ pub fn pre_exec_child(launcher_pid: u32, keep: &[RawFd]) -> std::io::Result<()> 
     close_other_fds(keep, libc::CLOSE_RANGE_CLOEXEC)
 }
 
+/// Everything the launcher does for one child, in one call: sets [`SANDBOX_ENV`] from `options` (with this
+/// process as the expected parent) and registers [`pre_exec_child`] as a `pre_exec` hook keeping `keep`
+/// (plus 0, 1, 2). Register the launcher's own `pre_exec` that dup2's the control socket to fd 3 *before*
+/// calling this (hooks run in registration order), and list 3 in `keep`.
+pub fn prepare_command(cmd: &mut std::process::Command, options: &SandboxOptions, keep: &[RawFd]) {
+    use std::os::unix::process::CommandExt;
+    let (name, value) = options.child_env();
+    cmd.env(name, value);
+    let launcher = std::process::id();
+    let keep = keep.to_vec();
+    // SAFETY: the hook runs between fork and exec; pre_exec_child only makes raw syscalls on stack data and
+    // `keep`, which was allocated before the fork and is only read.
+    unsafe {
+        cmd.pre_exec(move || pre_exec_child(launcher, &keep));
+    }
+}
+
 fn arm_parent_death_signal(parent: Option<u32>) -> std::io::Result<()> {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and no pointer.
     let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };

@@ -4,7 +4,8 @@
 //!   namespaces, the filesystem root, Landlock rules, rlimits and capabilities ([`Profile`]).
 //! - [`SandboxOptions`]: QEMU's `-sandbox`, `-runas`, `-chroot`, parsed by the launcher and handed to each
 //!   child in the [`SANDBOX_ENV`] environment variable.
-//! - In the launcher's `pre_exec`: [`pre_exec_child`] (async-signal-safe). At the top of a child's `main`,
+//! - In the launcher, per child: [`prepare_command`] (the environment variable and the async-signal-safe
+//!   [`pre_exec_child`] hook). At the top of a child's `main`,
 //!   before it reads anything untrusted: [`enter_from_env`] (or [`prepare`] then [`Prepared::lock`]).
 //!
 //! docs/SECURITY.md has the threat model and what each process can reach.
@@ -16,7 +17,7 @@ mod profile;
 mod seccomp;
 pub mod syscalls;
 
-pub use apply::{enter, enter_from_env, pre_exec_child, prepare, Prepared, SandboxReport};
+pub use apply::{enter, enter_from_env, pre_exec_child, prepare, prepare_command, Prepared, SandboxReport};
 pub use options::{LandlockMode, QemuSubOptions, RunAs, SandboxOptions, SeccompMode, SANDBOX_ENV};
 pub use profile::{
     AllowGroup, ArgOp, ArgRule, ArgValue, ErrnoGroup, LandlockRules, Namespaces, ProcessKind, Profile, Rlimits,

@@ -248,12 +248,7 @@ fn parse<T: for<'de> Deserialize<'de>>(file: &str, text: &str) -> Result<T, Poli
 impl Profile {
     /// The composed, checked profile of `kind`.
     pub fn load(kind: ProcessKind) -> Result<Profile, PolicyError> {
-        let file_name: &'static str = match kind {
-            ProcessKind::Core => "core",
-            ProcessKind::Chardev => "chardev",
-            ProcessKind::Blk => "blk",
-            ProcessKind::Net => "net",
-        };
+        let file_name = kind.name();
         let own: KindFile = parse(file_name, kind.source())?;
         if own.profile.kind != kind.name() {
             return Err(PolicyError::ProfileInvalid {

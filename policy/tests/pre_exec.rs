@@ -59,3 +59,21 @@ fn a_child_whose_launcher_is_gone_does_not_start() {
     let e = child_fds(Some((1, vec![]))).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "{e}");
 }
+
+#[test]
+fn prepare_command_hands_the_options_and_the_hook_to_the_child() {
+    let mut options = tessera_policy::SandboxOptions::default();
+    options.apply_sandbox_arg("on,seccomp=log").unwrap();
+    let (r, w) = leaky_pipe();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", "echo \"$TESSERA_SANDBOX\"; cd /proc/self/fd && echo *"]);
+    tessera_policy::prepare_command(&mut cmd, &options, &[w.as_raw_fd()]);
+    let out = String::from_utf8(cmd.output().unwrap().stdout).unwrap();
+    let mut lines = out.lines();
+    let env = lines.next().unwrap();
+    let got = tessera_policy::SandboxOptions::from_env_value(env).unwrap();
+    assert_eq!(got.parent_pid, Some(std::process::id()));
+    assert_eq!(got.seccomp, tessera_policy::SeccompMode::Log);
+    let fds: Vec<RawFd> = lines.next().unwrap().split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert!(fds.contains(&w.as_raw_fd()) && !fds.contains(&r.as_raw_fd()), "{fds:?}");
+}
