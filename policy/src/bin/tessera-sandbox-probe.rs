@@ -55,7 +55,7 @@ fn main() {
         }) {
             Ok(handle) => Some(handle),
             Err(e) => {
-                // chardev's RLIMIT_NPROC of 0 refuses a second task already.
+                // A profile with an RLIMIT_NPROC too low for a second task refuses it here already.
                 println!("result thread:{op_name} errno {}", errno_name(e.raw_os_error().unwrap_or(0)));
                 return;
             }
