@@ -301,7 +301,8 @@ fn runas_without_root_is_a_clear_error() {
 }
 
 /// PR_SET_PDEATHSIG: a confined process dies with its parent, also after -runas changed its credentials
-/// (which clears the signal: the sandbox arms it again).
+/// (which clears the signal: the sandbox arms it again); a process that chose its own parent-death signal
+/// (tessera-chardev arms SIGTERM to restore the terminal) keeps it.
 #[test]
 fn a_confined_process_dies_with_its_parent() {
     let mut envs = vec!["v1,on,seccomp=kill,landlock=on"];
@@ -309,41 +310,50 @@ fn a_confined_process_dies_with_its_parent() {
         envs.push(RUNAS_NOBODY);
     }
     for env in envs {
-        // The shell stays the probe's parent (": " keeps it from exec'ing the probe); the probe waits on the
-        // shell's stdin, which is this test's pipe.
-        let mut sh = Command::new("/bin/sh")
-            .args(["-c", "\"$0\" blk allowed; :"])
-            .arg(probe_path())
-            .env("TESSERA_SANDBOX", env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(sh.stdout.take().unwrap());
-        let pid = loop {
-            let mut line = String::new();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "{env}: the probe never got ready");
-            if let Some(p) = line.trim_end().strip_prefix("ready ") {
-                break p.parse::<u32>().unwrap();
+        for own_signal in [false, true] {
+            let what = format!("{env}, own SIGTERM: {own_signal}");
+            // The shell stays the probe's parent (": " keeps it from exec'ing the probe); the probe waits on
+            // the shell's stdin, which is this test's pipe.
+            let mut sh = Command::new("/bin/sh");
+            sh.args(["-c", "\"$0\" blk allowed; :"])
+                .arg(probe_path())
+                .env("TESSERA_SANDBOX", env)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped());
+            if own_signal {
+                sh.env("PROBE_PDEATHSIG", "term");
             }
-        };
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).unwrap().trim().to_string();
-        assert_eq!(ppid, sh.id().to_string(), "{env}: the shell is the probe's parent");
-        // Keep the probe's stdin open: at end of file it would go on and exit by itself (Child::wait closes it).
-        let stdin = sh.stdin.take();
-        sh.kill().unwrap();
-        sh.wait().unwrap();
-        let gone = (0..200).any(|_| {
-            let alive = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .map(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains("zombie")))
-                .unwrap_or(false);
-            if alive {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            !alive
-        });
-        assert!(gone, "{env}: the probe (pid {pid}) outlived its parent");
-        drop(stdin);
+            let mut sh = sh.spawn().unwrap();
+            let mut stdout = BufReader::new(sh.stdout.take().unwrap());
+            let pid = loop {
+                let mut line = String::new();
+                assert!(stdout.read_line(&mut line).unwrap() > 0, "{what}: the probe never got ready");
+                if let Some(p) = line.trim_end().strip_prefix("ready ") {
+                    break p.parse::<u32>().unwrap();
+                }
+            };
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).unwrap().trim().to_string();
+            assert_eq!(ppid, sh.id().to_string(), "{what}: the shell is the probe's parent");
+            // Keep the probe's stdin open: at end of file it would go on and exit by itself (Child::wait
+            // closes it).
+            let stdin = sh.stdin.take();
+            sh.kill().unwrap();
+            sh.wait().unwrap();
+            let gone = (0..200).any(|_| {
+                let alive = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .map(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains("zombie")))
+                    .unwrap_or(false);
+                if alive {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                !alive
+            });
+            assert!(gone, "{what}: the probe (pid {pid}) outlived its parent");
+            let rest: Vec<String> = stdout.lines().map(|l| l.unwrap()).collect();
+            let said_sigterm = rest.iter().any(|l| l == "signal SIGTERM");
+            assert_eq!(said_sigterm, own_signal, "{what}: which signal came: {rest:?}");
+            drop(stdin);
+        }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! [`prepare`] (single-threaded: namespaces cannot be entered by a threaded process)
 //!  1. close every descriptor not kept;
-//!  2. arm PR_SET_PDEATHSIG(SIGKILL) and check the launcher is still the parent;
+//!  2. arm PR_SET_PDEATHSIG (the signal the process armed itself, else SIGKILL) and check the launcher is
+//!     still the parent;
 //!  3. unshare user (when unprivileged), mount, ipc, uts, net namespaces; uid/gid maps;
 //!  4. make every mount private, mount an empty tmpfs (or bind `-chroot DIR`), pivot_root into it, detach the
 //!     old root, remount the new one read-only;
@@ -140,7 +141,7 @@ fn close_range(first: libc::c_uint, last: libc::c_uint, flags: libc::c_uint) -> 
 /// PR_SET_PDEATHSIG(SIGKILL), fails if `launcher_pid` is no longer the parent, and marks every descriptor but
 /// 0, 1, 2 and `keep` close-on-exec. Async-signal-safe: raw syscalls only, no allocation, no lock.
 pub fn pre_exec_child(launcher_pid: u32, keep: &[RawFd]) -> std::io::Result<()> {
-    arm_parent_death_signal(Some(launcher_pid))?;
+    arm_parent_death_signal(libc::SIGKILL, Some(launcher_pid))?;
     close_other_fds(keep, libc::CLOSE_RANGE_CLOEXEC)
 }
 
@@ -161,9 +162,9 @@ pub fn prepare_command(cmd: &mut std::process::Command, options: &SandboxOptions
     }
 }
 
-fn arm_parent_death_signal(parent: Option<u32>) -> std::io::Result<()> {
+fn arm_parent_death_signal(signal: libc::c_int, parent: Option<u32>) -> std::io::Result<()> {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and no pointer.
-    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -179,8 +180,21 @@ fn arm_parent_death_signal(parent: Option<u32>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn parent_check(options: &SandboxOptions) -> Result<(), PolicyError> {
-    arm_parent_death_signal(options.parent_pid).map_err(|e| {
+/// The parent-death signal the process has armed, 0 if none.
+fn current_parent_death_signal() -> libc::c_int {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int to the pointer given, which points to a live c_int.
+    let rc = unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int, 0, 0, 0) };
+    if rc == 0 {
+        signal
+    } else {
+        0
+    }
+}
+
+/// Arms `signal` as parent-death signal and checks the parent is still the launcher.
+fn parent_check(options: &SandboxOptions, signal: libc::c_int) -> Result<(), PolicyError> {
+    arm_parent_death_signal(signal, options.parent_pid).map_err(|e| {
         if e.raw_os_error() == Some(libc::ESRCH) {
             PolicyError::ParentGone { expected: options.parent_pid.unwrap_or(0), actual: getppid().as_raw() }
         } else {
@@ -201,7 +215,13 @@ fn has_effective_cap(cap: caps::Capability) -> bool {
 pub fn prepare(kind: ProcessKind, options: &SandboxOptions, keep_fds: &[RawFd]) -> Result<Prepared, PolicyError> {
     let profile = Profile::load(kind)?;
     close_other_fds(keep_fds, 0).map_err(io_os("closing descriptors not passed"))?;
-    parent_check(options)?;
+    // Keep the signal the process chose (tessera-chardev arms SIGTERM so it can restore the terminal before
+    // it goes); SIGKILL when none is armed.
+    let death_signal = match current_parent_death_signal() {
+        0 => libc::SIGKILL,
+        chosen => chosen,
+    };
+    parent_check(options, death_signal)?;
     let mut report = SandboxReport {
         kind,
         enabled: options.enabled,
@@ -232,7 +252,7 @@ pub fn prepare(kind: ProcessKind, options: &SandboxOptions, keep_fds: &[RawFd]) 
             report.uid = r.uid;
             report.gid = r.gid;
         }
-        parent_check(options)?;
+        parent_check(options, death_signal)?;
         return Ok(Prepared { profile, options: options.clone(), report });
     }
 
@@ -316,7 +336,7 @@ pub fn prepare(kind: ProcessKind, options: &SandboxOptions, keep_fds: &[RawFd]) 
     prctl("PR_SET_NO_NEW_PRIVS", libc::PR_SET_NO_NEW_PRIVS, 1)?;
 
     // 9. A credential change resets the parent-death signal (credentials(7)): arm it again.
-    parent_check(options)?;
+    parent_check(options, death_signal)?;
     Ok(Prepared { profile, options: options.clone(), report })
 }
 

@@ -13,6 +13,15 @@ use std::io::{BufRead, Write};
 use tessera_policy::hostile::{attempt as op, errno_name};
 use tessera_policy::{prepare, ProcessKind, SandboxOptions, SANDBOX_ENV};
 
+extern "C" fn on_sigterm(_: libc::c_int) {
+    let msg = b"signal SIGTERM\n";
+    // SAFETY: writes a static buffer to stdout, then leaves without running anything else.
+    unsafe {
+        libc::write(1, msg.as_ptr().cast(), msg.len());
+        libc::_exit(0);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(kind), Some(op_name)) = (args.get(1).and_then(|k| ProcessKind::from_name(k)), args.get(2)) else {
@@ -39,6 +48,15 @@ fn main() {
         eprintln!("tessera-sandbox-probe: {msg}");
         std::process::exit(3);
     };
+    // PROBE_PDEATHSIG=term: arm SIGTERM as parent-death signal first, as tessera-chardev does, with a handler
+    // that says so; the sandbox must keep that choice (also across -runas).
+    if std::env::var_os("PROBE_PDEATHSIG").is_some_and(|v| v == "term") {
+        // SAFETY: the handler only calls write(2) and _exit(2), both async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGTERM, on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
+        }
+    }
     let prepared = prepare(kind, &options, &[]).unwrap_or_else(|e| fail(e));
 
     // For thread:OP, a thread that exists before the filter is installed, to show TSYNC covers it.
