@@ -26,6 +26,15 @@ pub use seccomp::{build as build_seccomp_filters, Filters};
 
 use std::path::PathBuf;
 
+/// What the launcher can add when a child was killed by `signal`: SIGSYS is the seccomp filter's verdict on a
+/// system call outside the child's profile.
+pub fn death_hint(signal: i32) -> Option<&'static str> {
+    (signal == libc::SIGSYS).then_some(
+        "it made a system call its sandbox profile does not allow (the kernel log has it: audit type=1326, \
+         syscall=N); -sandbox on,seccomp=log lets such calls through and logs them",
+    )
+}
+
 /// Everything that can go wrong in reading profiles and options and in confining a process.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {

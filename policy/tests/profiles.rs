@@ -375,3 +375,9 @@ fn security_doc_names_every_group() {
         }
     }
 }
+
+#[test]
+fn sigsys_deaths_get_a_hint() {
+    assert!(tessera_policy::death_hint(libc::SIGSYS).unwrap().contains("seccomp=log"));
+    assert_eq!(tessera_policy::death_hint(libc::SIGKILL), None);
+}
