@@ -212,6 +212,10 @@ fn has_effective_cap(cap: caps::Capability) -> bool {
 }
 
 /// Steps 1 to 9 (see the module comment). Must run before the process starts any thread.
+///
+/// `keep_fds` lists every descriptor the process holds besides 0, 1 and 2 (normally just the control
+/// channel, fd 3; a standalone back end also its image and listening socket, opened before this call): all
+/// others are closed, and a Rust object still owning one of them would close a number that may be reused.
 pub fn prepare(kind: ProcessKind, options: &SandboxOptions, keep_fds: &[RawFd]) -> Result<Prepared, PolicyError> {
     let profile = Profile::load(kind)?;
     close_other_fds(keep_fds, 0).map_err(io_os("closing descriptors not passed"))?;
