@@ -46,6 +46,8 @@ pub enum PolicyError {
     SandboxOption { arg: String, message: String },
     #[error("-runas {arg}: {message}")]
     RunAs { arg: String, message: String },
+    #[error("-run-with {arg}: {message}")]
+    RunWith { arg: String, message: String },
     #[error("-chroot {}: {message}", dir.display())]
     Chroot { dir: PathBuf, message: String },
     #[error("{SANDBOX_ENV}={value:?} from the launcher: {message}")]

@@ -198,6 +198,27 @@ impl SandboxOptions {
         Ok(())
     }
 
+    /// `-run-with [async-teardown=on|off][,chroot=dir][,user=user[:group]]`: QEMU 8.1's replacement for
+    /// `-chroot` (and, from QEMU 9.1, `-runas`). Asynchronous teardown has no meaning for Tessera's processes
+    /// (the core's guest RAM goes with it) and `on` is refused rather than ignored.
+    pub fn apply_run_with_arg(&mut self, arg: &str) -> Result<(), PolicyError> {
+        let bad = |message: String| PolicyError::RunWith { arg: arg.to_string(), message };
+        for part in arg.split(',') {
+            let (key, value) = part.split_once('=').ok_or_else(|| bad(format!("\"{part}\" is not key=value")))?;
+            match key {
+                "chroot" => self.apply_chroot_arg(value)?,
+                "user" => self.apply_runas_arg(value)?,
+                "async-teardown" => match parse_bool(value) {
+                    Some(false) => {}
+                    Some(true) => return Err(bad("async-teardown=on is not supported by Tessera".to_string())),
+                    None => return Err(bad(format!("\"{value}\" is not on or off"))),
+                },
+                _ => return Err(bad(format!("Invalid parameter '{key}'"))),
+            }
+        }
+        Ok(())
+    }
+
     /// Lines the launcher should print once at start-up: sub-options that Tessera accepts but that cannot
     /// loosen its filters.
     pub fn notes(&self) -> Vec<String> {

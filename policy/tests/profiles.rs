@@ -381,3 +381,23 @@ fn sigsys_deaths_get_a_hint() {
     assert!(tessera_policy::death_hint(libc::SIGSYS).unwrap().contains("seccomp=log"));
     assert_eq!(tessera_policy::death_hint(libc::SIGKILL), None);
 }
+
+#[test]
+fn run_with_takes_chroot_and_user() {
+    let mut o = SandboxOptions::default();
+    o.apply_run_with_arg("chroot=/,user=nobody,async-teardown=off").unwrap();
+    assert_eq!(o.chroot.as_deref(), Some(std::path::Path::new("/")));
+    assert_eq!(o.runas, Some(RunAs { uid: 65534, gid: 65534 }));
+    for (bad, says) in [
+        ("async-teardown=on", "not supported"),
+        ("async-teardown=maybe", "is not on or off"),
+        ("chroot", "is not key=value"),
+        ("colour=red", "Invalid parameter 'colour'"),
+    ] {
+        let e = SandboxOptions::default().apply_run_with_arg(bad).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("-run-with {bad}: ")) && e.contains(says), "{bad}: {e}");
+    }
+    // Errors of the parts name the part's own option.
+    let e = SandboxOptions::default().apply_run_with_arg("chroot=relative").unwrap_err().to_string();
+    assert!(e.contains("absolute"), "{e}");
+}
