@@ -67,7 +67,7 @@ pub struct ChildPlan {
     pub role: Role,
     /// The executable's name (looked up next to the launcher or in `$TESSERA_LIBEXEC_DIR`).
     pub binary: &'static str,
-    /// For messages: `tessera-chardev (serial0)`.
+    /// For messages: the binary's name (`tessera-chardev (pid 12) died: ...`).
     pub label: String,
     /// Resource numbers, in the order their descriptors are attached: `FdIndex(i)` is `fds[i]`.
     pub fds: Vec<usize>,
@@ -171,7 +171,7 @@ pub fn build(cfg: &VmConfig) -> Plan {
         chardevs.push(ChildPlan {
             role: Role::Chardev,
             binary: CHARDEV_BINARY,
-            label: format!("{CHARDEV_BINARY} ({})", spec.id),
+            label: CHARDEV_BINARY.to_string(),
             fds,
             config: ChildConfig::Chardev(ChardevConfig {
                 id: spec.id.clone(),
@@ -247,7 +247,11 @@ impl Plan {
         }
         s.push_str(&format!("accelerators: {}\n", self.accels.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")));
         for c in self.chardevs.iter().chain(std::iter::once(&self.core)) {
-            s.push_str(&format!("child {} [{}], fds {:?}:\n{:#?}\n", c.label, c.role, c.fds, c.config));
+            let id = match &c.config {
+                ChildConfig::Chardev(cc) => format!(" [{}]", cc.id),
+                ChildConfig::Core(_) => String::new(),
+            };
+            s.push_str(&format!("child {}{id}, fds {:?}:\n{:#?}\n", c.label, c.fds, c.config));
         }
         s
     }

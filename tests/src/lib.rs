@@ -1,1 +1,2 @@
 //! Helpers shared by the integration tests: locating the built binaries, building tiny guests.
+pub mod bins;
