@@ -41,7 +41,8 @@ const fn bad(args: &'static [&'static str], message: &'static str, qemu: Qemu) -
     Bad { args, message, qemu }
 }
 
-const SIZE_HINT: &str = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
+const SIZE_HINT: &str =
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
 
 /// A file that exists and is not a kernel; the fake children never read it.
 const K: &str = "/etc/hostname";
@@ -156,7 +157,7 @@ const BAD: &[Bad] = &[
     bad(&["-runas", "root", "-kernel", K], "-runas root: -runas is parsed but not enforced yet (the sandbox that applies it is not written); refusing to run less confined than asked", Qemu::Own),
     bad(&["-chroot", "/nonexistent", "-kernel", K], "-chroot /nonexistent: '/nonexistent' is not a directory", Qemu::Own),
     bad(&["-chroot", "/", "-kernel", K], "-chroot /: -chroot is parsed but not enforced yet (the sandbox that applies it is not written); refusing to run less confined than asked", Qemu::Own),
-    bad(&["-pidfile", "/nonexistent/x", "-kernel", K], "cannot create PID file: Cannot open pid file '/nonexistent/x': No such file or directory", Qemu::Own),
+    bad(&["-pidfile", "/nonexistent/x", "-kernel", K], "cannot create PID file: Could not create '/nonexistent/x': No such file or directory", Qemu::Same),
     bad(&["-readconfig", "x.cfg"], "-readconfig x.cfg: -readconfig is not supported by tessera yet", Qemu::Own),
     bad(&["-vnc", ":0"], "-vnc :0: -vnc is not supported by tessera yet", Qemu::Own),
     bad(&["-monitor", "stdio"], "-monitor stdio: the monitor (only -monitor none is accepted) is not supported by tessera yet", Qemu::Own),
@@ -456,7 +457,16 @@ fn serial_ports_and_chardevs() {
     assert_eq!(c.chardevs[0].logfile.as_deref(), Some("/tmp/log"));
     assert!(c.chardevs[0].logappend);
     // One mux chardev can serve two ports; an unused -chardev is checked but not planned.
-    let c = cfg(&["-chardev", "null,id=m,mux=on", "-chardev", "null,id=unused", "-serial", "chardev:m", "-serial", "chardev:m"]);
+    let c = cfg(&[
+        "-chardev",
+        "null,id=m,mux=on",
+        "-chardev",
+        "null,id=unused",
+        "-serial",
+        "chardev:m",
+        "-serial",
+        "chardev:m",
+    ]);
     assert_eq!(c.serials, ["m", "m"]);
     assert_eq!(c.chardevs.len(), 1);
 }
@@ -550,7 +560,9 @@ fn plan_of_sockets_and_mux() {
     let ChardevBackend::SocketServer { listener, connected, telnet } = &s.backend else { panic!() };
     assert!(!telnet);
     let l = p.chardevs[0].fds[listener.0 as usize];
-    assert!(matches!(&p.resources[l], Resource::Listener { addr: SocketAddr::Unix(path), .. } if path == "/tmp/p.sock"));
+    assert!(
+        matches!(&p.resources[l], Resource::Listener { addr: SocketAddr::Unix(path), .. } if path == "/tmp/p.sock")
+    );
     let a = p.chardevs[0].fds[connected.unwrap().0 as usize];
     assert!(matches!(&p.resources[a], Resource::Accepted { listener, .. } if *listener == l));
     let ChildConfig::Chardev(m) = &p.chardevs[1].config else { panic!() };

@@ -202,9 +202,11 @@ impl Error {
 
 /// The C library's text for an I/O error, without Rust's " (os error N)" suffix, as QEMU prints it.
 pub fn strerror(e: &io::Error) -> String {
+    // std formats OS errors with the C library's strerror_r text followed by " (os error N)".
+    let text = e.to_string();
     match e.raw_os_error() {
-        Some(n) => nix::errno::Errno::from_raw(n).desc().to_string(),
-        None => e.to_string(),
+        Some(n) => text.strip_suffix(&format!(" (os error {n})")).map(str::to_string).unwrap_or(text),
+        None => text,
     }
 }
 

@@ -27,7 +27,7 @@ impl PidFile {
                 .mode(0o600)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(path)
-                .map_err(|e| fail(&format!("Cannot open pid file '{path}'"), e))?;
+                .map_err(|e| fail(&format!("Could not create '{path}'"), e))?;
             let lock = libc::flock {
                 l_type: libc::F_WRLCK as i16,
                 l_whence: libc::SEEK_SET as i16,

@@ -225,7 +225,7 @@ impl Graph {
                 }
                 match poll(&mut pfds, timeout) {
                     Ok(_) | Err(Errno::EINTR) => {}
-                    Err(e) => return Some(End::Failed(format!("poll failed: {}", e.desc()))),
+                    Err(e) => return Some(End::Failed(format!("poll failed: {}", crate::error::strerror(&e.into())))),
                 }
                 let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
                 let sig = ready(&pfds[0]);
