@@ -53,6 +53,15 @@ fn fake_child() {
             put("kernel", text);
         }
     }
+    // Like the real chardev: once every front end is closed (the core is gone), exit 0 by itself.
+    if let (ChildConfig::Chardev(c), "follow-frontends") = (&start.config, behaviour.as_str()) {
+        let mut serial = std::fs::File::from(start.fds.take(c.frontends[0]).expect("front end fd"));
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = serial.read_to_end(&mut sink);
+            std::process::exit(0);
+        });
+    }
     if behaviour == "no-ready" {
         loop {
             std::thread::sleep(Duration::from_secs(1));
@@ -228,6 +237,19 @@ fn a_killed_child_is_reported_and_the_graph_stops() {
     assert_eq!(err, format!("tessera: tessera-chardev (pid {chardev}) died: killed by signal 9\n"));
     assert!(s.read("core.shutdown").is_some(), "the core was shut down in order");
     assert_gone_soon(core, "tessera-core");
+}
+
+#[test]
+fn the_core_is_blamed_when_the_chardev_follows_it() {
+    let s = Setup::new();
+    let mut l = s.launch(&[], &[("TESSERA_FAKE_CHARDEV", "follow-frontends")]);
+    let core = s.wait_pid("core");
+    s.wait_pid("chardev");
+    kill(core, Signal::SIGKILL).unwrap();
+    let status = wait_with_timeout(&mut l, Duration::from_secs(30));
+    let err = stderr_of(&mut l);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(err, format!("tessera: tessera-core (pid {core}) died: killed by signal 9\n"));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! unexpectedly, or the launcher is told to terminate. Ending is always the same: `Shutdown` to the core,
 //! then to the chardevs (so they flush what the guest printed last), a grace period, then SIGKILL.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -140,24 +140,35 @@ impl Graph {
         Graph { children: Vec::new(), sfd }
     }
 
-    /// Reap every child that has exited; an unexpected death ends the graph.
+    /// Reap every child that has exited; an unexpected death ends the graph. When several went at once (the
+    /// chardev exits by itself once the core is gone), the most telling death is reported: killed by a
+    /// signal before a non-zero status before a clean exit, the core before the others.
     fn reap(&mut self) -> Option<End> {
-        let mut end = None;
+        let mut worst: Option<(u8, String)> = None;
         for c in self.children.iter_mut().filter(|c| c.alive()) {
-            match waitpid(c.pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => {}
-                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
-                    c.exited = Some(status);
-                    if !c.expected_end && end.is_none() {
-                        end = Some(End::Failed(format!("{} (pid {}) died: {}", c.label, c.pid, describe(status))));
-                    }
-                }
-                Ok(_) => {}
-                Err(Errno::ECHILD) => c.exited = Some(WaitStatus::Exited(c.pid, -1)),
-                Err(_) => {}
+            let status = match waitpid(c.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => status,
+                Err(Errno::ECHILD) => WaitStatus::Exited(c.pid, -1),
+                _ => continue,
+            };
+            c.exited = Some(status);
+            if c.expected_end {
+                continue;
+            }
+            let rank = match status {
+                WaitStatus::Signaled(..) => 4,
+                WaitStatus::Exited(_, 0) => 0,
+                _ => 2,
+            } + u8::from(c.role == Role::Core);
+            let worse = match &worst {
+                Some((r, _)) => rank > *r,
+                None => true,
+            };
+            if worse {
+                worst = Some((rank, format!("{} (pid {}) died: {}", c.label, c.pid, describe(status))));
             }
         }
-        end
+        worst.map(|(_, message)| End::Failed(message))
     }
 
     /// Read what the children sent.
@@ -325,19 +336,6 @@ impl Graph {
     }
 }
 
-impl AsRawFd for Graph {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.sfd.as_raw_fd()
-    }
-}
-
-/// Every live child is killed; used when the launcher itself fails hard.
-pub fn kill_all(children: &[Child]) {
-    for c in children.iter().filter(|c| c.alive()) {
-        let _ = nix::sys::signal::kill(c.pid, Signal::SIGKILL);
-    }
-}
-
 /// The error text of an [`End`] that prints one.
 pub fn end_message(end: &End) -> Option<String> {
     match end {
@@ -346,5 +344,3 @@ pub fn end_message(end: &End) -> Option<String> {
         End::Signal(t) => Some(t.message()),
     }
 }
-
-pub type StartResult = Result<()>;
