@@ -123,8 +123,18 @@ impl TerminalGuard {
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
-        if let Some(t) = &self.saved {
-            let _ = tcsetattr(std::io::stdin().as_fd(), SetArg::TCSANOW, t);
+        let Some(saved) = &self.saved else { return };
+        let stdin = std::io::stdin();
+        // Only when something changed: setting the terminal from a background process group would stop the
+        // launcher with SIGTTOU.
+        let Ok(now) = tcgetattr(stdin.as_fd()) else { return };
+        let same = now.input_flags == saved.input_flags
+            && now.output_flags == saved.output_flags
+            && now.control_flags == saved.control_flags
+            && now.local_flags == saved.local_flags
+            && now.control_chars == saved.control_chars;
+        if !same {
+            let _ = tcsetattr(stdin.as_fd(), SetArg::TCSANOW, saved);
         }
     }
 }
