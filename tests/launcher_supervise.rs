@@ -18,7 +18,8 @@ use tessera_tests::bins;
 
 /// Not a test: the body of the fake children. The wrapper scripts run this executable with
 /// `fake_child --exact --ignored`; `TESSERA_FAKE_ROLE` says which child it is, `TESSERA_FAKE_<ROLE>` how it
-/// behaves (`ready`, `exit:N`, `fatal:TEXT`, `fail-start`, `ignore-shutdown`, `no-ready`), and it leaves
+/// behaves (`ready`, `exit:N`, `fatal:TEXT`, `fail-start`, `ignore-shutdown`, `no-ready`, `close-channel`,
+/// `follow-frontends`), and it leaves
 /// what it saw in `$TESSERA_FAKE_DIR`.
 #[test]
 #[ignore = "run by the launcher as a fake child, not a test by itself"]
@@ -69,6 +70,12 @@ fn fake_child() {
     }
     start.control.send(&ChildToLauncher::Ready, &[]).unwrap();
     put("pid", std::process::id().to_string());
+    if behaviour == "close-channel" {
+        drop(start.control);
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
     if let Some(code) = behaviour.strip_prefix("exit:") {
         let code = code.parse().unwrap();
         start.control.send(&ChildToLauncher::Exit { code, reason: "asked by the test".into() }, &[]).unwrap();
@@ -253,6 +260,19 @@ fn the_core_is_blamed_when_the_chardev_follows_it() {
 }
 
 #[test]
+fn a_child_that_closes_its_channel_but_lingers_is_stopped() {
+    let s = Setup::new();
+    let mut l = s.launch(&[], &[("TESSERA_FAKE_CORE", "close-channel")]);
+    let core = s.wait_pid("core");
+    let status = wait_with_timeout(&mut l, Duration::from_secs(30));
+    let err = stderr_of(&mut l);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(err, format!("tessera: tessera-core (pid {core}) closed its control channel\n"));
+    assert_gone_soon(core, "tessera-core");
+    assert!(s.read("chardev.shutdown").is_some());
+}
+
+#[test]
 fn a_child_that_fails_to_start_is_reported() {
     let s = Setup::new();
     let mut l = s.launch(&[], &[("TESSERA_FAKE_CORE", "fail-start")]);
@@ -311,7 +331,16 @@ fn daemonize_detaches_once_ready_and_the_pidfile_follows_the_daemon() {
     let pidfile = s.path("vm.pid");
     let mut l = s.launch(&["-daemonize", "-pidfile", pidfile.to_str().unwrap()], &[]);
     let status = wait_with_timeout(&mut l, Duration::from_secs(30));
-    assert_eq!(status.code(), Some(0), "{}", stderr_of(&mut l));
+    // Nothing keeps the caller's stderr open once the daemon runs (a `2>&1 | cat` must end).
+    let mut stderr = l.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    let text = rx.recv_timeout(Duration::from_secs(10)).expect("the daemon or its children keep stderr open");
+    assert_eq!(status.code(), Some(0), "{text}");
     // By the time the parent exits the graph is Ready.
     let core = s.wait_pid("core");
     let daemon = Pid::from_raw(std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap());

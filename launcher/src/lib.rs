@@ -48,12 +48,26 @@ pub fn program_name(argv0: Option<&str>) -> String {
         .unwrap_or_else(|| "tessera".into())
 }
 
+/// Write to stdout, ignoring failures: a closed pipe (`tessera -h | head -1`) must not panic the launcher.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes());
+    let _ = o.flush();
+}
+
+/// Write a line to stderr, ignoring failures.
+pub fn err_line(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 fn print_error(e: &Error, prog: &str) {
     let text = e.render(prog);
     if e.to_stdout() {
-        print!("{text}");
+        out(&text);
     } else {
-        eprintln!("{text}");
+        err_line(&text);
     }
 }
 
@@ -69,18 +83,18 @@ pub fn main_entry() -> i32 {
         }
     };
     for w in &parsed.warnings {
-        eprintln!("{prog}: {w}");
+        err_line(&format!("{prog}: {w}"));
     }
     let cfg = match parsed.command {
         Command::Print { text, code } => {
-            print!("{text}");
+            out(&text);
             return code;
         }
         Command::Run(cfg) => cfg,
     };
     let plan = plan::build(&cfg);
     if cfg.dump_plan {
-        print!("{}", plan.dump());
+        out(&plan.dump());
         return 0;
     }
     match run(&cfg, plan, &prog) {
@@ -132,7 +146,7 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
 
     // Chardevs first, so that the first bytes the guest prints have somewhere to go; then the core.
     let start = |graph: &mut Graph, child: &ChildPlan, path: &std::path::Path| -> std::result::Result<(), End> {
-        let started = spawn::start(path, child.binary).map_err(|e| End::Failed(e.to_string()))?;
+        let started = spawn::start(path, child.binary, cfg.daemonize).map_err(|e| End::Failed(e.to_string()))?;
         let fds: Vec<BorrowedFd<'_>> = child.fds.iter().map(|&r| opened.fd(r)).collect();
         let result = spawn::configure(&started, child.role, &child.config, &fds);
         let pid = started.pid;
@@ -182,7 +196,7 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     // The terminal is back to normal before the last words (the chardev may have left it raw if it died).
     drop(terminal);
     if let Some(msg) = supervise::end_message(&end) {
-        eprintln!("{prog}: {msg}");
+        err_line(&format!("{prog}: {msg}"));
     }
     Ok(end.status())
 }

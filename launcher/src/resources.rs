@@ -2,7 +2,6 @@
 //! Every descriptor is close-on-exec: a child gets exactly the ones attached to its `Configure`.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -45,20 +44,20 @@ pub fn select_accel(candidates: &[AccelKind], kvm_device: &str, prog: &str) -> R
         match a {
             AccelKind::Tcg => {
                 if failed {
-                    eprintln!("{prog}: falling back to tcg");
+                    crate::err_line(&format!("{prog}: falling back to tcg"));
                 }
                 return Ok(AccelKind::Tcg);
             }
             AccelKind::Kvm => match probe_kvm(kvm_device) {
                 Ok(()) => {
                     if failed {
-                        eprintln!("{prog}: falling back to kvm");
+                        crate::err_line(&format!("{prog}: falling back to kvm"));
                     }
                     return Ok(AccelKind::Kvm);
                 }
                 Err(e) if i + 1 == candidates.len() => return Err(e),
                 Err(e) => {
-                    eprintln!("{}", e.render(prog));
+                    crate::err_line(&e.render(prog));
                     failed = true;
                 }
             },
@@ -128,7 +127,7 @@ pub fn open_all(plan: &Plan, prog: &str, interrupt: Interrupt<'_>) -> Result<Ope
                 };
                 let l = fds[*listener].as_fd();
                 let shown = describe_listener(addr, *telnet, l);
-                eprintln!("{prog}: {location}: info: QEMU waiting for connection on: {shown}");
+                crate::err_line(&format!("{prog}: {location}: info: QEMU waiting for connection on: {shown}"));
                 accept(l, interrupt).map_err(|e| match e {
                     Error::Host { op: "accept", source } => {
                         Error::Accept { target: addr.to_string(), source }.at(location.clone())
@@ -140,8 +139,7 @@ pub fn open_all(plan: &Plan, prog: &str, interrupt: Interrupt<'_>) -> Result<Ope
             Resource::PtyMaster { label } => {
                 let (master, path) = open_pty()?;
                 // QEMU prints this on stdout, unprefixed; tools read the path from it.
-                println!("char device redirected to {path} (label {label})");
-                let _ = std::io::stdout().flush();
+                crate::out(&format!("char device redirected to {path} (label {label})\n"));
                 pty_paths.push((index, path));
                 master
             }

@@ -45,13 +45,18 @@ pub struct Started {
     pub control: Channel,
 }
 
-/// Start `path` with its control channel at fd 3.
-pub fn start(path: &Path, binary: &'static str) -> Result<Started> {
+/// Start `path` with its control channel at fd 3. With `detached` (`-daemonize`) its stdout and stderr are
+/// /dev/null, as the daemon's own are once it runs: a daemon must not keep the terminal or a pipe open (what
+/// goes wrong before `Ready` still reaches the user through `Fatal` or the exit status).
+pub fn start(path: &Path, binary: &'static str, detached: bool) -> Result<Started> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| Error::host("socketpair", os_error(e)))?;
     let child_fd = theirs.as_raw_fd();
     let launcher = nix::unistd::getpid();
     let mut cmd = Command::new(path);
     cmd.arg0(binary).arg("--ipc-fd").arg(CONTROL_FD.to_string()).stdin(Stdio::null());
+    if detached {
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    }
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe system calls
     // (dup2, fcntl, prctl, getppid, sigprocmask, signal); it allocates nothing and touches no locks.
     unsafe {

@@ -19,6 +19,10 @@ use crate::error::{os_error, Error, Result};
 
 /// How long children get to exit after `Shutdown` before they are killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long an unexpected death that is not by a signal waits for other deaths it may explain.
+pub const DEATH_SETTLE: Duration = Duration::from_millis(300);
+/// How long a child may live on after closing its control channel.
+pub const CLOSED_GRACE: Duration = Duration::from_secs(2);
 /// How long a child gets from its start to `Ready`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -91,6 +95,8 @@ pub struct Child {
     pub pid: Pid,
     pub control: Channel,
     pub channel_open: bool,
+    /// When its control channel closed (it should exit right after).
+    pub closed_at: Option<Instant>,
     pub ready: bool,
     pub exited: Option<WaitStatus>,
     /// True once its end is expected: it sent `Exit`, or it was told to shut down.
@@ -99,7 +105,17 @@ pub struct Child {
 
 impl Child {
     pub fn new(role: Role, label: String, pid: Pid, control: Channel) -> Child {
-        Child { role, label, pid, control, channel_open: true, ready: false, exited: None, expected_end: false }
+        Child {
+            role,
+            label,
+            pid,
+            control,
+            channel_open: true,
+            closed_at: None,
+            ready: false,
+            exited: None,
+            expected_end: false,
+        }
     }
 
     fn alive(&self) -> bool {
@@ -140,11 +156,23 @@ impl Graph {
         Graph { children: Vec::new(), sfd }
     }
 
-    /// Reap every child that has exited; an unexpected death ends the graph. When several went at once (the
-    /// chardev exits by itself once the core is gone), the most telling death is reported: killed by a
-    /// signal before a non-zero status before a clean exit, the core before the others.
+    /// Reap every child that has exited; an unexpected death ends the graph. When several go at once (the
+    /// chardev exits by itself once the core is gone, sometimes before the core's own death is visible), the
+    /// most telling death is reported: killed by a signal before a non-zero status before a clean exit, the
+    /// core before the others. A death that is not by a signal waits [`DEATH_SETTLE`] for company first.
     fn reap(&mut self) -> Option<End> {
-        let mut worst: Option<(u8, String)> = None;
+        let mut worst = self.reap_once(None);
+        if worst.as_ref().is_some_and(|(rank, _)| *rank < 4) {
+            let deadline = Instant::now() + DEATH_SETTLE;
+            while Instant::now() < deadline && self.children.iter().any(|c| c.alive()) {
+                std::thread::sleep(Duration::from_millis(10));
+                worst = self.reap_once(worst);
+            }
+        }
+        worst.map(|(_, message)| End::Failed(message))
+    }
+
+    fn reap_once(&mut self, mut worst: Option<(u8, String)>) -> Option<(u8, String)> {
         for c in self.children.iter_mut().filter(|c| c.alive()) {
             let status = match waitpid(c.pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => status,
@@ -168,7 +196,7 @@ impl Graph {
                 worst = Some((rank, format!("{} (pid {}) died: {}", c.label, c.pid, describe(status))));
             }
         }
-        worst.map(|(_, message)| End::Failed(message))
+        worst
     }
 
     /// Read what the children sent.
@@ -191,6 +219,7 @@ impl Graph {
                 // The process is going away: its exit status (SIGCHLD) says how.
                 Err(IpcError::Closed) => {
                     c.channel_open = false;
+                    c.closed_at = Some(Instant::now());
                     return None;
                 }
                 Err(e) => {
@@ -227,6 +256,19 @@ impl Graph {
                 PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX)
             } else {
                 PollTimeout::NONE
+            };
+            // A child that closed its control channel but lingers is as good as dead.
+            let lingering = self
+                .children
+                .iter()
+                .find(|c| c.alive() && !c.expected_end && c.closed_at.is_some_and(|t| t.elapsed() > CLOSED_GRACE));
+            if let Some(c) = lingering {
+                return Some(End::Failed(format!("{} (pid {}) closed its control channel", c.label, c.pid)));
+            }
+            let timeout = if self.children.iter().any(|c| c.alive() && c.closed_at.is_some()) {
+                PollTimeout::from(100u8)
+            } else {
+                timeout
             };
             let watched: Vec<usize> = (0..self.children.len()).filter(|&i| self.children[i].channel_open).collect();
             let (sig_ready, ready_channels) = {
@@ -281,8 +323,9 @@ impl Graph {
             for c in self.children.iter_mut().filter(|c| c.alive() && (c.role == Role::Core) == wave) {
                 c.expected_end = true;
                 any = true;
+                // A child that closed its channel is on its way out (a chardev flushes first): it gets the same
+                // grace period, then SIGKILL like the others.
                 if c.channel_open {
-                    // A child that cannot be told anymore is killed at the end of the grace period.
                     let _ = c.control.send(&LauncherToChild::Shutdown, &[]);
                 }
             }
