@@ -28,7 +28,12 @@ fn fake_child() {
     let dir = PathBuf::from(std::env::var("TESSERA_FAKE_DIR").expect("TESSERA_FAKE_DIR"));
     let role = if role_name == "core" { Role::Core } else { Role::Chardev };
     let behaviour = std::env::var(format!("TESSERA_FAKE_{}", role_name.to_uppercase())).unwrap_or("ready".into());
-    let put_as = |name: &str, what: &str, text: &str| std::fs::write(dir.join(format!("{name}.{what}")), text).unwrap();
+    // Written whole and renamed into place: the tests poll for these files.
+    let put_as = |name: &str, what: &str, text: &str| {
+        let tmp = dir.join(format!(".{name}.{what}.{}", std::process::id()));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("{name}.{what}"))).unwrap();
+    };
     if behaviour == "fail-start" {
         eprintln!("fake {role_name}: failing at start as asked");
         std::process::exit(3);
