@@ -218,6 +218,8 @@ fn exit_request_becomes_the_exit_status_and_everything_stops() {
     assert!(s.read("core.argv").unwrap().ends_with("tessera-core --ipc-fd 3\n"), "{:?}", s.read("core.argv"));
     assert!(s.read("chardev.argv").unwrap().ends_with("tessera-chardev --ipc-fd 3\n"));
     assert_eq!(s.read("core.kernel").as_deref(), Some("not really a kernel"));
+    let core_config = s.read("core.config").unwrap();
+    assert!(core_config.contains("accel: Tcg"), "no -accel means TCG, as in QEMU: {core_config}");
     let chardev_config = s.read("chardev.config").unwrap();
     assert!(chardev_config.contains("backend: Null"), "{chardev_config}");
     assert!(s.read("core.shutdown").is_some() && s.read("chardev.shutdown").is_some());
