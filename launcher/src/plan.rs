@@ -16,7 +16,7 @@ use crate::config::{CharBackend, SocketAddr, VmConfig};
 /// Something the launcher opens (or creates) on a child's behalf.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resource {
-    /// `-D`: the log file, opened for appending, shared by every child.
+    /// `-D`: the log file, truncated then appended to by every child (one shared open file).
     LogFile(String),
     /// The launcher's standard input / output (duplicated).
     Stdin,

@@ -86,9 +86,12 @@ pub fn open_all(plan: &Plan, prog: &str, interrupt: Interrupt<'_>) -> Result<Ope
     let mut pending_links: Vec<(usize, OwnedFd)> = Vec::new();
     for (index, r) in plan.resources.iter().enumerate() {
         let fd: OwnedFd = match r {
+            // QEMU starts the log afresh ("w"); every process appends to the shared descriptor.
             Resource::LogFile(path) => OpenOptions::new()
-                .append(true)
+                .write(true)
                 .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_APPEND | libc::O_CLOEXEC)
                 .open(path)
                 .map_err(|e| Error::LogFile { path: path.clone(), source: os_error(e) })?
                 .into(),
