@@ -166,8 +166,9 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
         Ok(())
     };
     let mut outcome: Option<End> = None;
-    for c in &plan.chardevs {
-        if let Err(end) = start(&mut graph, c, chardev_path.as_deref().unwrap_or(&core_path)) {
+    // (`chardev_path` is known whenever the plan has chardevs.)
+    for (c, path) in plan.chardevs.iter().zip(chardev_path.iter().cycle()) {
+        if let Err(end) = start(&mut graph, c, path) {
             outcome = Some(end);
             break;
         }
