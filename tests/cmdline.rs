@@ -421,12 +421,17 @@ fn serial_ports_and_chardevs() {
     assert_eq!(c.serials, ["serial0"]);
     assert_eq!(c.chardevs[0].backend, CharBackend::Stdio);
     assert!(c.chardevs[0].mux);
+    assert!(!c.chardevs[0].signal, "Ctrl-C goes to the guest with a muxed terminal");
     let c = cfg(&["-nographic", "-monitor", "none"]);
     assert!(!c.chardevs[0].mux);
+    assert!(c.chardevs[0].signal);
     let c = cfg(&["-serial", "stdio", "-display", "none"]);
     assert_eq!((c.chardevs[0].backend.clone(), c.chardevs[0].mux), (CharBackend::Stdio, false));
+    assert!(c.chardevs[0].signal);
     let c = cfg(&["-serial", "mon:stdio"]);
-    assert!(c.chardevs[0].mux);
+    assert!(c.chardevs[0].mux && !c.chardevs[0].signal);
+    let c = cfg(&["-chardev", "stdio,id=t,mux=on", "-serial", "chardev:t"]);
+    assert!(c.chardevs[0].mux && c.chardevs[0].signal, "-chardev keeps its own signal= (default on)");
     // No -serial and no -nographic: COM1 exists, its output goes nowhere (QEMU's would go to a display).
     let c = cfg(&["-display", "none"]);
     assert_eq!(c.chardevs[0].backend, CharBackend::Null);

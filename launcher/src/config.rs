@@ -1130,6 +1130,7 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
                 id
             }
             SerialSpec::New(backend, mux) => {
+                let backend_is_stdio = backend == CharBackend::Stdio;
                 if backend == CharBackend::Stdio {
                     if stdio_in_use || implicit_stdio {
                         return Err(Error::StdioTwice.at(loc.clone()));
@@ -1144,7 +1145,9 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
                     id: id.clone(),
                     backend,
                     mux,
-                    signal: true,
+                    // QEMU's compat syntax: a terminal shared with the monitor passes Ctrl-C to the guest
+                    // (`mon:stdio`, hence -nographic); plain `stdio` ends the VM on Ctrl-C.
+                    signal: !(mux && backend_is_stdio),
                     logfile: None,
                     logappend: false,
                     location: loc.clone(),
