@@ -414,3 +414,25 @@ fn socket_server_with_wait_accepts_before_starting() {
     assert!(config.contains("connected: Some("), "{config}");
     drop(client);
 }
+
+#[test]
+fn tcp_server_with_wait_announces_the_bound_address() {
+    use std::io::BufRead;
+    let s = Setup::new();
+    let mut l = s.launch(&["-serial", "telnet:127.0.0.1:0,server=on"], &[("TESSERA_FAKE_CORE", "exit:0")]);
+    let mut stderr = std::io::BufReader::new(l.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let prefix = "tessera: -serial telnet:127.0.0.1:0,server=on: info: QEMU waiting for connection on: \
+                  disconnected:telnet:127.0.0.1:";
+    let port =
+        line.strip_prefix(prefix).and_then(|r| r.strip_suffix(",server=on\n")).unwrap_or_else(|| panic!("{line}"));
+    let port: u16 = port.parse().unwrap();
+    assert_ne!(port, 0);
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let status = wait_with_timeout(&mut l, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0));
+    let config = s.read("chardev-serial1.config").unwrap();
+    assert!(config.contains("telnet: true") && config.contains("connected: Some("), "{config}");
+    drop(client);
+}
