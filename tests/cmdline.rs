@@ -588,3 +588,60 @@ fn dump_plan_starts_nothing() {
     assert!(text.contains("Kernel(\"/etc/hostname\")"), "{text}");
     assert!(fake.started().is_empty());
 }
+
+/// Lines Tessera accepts (each is also parsed by the tests above) that QEMU must accept too: QEMU runs them
+/// paused (`-S`) and must still be running after a moment. Differential only: skipped without QEMU or a
+/// kernel for it to load.
+#[test]
+fn qemu_accepts_the_good_lines_too() {
+    const VMLINUZ: &str = "/boot/vmlinuz-6.1.0-56-amd64";
+    #[rustfmt::skip]
+    const GOOD: &[&[&str]] = &[
+        &["-m", "512"], &["-m", "1.5G"], &["-m", "size=2G,size=256M"], &["--m", "262144k"], &["-m", "1G,maxmem=2G"],
+        &["-smp", "4"], &["-smp", "8,sockets=2,cores=2,threads=2"], &["-smp", "2,maxcpus=4"], &["-smp", "cpus=0x4"],
+        &["-smp", "16,sockets=2,dies=2,cores=2,threads=2,maxcpus=16"], &["-smp", "sockets=2"],
+        &["-machine", "pc,accel=kvm:tcg"], &["-M", "pc"], &["-accel", "tcg"], &["-accel", "kvm", "-accel", "tcg"],
+        &["-cpu", "max"], &["-cpu", "qemu64"],
+        &["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"],
+        &["-m", "256M", "-object", "memory-backend-memfd,id=mem,size=256M", "-M", "pc,memory-backend=mem"],
+        &["-serial", "null", "-serial", "none", "-serial", "null"], &["-serial", "mon:stdio"],
+        &["-chardev", "null,id=m,mux=on", "-serial", "chardev:m", "-serial", "chardev:m"],
+        &["-name", "guest=vm1,process=tessera-vm1,debug-threads=on"], &["-name", "vm1"],
+        &["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"], &["-device", "isa-debug-exit"],
+        &["-no-reboot", "-no-shutdown"], &["-d", "int,guest_errors"], &["-monitor", "none"], &["-nodefaults"],
+        &["-append", "console=ttyS0 a,b"],
+    ];
+    if !Path::new(QEMU).exists() || !Path::new(VMLINUZ).exists() {
+        eprintln!("note: {QEMU} or {VMLINUZ} is missing: the comparison is skipped (Tessera's side is tested above)");
+        return;
+    }
+    let handles: Vec<_> = GOOD
+        .iter()
+        .map(|args| {
+            // Tessera accepts the line.
+            cfg(args);
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            std::thread::spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let mut child = Command::new(QEMU)
+                    .args(["-display", "none", "-S", "-kernel", VMLINUZ])
+                    .args(&args)
+                    .current_dir(dir.path())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                std::thread::sleep(Duration::from_secs(3));
+                let exited = child.try_wait().unwrap();
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                exited.map(|s| {
+                    format!("QEMU refused `{}` ({s}): {}", args.join(" "), String::from_utf8_lossy(&out.stderr))
+                })
+            })
+        })
+        .collect();
+    let refused: Vec<String> = handles.into_iter().filter_map(|h| h.join().unwrap()).collect();
+    assert!(refused.is_empty(), "{}", refused.join("\n"));
+}
