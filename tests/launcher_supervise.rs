@@ -143,7 +143,7 @@ impl Setup {
         std::fs::read_to_string(self.path(name)).ok()
     }
 
-    fn launch(&self, extra: &[&str], env: &[(&str, &str)]) -> Child {
+    fn launch(&self, extra: &[&str], env: &[(&str, &str)]) -> Launched {
         let mut cmd = Command::new(bins::launcher("tessera"));
         cmd.args(["-kernel", self.kernel.to_str().unwrap(), "-serial", "null", "-display", "none"])
             .args(extra)
@@ -155,7 +155,7 @@ impl Setup {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.spawn().unwrap()
+        Launched(cmd.spawn().unwrap())
     }
 
     /// The pid a fake child wrote once it had sent Ready.
@@ -167,6 +167,31 @@ impl Setup {
             }
             assert!(Instant::now() < deadline, "the fake {role} never got ready");
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The launcher under test; killed if a test fails while it runs (its children follow it: PDEATHSIG).
+struct Launched(Child);
+
+impl std::ops::Deref for Launched {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Launched {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
 }
@@ -351,6 +376,14 @@ fn daemonize_detaches_once_ready_and_the_pidfile_follows_the_daemon() {
     // By the time the parent exits the graph is Ready.
     let core = s.wait_pid("core");
     let daemon = Pid::from_raw(std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap());
+    // If the test fails from here on, the daemon (and with it its children) must not outlive it.
+    struct KillOnDrop(Pid);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGKILL);
+        }
+    }
+    let guard = KillOnDrop(daemon);
     assert_ne!(daemon.as_raw() as u32, l.id());
     assert!(!gone(daemon));
     // A second instance cannot take the same pid file.
@@ -362,6 +395,8 @@ fn daemonize_detaches_once_ready_and_the_pidfile_follows_the_daemon() {
     );
     kill(daemon, Signal::SIGTERM).unwrap();
     assert_gone_soon(daemon, "the daemon");
+    // Gone: its pid may be reused, so the guard must not fire anymore.
+    std::mem::forget(guard);
     assert_gone_soon(core, "tessera-core");
     assert!(s.read("core.shutdown").is_some());
     assert!(!pidfile.exists(), "the pid file is removed at exit");
