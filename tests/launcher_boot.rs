@@ -12,6 +12,11 @@ use tessera_tests::bins;
 
 /// COM1 output polling LSR.THRE, then `exit` (optional) to isa-debug-exit at 0x501, then halt forever.
 fn guest(dir: &Path, name: &str, exit: Option<u8>) -> PathBuf {
+    guest_elf(dir, name, exit, 64)
+}
+
+/// The same guest in an ELF of `class` 32 or 64 bits (QEMU boots PVH notes in both).
+fn guest_elf(dir: &Path, name: &str, exit: Option<u8>, class: u32) -> PathBuf {
     let exit_code = match exit {
         Some(v) => format!("    mov $0x501, %dx\n    mov ${v:#x}, %al\n    outb %al, %dx\n"),
         None => String::new(),
@@ -66,11 +71,12 @@ msg: .asciz "hello\n"
         let out = cmd.output().expect("binutils (as, ld) must be installed");
         assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
-    run(Command::new("as").arg("--64").arg("-o").arg(&o).arg(&s));
+    let (as_flag, emulation) = if class == 32 { ("--32", "elf_i386") } else { ("--64", "elf_x86_64") };
+    run(Command::new("as").arg(as_flag).arg("-o").arg(&o).arg(&s));
     run(Command::new("ld")
         .args([
             "-m",
-            "elf_x86_64",
+            emulation,
             "--build-id=none",
             "-z",
             "noexecstack",
@@ -139,6 +145,29 @@ fn hello_through_the_chardev_and_the_debug_exit_status() {
     assert_eq!(stdout, "hello\n", "guest serial output; stderr: {stderr}");
     // isa-debug-exit: value v becomes (v << 1) | 1.
     assert_eq!(out.status.code(), Some(0x43), "stdout: {stdout}\nstderr: {stderr}");
+}
+
+#[test]
+fn a_32_bit_pvh_elf_boots_too() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let elf = guest_elf(dir.path(), "hello32", Some(0x10), 32);
+    let child = launcher()
+        .args(["-accel", "kvm", "-m", "64M", "-kernel"])
+        .arg(&elf)
+        .args(["-nographic", "-device", "isa-debug-exit,iobase=0x501"])
+        .spawn()
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.ends_with("hello\n"),
+        "guest serial output: {stdout:?}; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0x21), "stdout: {stdout}");
 }
 
 #[test]
