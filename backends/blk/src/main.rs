@@ -1,6 +1,52 @@
-//! Tessera's vhost-user-blk backend
+//! `tessera-blk`: args -> validated config -> open image -> serve the vhost-user socket forever.
 
-fn main() {
-    eprintln!("tessera-blk: not implemented yet");
-    std::process::exit(1);
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use log::{error, info};
+use tessera_blk::config::{Args, BlkConfig};
+use tessera_blk::image::open_image;
+use tessera_blk::vhost_user::{serve, BlkDevice};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let config = match BlkConfig::try_from(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let disk = match open_image(&config.image) {
+        Ok(d) => Arc::<dyn tessera_blk::image::BlockIo>::from(d),
+        Err(e) => return fail(&e),
+    };
+    info!(
+        "serving {} ({} bytes{}) with {} queue(s)",
+        config.image.path.display(),
+        disk.size(),
+        if config.image.read_only { ", read-only" } else { "" },
+        config.num_queues
+    );
+    tessera_blk::signals::flush_on_termination(disk.clone());
+    let dev = Arc::new(BlkDevice {
+        disk,
+        props: config.props.clone(),
+        num_queues: config.num_queues,
+        queue_size: config.queue_size,
+    });
+    match serve(&config.socket_path, dev) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &tessera_blk::Error) -> ExitCode {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    error!("{msg}");
+    ExitCode::FAILURE
 }

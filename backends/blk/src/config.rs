@@ -1,0 +1,89 @@
+//! Command-line flags of `tessera-blk` and their validation.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::error::{Error, Result};
+use crate::image::{ImageFormat, ImageOptions};
+use crate::request::{DiskLimits, DiskProps, ID_BYTES};
+
+/// Most queues we serve; each gets its own worker thread.
+pub const MAX_QUEUES: u16 = 64;
+
+/// Serve a disk image to a vhost-user front end (QEMU's vhost-user-blk-pci, tessera-core).
+#[derive(Debug, Parser)]
+#[command(name = "tessera-blk", version)]
+pub struct Args {
+    /// Path of the vhost-user UNIX socket to listen on (replaced if it exists).
+    #[arg(long)]
+    pub socket_path: PathBuf,
+    /// Disk image to serve.
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Image format; probed from the image when omitted (a raw guess is warned about).
+    #[arg(long, value_enum)]
+    pub format: Option<ImageFormat>,
+    /// Export the disk read-only (VIRTIO_BLK_F_RO); writes fail in the guest.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Number of request queues, one worker thread each.
+    #[arg(long, default_value_t = 1)]
+    pub num_queues: u16,
+    /// Largest virtqueue size the front end may configure (power of two).
+    #[arg(long, default_value_t = 1024)]
+    pub queue_size: u16,
+    /// Bypass the host page cache (O_DIRECT).
+    #[arg(long)]
+    pub direct: bool,
+    /// Serial number returned to VIRTIO_BLK_T_GET_ID (at most 20 bytes).
+    #[arg(long, default_value = "")]
+    pub serial: String,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct BlkConfig {
+    pub socket_path: PathBuf,
+    pub image: ImageOptions,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub props: DiskProps,
+}
+
+impl TryFrom<Args> for BlkConfig {
+    type Error = Error;
+
+    fn try_from(a: Args) -> Result<Self> {
+        if a.num_queues == 0 || a.num_queues > MAX_QUEUES {
+            return Err(Error::NumQueues {
+                got: a.num_queues,
+                max: MAX_QUEUES,
+            });
+        }
+        if a.queue_size < 2 || !a.queue_size.is_power_of_two() {
+            return Err(Error::QueueSize(a.queue_size));
+        }
+        if a.serial.len() > ID_BYTES {
+            return Err(Error::SerialTooLong(a.serial.len()));
+        }
+        let mut serial = [0u8; ID_BYTES];
+        serial[..a.serial.len()].copy_from_slice(a.serial.as_bytes());
+        Ok(BlkConfig {
+            socket_path: a.socket_path,
+            image: ImageOptions {
+                path: a.image,
+                format: a.format,
+                read_only: a.read_only,
+                direct: a.direct,
+            },
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            props: DiskProps {
+                read_only: a.read_only,
+                serial,
+                limits: DiskLimits::default(),
+            },
+        })
+    }
+}
