@@ -56,10 +56,7 @@ impl TryFrom<Args> for BlkConfig {
 
     fn try_from(a: Args) -> Result<Self> {
         if a.num_queues == 0 || a.num_queues > MAX_QUEUES {
-            return Err(Error::NumQueues {
-                got: a.num_queues,
-                max: MAX_QUEUES,
-            });
+            return Err(Error::NumQueues { got: a.num_queues, max: MAX_QUEUES });
         }
         if a.queue_size < 2 || !a.queue_size.is_power_of_two() {
             return Err(Error::QueueSize(a.queue_size));
@@ -71,19 +68,10 @@ impl TryFrom<Args> for BlkConfig {
         serial[..a.serial.len()].copy_from_slice(a.serial.as_bytes());
         Ok(BlkConfig {
             socket_path: a.socket_path,
-            image: ImageOptions {
-                path: a.image,
-                format: a.format,
-                read_only: a.read_only,
-                direct: a.direct,
-            },
+            image: ImageOptions { path: a.image, format: a.format, read_only: a.read_only, direct: a.direct },
             num_queues: a.num_queues,
             queue_size: a.queue_size,
-            props: DiskProps {
-                read_only: a.read_only,
-                serial,
-                limits: DiskLimits::default(),
-            },
+            props: DiskProps { read_only: a.read_only, serial, limits: DiskLimits::default() },
         })
     }
 }

@@ -63,10 +63,7 @@ const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// Probes the format from the first bytes of the image, as QEMU does.
 pub fn detect_format(path: &Path) -> Result<ImageFormat> {
-    let detect_err = |source| Error::DetectFormat {
-        path: path.to_owned(),
-        source,
-    };
+    let detect_err = |source| Error::DetectFormat { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(detect_err)?;
     let mut magic = [0u8; 4];
     let mut got = 0;
@@ -78,11 +75,7 @@ pub fn detect_format(path: &Path) -> Result<ImageFormat> {
             Err(e) => return Err(detect_err(e)),
         }
     }
-    Ok(if got == magic.len() && magic == QCOW2_MAGIC {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
-    })
+    Ok(if got == magic.len() && magic == QCOW2_MAGIC { ImageFormat::Qcow2 } else { ImageFormat::Raw })
 }
 
 /// Opens the image described by `opts`, probing its format if none was given.
@@ -108,10 +101,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Box<dyn BlockIo>> {
         ImageFormat::Qcow2 => Box::new(Qcow2Image::open(opts)?),
     };
     if image.size() < 512 {
-        return Err(Error::ImageTooSmall {
-            path: opts.path.clone(),
-            size: image.size(),
-        });
+        return Err(Error::ImageTooSmall { path: opts.path.clone(), size: image.size() });
     }
     Ok(image)
 }
@@ -131,10 +121,7 @@ const DIRECT_ALIGN: usize = 4096;
 
 impl RawImage {
     pub fn open(opts: &ImageOptions) -> Result<Self> {
-        let open_err = |source| Error::OpenImage {
-            path: opts.path.clone(),
-            source,
-        };
+        let open_err = |source| Error::OpenImage { path: opts.path.clone(), source };
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
         if opts.direct {
@@ -143,11 +130,7 @@ impl RawImage {
         let mut file = oo.open(&opts.path).map_err(open_err)?;
         // Seeking to the end works for regular files and block devices alike.
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-        Ok(RawImage {
-            file,
-            size,
-            direct: opts.direct,
-        })
+        Ok(RawImage { file, size, direct: opts.direct })
     }
 
     /// Wraps an already open file (tests, and a launcher that opens images before jailing us).
@@ -211,11 +194,7 @@ impl BlockIo for RawImage {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
             // Discard is a hint (virtio 1.2 §5.2.6.2: the device may ignore it), so a host
             // file system that cannot punch holes is not an error.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
@@ -232,9 +211,7 @@ impl BlockIo for RawImage {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
         };
         match self.fallocate(mode, offset, len) {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zero_buffer(offset, len)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zero_buffer(offset, len),
             r => r,
         }
     }
@@ -242,27 +219,18 @@ impl BlockIo for RawImage {
 
 /// `preadv`/`pwritev` of guest memory at `offset`, retrying short transfers and splitting at
 /// `IOV_MAX`.
-fn positioned_vectored(
-    file: &File,
-    mut offset: u64,
-    bufs: &[GuestSlice<'_>],
-    write: bool,
-) -> io::Result<()> {
+fn positioned_vectored(file: &File, mut offset: u64, bufs: &[GuestSlice<'_>], write: bool) -> io::Result<()> {
     // The guards keep the memory mapped (vm-memory's contract for raw pointers).
     let guards: Vec<_> = bufs.iter().map(|s| s.ptr_guard_mut()).collect();
     let mut iovs: Vec<libc::iovec> = guards
         .iter()
         .filter(|g| g.len() > 0)
-        .map(|g| libc::iovec {
-            iov_base: g.as_ptr().cast(),
-            iov_len: g.len(),
-        })
+        .map(|g| libc::iovec { iov_base: g.as_ptr().cast(), iov_len: g.len() })
         .collect();
     let mut first = 0;
     while first < iovs.len() {
         let count = (iovs.len() - first).min(IOV_MAX);
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let iov_ptr = iovs[first..].as_ptr();
         let ret = if write {
             // SAFETY: every iovec points into guest memory kept mapped by `guards` for the
@@ -280,11 +248,7 @@ fn positioned_vectored(
             return Err(e);
         }
         if ret == 0 {
-            return Err(io::Error::from(if write {
-                io::ErrorKind::WriteZero
-            } else {
-                io::ErrorKind::UnexpectedEof
-            }));
+            return Err(io::Error::from(if write { io::ErrorKind::WriteZero } else { io::ErrorKind::UnexpectedEof }));
         }
         let mut done = ret as usize;
         offset += done as u64;
@@ -304,12 +268,7 @@ fn positioned_vectored(
     Ok(())
 }
 
-fn bounce_transfer(
-    file: &File,
-    offset: u64,
-    bufs: &[GuestSlice<'_>],
-    write: bool,
-) -> io::Result<()> {
+fn bounce_transfer(file: &File, offset: u64, bufs: &[GuestSlice<'_>], write: bool) -> io::Result<()> {
     let total: usize = bufs.iter().map(|b| b.len()).sum();
     let mut bounce = AlignedBuf::zeroed(total)?;
     if write {
@@ -386,10 +345,7 @@ pub struct Qcow2Image {
 
 impl Qcow2Image {
     pub fn open(opts: &ImageOptions) -> Result<Self> {
-        let open_err = |source| Error::OpenImage {
-            path: opts.path.clone(),
-            source,
-        };
+        let open_err = |source| Error::OpenImage { path: opts.path.clone(), source };
         // The backing chain is opened implicitly from the paths recorded in the image (as QEMU
         // does without an explicit backing= option), read-only.
         let qcow2 = Qcow2::<imago::file::File>::builder_path(&opts.path)
@@ -399,16 +355,11 @@ impl Qcow2Image {
             .map_err(open_err)?;
         let access = FormatAccess::new(qcow2);
         let size = access.size();
-        Ok(Qcow2Image {
-            access: RwLock::new(access),
-            size,
-        })
+        Ok(Qcow2Image { access: RwLock::new(access), size })
     }
 
     fn read_lock(&self) -> io::Result<std::sync::RwLockReadGuard<'_, FormatAccess<imago::file::File>>> {
-        self.access
-            .read()
-            .map_err(|_| io::Error::other("qcow2 state poisoned by an earlier panic"))
+        self.access.read().map_err(|_| io::Error::other("qcow2 state poisoned by an earlier panic"))
     }
 }
 
@@ -434,10 +385,8 @@ impl BlockIo for Qcow2Image {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut access = self
-            .access
-            .write()
-            .map_err(|_| io::Error::other("qcow2 state poisoned by an earlier panic"))?;
+        let mut access =
+            self.access.write().map_err(|_| io::Error::other("qcow2 state poisoned by an earlier panic"))?;
         access.discard_to_any(offset, len)
     }
 

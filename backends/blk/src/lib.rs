@@ -12,8 +12,8 @@ pub mod config;
 pub mod error;
 pub mod image;
 mod ratelimit;
-pub mod signals;
 pub mod request;
+pub mod signals;
 pub mod testing;
 pub mod vhost_user;
 

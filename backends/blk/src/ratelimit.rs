@@ -14,10 +14,7 @@ static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
 /// Logs a warning about something the guest did, at most [`BURST`] lines per second; the number
 /// of suppressed lines is reported with the next line that gets through.
 pub fn guest_error(args: std::fmt::Arguments<'_>) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     if WINDOW.swap(now, Ordering::Relaxed) != now {
         COUNT.store(0, Ordering::Relaxed);
     }

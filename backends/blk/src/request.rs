@@ -107,22 +107,14 @@ impl std::fmt::Display for RequestError {
 
 /// Executes the request in `descs` and writes its status; returns the number of bytes written
 /// into the chain (the used-ring length, §2.7.8), 0 if the chain has no usable status byte.
-pub fn process_request(
-    mem: &GuestMemoryMmap,
-    descs: &[Desc],
-    disk: &dyn BlockIo,
-    props: &DiskProps,
-) -> u32 {
+pub fn process_request(mem: &GuestMemoryMmap, descs: &[Desc], disk: &dyn BlockIo, props: &DiskProps) -> u32 {
     // The status byte is the last byte of the chain, which must be device-writable.
     let Some(last) = descs.last().filter(|d| d.writable && d.len > 0) else {
-        guest_error(format_args!(
-            "request without a writable status byte at the end of its chain: dropped"
-        ));
+        guest_error(format_args!("request without a writable status byte at the end of its chain: dropped"));
         return 0;
     };
     let status_addr = GuestAddress(last.addr).checked_add(u64::from(last.len) - 1);
-    let Some(status_addr) = status_addr.filter(|a| mem.check_range(*a, 1, Permissions::Write))
-    else {
+    let Some(status_addr) = status_addr.filter(|a| mem.check_range(*a, 1, Permissions::Write)) else {
         guest_error(format_args!(
             "status byte at {:#x}+{:#x} is outside guest memory: request dropped",
             last.addr, last.len
@@ -156,9 +148,7 @@ fn resolve<'m>(
         return Ok(());
     }
     let bad = || RequestError::BadAddress(addr, len);
-    let iter = mem
-        .get_slices(GuestAddress(addr), len as usize, Permissions::ReadWrite)
-        .map_err(|_| bad())?;
+    let iter = mem.get_slices(GuestAddress(addr), len as usize, Permissions::ReadWrite).map_err(|_| bad())?;
     for s in iter {
         out.push(s.map_err(|_| bad())?);
     }
@@ -171,10 +161,7 @@ fn total_len(slices: &[GuestSlice<'_>]) -> u64 {
 }
 
 /// Copies the first `buf.len()` bytes out of `slices` and returns the remaining slices.
-fn take_prefix<'m>(
-    slices: &[GuestSlice<'m>],
-    buf: &mut [u8],
-) -> Result<Vec<GuestSlice<'m>>, RequestError> {
+fn take_prefix<'m>(slices: &[GuestSlice<'m>], buf: &mut [u8]) -> Result<Vec<GuestSlice<'m>>, RequestError> {
     let mut need = buf.len();
     let mut pos = 0;
     let mut rest = Vec::with_capacity(slices.len());
@@ -188,10 +175,7 @@ fn take_prefix<'m>(
         pos += n;
         need -= n;
         if n < s.len() {
-            rest.push(
-                s.offset(n)
-                    .map_err(|_| RequestError::Malformed("cannot split a data descriptor"))?,
-            );
+            rest.push(s.offset(n).map_err(|_| RequestError::Malformed("cannot split a data descriptor"))?);
         }
     }
     if need > 0 {
@@ -213,18 +197,11 @@ fn check_range(disk: &dyn BlockIo, sector: u64, bytes: u64) -> Result<u64, Reque
     Ok(offset)
 }
 
-fn execute(
-    mem: &GuestMemoryMmap,
-    descs: &[Desc],
-    disk: &dyn BlockIo,
-    props: &DiskProps,
-) -> Result<u32, RequestError> {
+fn execute(mem: &GuestMemoryMmap, descs: &[Desc], disk: &dyn BlockIo, props: &DiskProps) -> Result<u32, RequestError> {
     // §2.7.4.2: device-readable descriptors precede device-writable ones.
     let first_writable = descs.iter().position(|d| d.writable).unwrap_or(descs.len());
     if descs[first_writable..].iter().any(|d| !d.writable) {
-        return Err(RequestError::Malformed(
-            "device-readable descriptor after a device-writable one",
-        ));
+        return Err(RequestError::Malformed("device-readable descriptor after a device-writable one"));
     }
     let mut readable = Vec::with_capacity(first_writable);
     for d in &descs[..first_writable] {
@@ -242,19 +219,17 @@ fn execute(
     let data_out = take_prefix(&readable, &mut header)?;
     let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes([
-        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
-        header[15],
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
     ]);
 
     match req_type {
         VIRTIO_BLK_T_IN => {
             let len = total_len(&writable);
-            if len % SECTOR_SIZE != 0 {
+            if !len.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::Malformed("read length not a multiple of 512"));
             }
             let offset = check_range(disk, sector, len)?;
-            disk.read_at(offset, &writable)
-                .map_err(|e| RequestError::Io(req_type, e))?;
+            disk.read_at(offset, &writable).map_err(|e| RequestError::Io(req_type, e))?;
             u32::try_from(len).map_err(|_| RequestError::Malformed("chain longer than 4 GiB"))
         }
         VIRTIO_BLK_T_OUT => {
@@ -262,12 +237,11 @@ fn execute(
                 return Err(RequestError::ReadOnly(req_type));
             }
             let len = total_len(&data_out);
-            if len % SECTOR_SIZE != 0 {
+            if !len.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::Malformed("write length not a multiple of 512"));
             }
             let offset = check_range(disk, sector, len)?;
-            disk.write_at(offset, &data_out)
-                .map_err(|e| RequestError::Io(req_type, e))?;
+            disk.write_at(offset, &data_out).map_err(|e| RequestError::Io(req_type, e))?;
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
@@ -314,10 +288,8 @@ fn discard_or_zero(
         (limits.max_write_zeroes_sectors, limits.max_write_zeroes_seg)
     };
     let len = total_len(data);
-    if len == 0 || len % SEGMENT_LEN as u64 != 0 {
-        return Err(RequestError::Malformed(
-            "discard/write-zeroes data is not a whole number of segments",
-        ));
+    if len == 0 || !len.is_multiple_of(SEGMENT_LEN as u64) {
+        return Err(RequestError::Malformed("discard/write-zeroes data is not a whole number of segments"));
     }
     let count = len / SEGMENT_LEN as u64;
     if count > u64::from(max_seg) {
@@ -347,11 +319,7 @@ fn discard_or_zero(
         if bytes == 0 {
             continue;
         }
-        let r = if discard {
-            disk.discard(offset, bytes)
-        } else {
-            disk.write_zeroes(offset, bytes, unmap)
-        };
+        let r = if discard { disk.discard(offset, bytes) } else { disk.write_zeroes(offset, bytes, unmap) };
         r.map_err(|e| RequestError::Io(req_type, e))?;
     }
     Ok(())
@@ -362,7 +330,6 @@ mod tests {
     use super::*;
     use crate::testing::MemDisk;
 
-
     const MEM_SIZE: usize = 0x10_0000;
 
     fn mem() -> GuestMemoryMmap {
@@ -372,11 +339,7 @@ mod tests {
     fn props(read_only: bool) -> DiskProps {
         let mut serial = [0u8; ID_BYTES];
         serial[..4].copy_from_slice(b"ts01");
-        DiskProps {
-            read_only,
-            serial,
-            limits: DiskLimits::default(),
-        }
+        DiskProps { read_only, serial, limits: DiskLimits::default() }
     }
 
     fn header(mem: &GuestMemoryMmap, at: u64, t: u32, sector: u64) -> Desc {
@@ -384,19 +347,11 @@ mod tests {
         h[0..4].copy_from_slice(&t.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());
         mem.write_slice(&h, GuestAddress(at)).unwrap();
-        Desc {
-            addr: at,
-            len: 16,
-            writable: false,
-        }
+        Desc { addr: at, len: 16, writable: false }
     }
 
     fn status_desc(at: u64) -> Desc {
-        Desc {
-            addr: at,
-            len: 1,
-            writable: true,
-        }
+        Desc { addr: at, len: 1, writable: true }
     }
 
     fn status(mem: &GuestMemoryMmap, at: u64) -> u8 {
@@ -440,17 +395,11 @@ mod tests {
         buf[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
         buf[8..16].copy_from_slice(&1u64.to_le_bytes());
         m.write_slice(&buf, GuestAddress(0x2000)).unwrap();
-        let w = [
-            Desc { addr: 0x2000, len: 16 + 512, writable: false },
-            status_desc(0x3000),
-        ];
+        let w = [Desc { addr: 0x2000, len: 16 + 512, writable: false }, status_desc(0x3000)];
         assert_eq!(process_request(&m, &w, &disk, &props(false)), 1);
         assert_eq!(&disk.contents()[512..1024], &[0xab; 512][..]);
 
-        let r = [
-            header(&m, 0x100, VIRTIO_BLK_T_IN, 1),
-            Desc { addr: 0x5000, len: 513, writable: true },
-        ];
+        let r = [header(&m, 0x100, VIRTIO_BLK_T_IN, 1), Desc { addr: 0x5000, len: 513, writable: true }];
         assert_eq!(process_request(&m, &r, &disk, &props(false)), 513);
         assert_eq!(status(&m, 0x5000 + 512), VIRTIO_BLK_S_OK as u8);
     }
@@ -601,18 +550,10 @@ mod tests {
         ];
         process_request(&m, &r, &disk, &props(false));
         assert_eq!(status(&m, 0x200), VIRTIO_BLK_S_UNSUPP as u8);
-        let r = [
-            header(&m, 0x100, VIRTIO_BLK_T_DISCARD, 0),
-            segment(&m, 0x800, 15, 2, 0),
-            status_desc(0x200),
-        ];
+        let r = [header(&m, 0x100, VIRTIO_BLK_T_DISCARD, 0), segment(&m, 0x800, 15, 2, 0), status_desc(0x200)];
         process_request(&m, &r, &disk, &props(false));
         assert_eq!(status(&m, 0x200), VIRTIO_BLK_S_IOERR as u8);
-        let r = [
-            header(&m, 0x100, VIRTIO_BLK_T_DISCARD, 0),
-            segment(&m, 0x800, 14, 2, 0),
-            status_desc(0x200),
-        ];
+        let r = [header(&m, 0x100, VIRTIO_BLK_T_DISCARD, 0), segment(&m, 0x800, 14, 2, 0), status_desc(0x200)];
         process_request(&m, &r, &disk, &props(false));
         assert_eq!(status(&m, 0x200), VIRTIO_BLK_S_OK as u8);
         assert_eq!(disk.discards(), vec![(14 * 512, 1024)]);

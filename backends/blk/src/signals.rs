@@ -19,24 +19,22 @@ pub fn flush_on_termination(disk: Arc<dyn BlockIo>) {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
-    let spawned = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        log::info!("signal {sig} received: flushing the image and exiting");
+        let code = match disk.flush() {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("flushing the image failed: {e}");
+                1
             }
-            log::info!("signal {sig} received: flushing the image and exiting");
-            let code = match disk.flush() {
-                Ok(()) => 0,
-                Err(e) => {
-                    log::error!("flushing the image failed: {e}");
-                    1
-                }
-            };
-            std::process::exit(code);
-        });
+        };
+        std::process::exit(code);
+    });
     if let Err(e) = spawned {
         log::error!("cannot start the signal thread, termination will not flush: {e}");
     }

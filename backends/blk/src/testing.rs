@@ -16,10 +16,7 @@ pub struct MemDisk {
 
 impl MemDisk {
     pub fn new(size: usize) -> Self {
-        MemDisk {
-            data: Mutex::new(vec![0; size]),
-            ..Default::default()
-        }
+        MemDisk { data: Mutex::new(vec![0; size]), ..Default::default() }
     }
 
     pub fn contents(&self) -> Vec<u8> {

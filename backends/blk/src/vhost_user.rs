@@ -88,12 +88,7 @@ pub struct VhostBlk {
 impl VhostBlk {
     pub fn new(dev: Arc<BlkDevice>) -> Self {
         let config = dev.config_space();
-        VhostBlk {
-            dev,
-            config,
-            mem: RwLock::new(None),
-            event_idx: std::sync::atomic::AtomicBool::new(false),
-        }
+        VhostBlk { dev, config, mem: RwLock::new(None), event_idx: std::sync::atomic::AtomicBool::new(false) }
     }
 
     /// Pops and executes every available chain; returns whether any was completed.
@@ -117,11 +112,7 @@ impl VhostBlk {
         for chain in chains {
             let head = chain.head_index();
             descs.clear();
-            descs.extend(chain.map(|d| Desc {
-                addr: d.addr().0,
-                len: d.len(),
-                writable: d.is_write_only(),
-            }));
+            descs.extend(chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }));
             let used = process_request(&mem, &descs, self.dev.disk.as_ref(), &self.dev.props);
             if let Err(e) = vring.add_used(head, used) {
                 crate::ratelimit::guest_error(format_args!("cannot add to the used ring: {e}"));
@@ -153,14 +144,11 @@ impl VhostUserBackend for VhostBlk {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // INFLIGHT_SHMFD is not offered: vhost-user-backend 0.24 answers GET/SET_INFLIGHT_FD
         // with an error and gives backends no hook to serve them (see docs/blk.md).
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx
-            .store(enabled, std::sync::atomic::Ordering::Relaxed);
+        self.event_idx.store(enabled, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -168,19 +156,14 @@ impl VhostUserBackend for VhostBlk {
         // exactly `size` bytes, zero beyond what we define.
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(self.config.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(self.config.len());
+        let end = (offset as usize).saturating_add(size as usize).min(self.config.len());
         out[..end - start].copy_from_slice(&self.config[start..end]);
         out
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
         // Only `wce` is writable in virtio-blk, and we do not offer CONFIG_WCE.
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "virtio-blk config space is read-only in tessera-blk",
-        ))
+        Err(io::Error::new(io::ErrorKind::PermissionDenied, "virtio-blk config space is read-only in tessera-blk"))
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
@@ -251,28 +234,16 @@ pub fn serve(path: &Path, dev: Arc<BlkDevice>) -> Result<()> {
 /// Serves one connection on `path`; Ok when it ended (cleanly or not), Err if we cannot listen.
 pub fn serve_one(path: &Path, dev: Arc<BlkDevice>) -> Result<()> {
     let backend = Arc::new(VhostBlk::new(dev.clone()));
-    let mut daemon = VhostUserDaemon::new(
-        "tessera-blk".to_owned(),
-        backend,
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| Error::Daemon {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let mut daemon =
+        VhostUserDaemon::new("tessera-blk".to_owned(), backend, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+            .map_err(|e| Error::Daemon { path: path.to_owned(), reason: e.to_string() })?;
     info!("waiting for a vhost-user front end on {}", path.display());
     match daemon.serve(path) {
         Ok(()) => info!("front end disconnected from {}", path.display()),
         Err(vhost_user_backend::Error::CreateVhostUserListener(e)) => {
-            return Err(Error::Listen {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })
+            return Err(Error::Listen { path: path.to_owned(), reason: e.to_string() })
         }
-        Err(e) => error!(
-            "vhost-user connection on {} closed: {e}; waiting for the next one",
-            path.display()
-        ),
+        Err(e) => error!("vhost-user connection on {} closed: {e}; waiting for the next one", path.display()),
     }
     if let Err(e) = dev.disk.flush() {
         error!("flushing the image after the connection ended failed: {e}");
