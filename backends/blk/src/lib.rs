@@ -11,7 +11,7 @@
 pub mod config;
 pub mod error;
 pub mod image;
-mod ratelimit;
+pub(crate) mod ratelimit;
 pub mod request;
 pub mod signals;
 pub mod testing;

@@ -11,13 +11,13 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT}
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::image::BlockIo;
-use crate::request::{process_request, Desc, DiskProps, SECTOR_SIZE};
+use crate::request::{process_queue, DiskProps, SECTOR_SIZE};
 use crate::{Error, Result};
 
 /// Largest single data segment we advertise (`size_max`).
@@ -91,37 +91,29 @@ impl VhostBlk {
         VhostBlk { dev, config, mem: RwLock::new(None), event_idx: std::sync::atomic::AtomicBool::new(false) }
     }
 
-    /// Pops and executes every available chain; returns whether any was completed.
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+    /// Executes every available chain, then notifies the driver if it asked for it.
+    fn process_vring(&self, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.read().ok().and_then(|m| m.clone()) else {
-            return Ok(false);
+            return Ok(());
         };
         let mem = atomic.memory();
-        let chains: Vec<_> = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
-            Ok(it) => it.collect(),
+        // The vring lock is held for the whole batch: only this queue's worker thread processes
+        // it, and a GET_VRING_BASE from the front end then waits for in-flight requests.
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let needs_notification = match process_queue(queue, &mem, self.dev.disk.as_ref(), &self.dev.props)
+        {
+            Ok(0) => false,
+            Ok(_) => queue.needs_notification(&*mem).unwrap_or(true),
             Err(e) => {
-                // An avail index further ahead than the queue size: the driver is broken.
-                crate::ratelimit::guest_error(format_args!("cannot read the avail ring: {e}"));
-                return Ok(false);
+                crate::ratelimit::guest_error(format_args!("queue unusable: {e}"));
+                false
             }
         };
-        if chains.is_empty() {
-            return Ok(false);
+        if needs_notification {
+            state.signal_used_queue()?;
         }
-        let mut descs = Vec::with_capacity(4);
-        for chain in chains {
-            let head = chain.head_index();
-            descs.clear();
-            descs.extend(chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }));
-            let used = process_request(&mem, &descs, self.dev.disk.as_ref(), &self.dev.props);
-            if let Err(e) = vring.add_used(head, used) {
-                crate::ratelimit::guest_error(format_args!("cannot add to the used ring: {e}"));
-            }
-        }
-        if vring.needs_notification().unwrap_or(true) {
-            vring.signal_used_queue()?;
-        }
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -209,14 +201,14 @@ impl VhostUserBackend for VhostBlk {
             // would wait for the next kick (virtio 1.2 §2.7.10).
             loop {
                 let _ = vring.disable_notification();
-                self.process_queue(vring)?;
+                self.process_vring(vring)?;
                 match vring.enable_notification() {
                     Ok(true) => continue,
                     _ => break,
                 }
             }
         } else {
-            self.process_queue(vring)?;
+            self.process_vring(vring)?;
         }
         Ok(())
     }
