@@ -10,6 +10,8 @@ use crate::request::{DiskLimits, DiskProps, ID_BYTES};
 
 /// Most queues we serve; each gets its own worker thread.
 pub const MAX_QUEUES: u16 = 64;
+/// Most I/O pool threads.
+pub const MAX_IO_THREADS: usize = 256;
 
 /// Serve a disk image to a vhost-user front end (QEMU's vhost-user-blk-pci, tessera-core).
 #[derive(Debug, Parser)]
@@ -36,6 +38,10 @@ pub struct Args {
     /// Bypass the host page cache (O_DIRECT).
     #[arg(long)]
     pub direct: bool,
+    /// Threads executing blocking I/O (O_DIRECT requests, and large ones) off the queue threads,
+    /// so that deep queues run in parallel; 0 runs every request on its queue's thread.
+    #[arg(long, default_value_t = 16)]
+    pub io_threads: usize,
     /// Serial number returned to VIRTIO_BLK_T_GET_ID (at most 20 bytes).
     #[arg(long, default_value = "")]
     pub serial: String,
@@ -48,6 +54,7 @@ pub struct BlkConfig {
     pub image: ImageOptions,
     pub num_queues: u16,
     pub queue_size: u16,
+    pub io_threads: usize,
     pub props: DiskProps,
 }
 
@@ -61,6 +68,9 @@ impl TryFrom<Args> for BlkConfig {
         if a.queue_size < 2 || !a.queue_size.is_power_of_two() {
             return Err(Error::QueueSize(a.queue_size));
         }
+        if a.io_threads > MAX_IO_THREADS {
+            return Err(Error::IoThreads { got: a.io_threads, max: MAX_IO_THREADS });
+        }
         if a.serial.len() > ID_BYTES {
             return Err(Error::SerialTooLong(a.serial.len()));
         }
@@ -71,6 +81,7 @@ impl TryFrom<Args> for BlkConfig {
             image: ImageOptions { path: a.image, format: a.format, read_only: a.read_only, direct: a.direct },
             num_queues: a.num_queues,
             queue_size: a.queue_size,
+            io_threads: a.io_threads,
             props: DiskProps { read_only: a.read_only, serial, limits: DiskLimits::default() },
         })
     }

@@ -22,6 +22,8 @@ pub enum Error {
     ImageTooSmall { path: PathBuf, size: u64 },
     #[error("--num-queues must be between 1 and {max}, got {got}")]
     NumQueues { got: u16, max: u16 },
+    #[error("--io-threads must be at most {max}, got {got}")]
+    IoThreads { got: usize, max: usize },
     #[error("--queue-size must be a power of two between 2 and 32768, got {0}")]
     QueueSize(u16),
     #[error("--serial must be at most 20 bytes, got {0} bytes")]

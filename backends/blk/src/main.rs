@@ -32,6 +32,8 @@ fn main() -> ExitCode {
         props: config.props.clone(),
         num_queues: config.num_queues,
         queue_size: config.queue_size,
+        io_threads: config.io_threads,
+        direct: config.image.direct,
     });
     match serve(&config.socket_path, dev) {
         Ok(()) => ExitCode::SUCCESS,

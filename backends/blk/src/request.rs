@@ -155,11 +155,7 @@ pub fn process_queue(
         descs.clear();
         // The chain iterator follows indirect tables and stops at a loop or a descriptor it
         // cannot read; a truncated chain then fails our shape checks below.
-        descs.extend(chain.clone().map(|d| Desc {
-            addr: d.addr().0,
-            len: d.len(),
-            writable: d.is_write_only(),
-        }));
+        descs.extend(chain.clone().map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }));
         let used = process_request(mem, &descs, disk, props);
         queue.add_used(mem, chain.head_index(), used)?;
     }

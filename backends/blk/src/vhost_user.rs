@@ -3,21 +3,23 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
 
 use log::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::image::BlockIo;
-use crate::request::{process_queue, DiskProps, SECTOR_SIZE};
+use crate::request::{process_request, Desc, DiskProps, SECTOR_SIZE};
 use crate::{Error, Result};
 
 /// Largest single data segment we advertise (`size_max`).
@@ -29,6 +31,10 @@ pub struct BlkDevice {
     pub props: DiskProps,
     pub num_queues: u16,
     pub queue_size: u16,
+    /// Threads of the I/O pool per connection (0: every request on its queue's thread).
+    pub io_threads: usize,
+    /// The image bypasses the page cache, so its I/O blocks on the device.
+    pub direct: bool,
 }
 
 impl BlkDevice {
@@ -76,45 +82,151 @@ impl BlkDevice {
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// Requests at least this large go to the I/O pool even on the page cache: copying a MiB is
+/// long enough that doing several in parallel beats the thread hand-off.
+const OFFLOAD_MIN_BYTES: u64 = 128 << 10;
+
+/// A request handed to the I/O pool; it completes itself on its vring.
+struct Job {
+    vring: VringRwLock,
+    /// Keeps the memory map the descriptors were translated against alive until completion.
+    mem: GuestMemoryLoadGuard<GuestMemoryMmap>,
+    descs: Vec<Desc>,
+    head: u16,
+    queue: usize,
+}
+
+/// Requests in flight in the pool, per queue, so that GET_VRING_BASE can wait for them.
+type Inflight = Arc<(Mutex<Vec<usize>>, Condvar)>;
+
 /// One connection's backend. A fresh one is made per connection so that the worker threads and
 /// their exit events of a finished connection go away with it.
 pub struct VhostBlk {
     dev: Arc<BlkDevice>,
     config: Vec<u8>,
     mem: RwLock<Option<Mem>>,
-    event_idx: std::sync::atomic::AtomicBool,
+    event_idx: AtomicBool,
+    /// Sender side of the I/O pool (None: every request runs on its queue's thread).
+    pool: Option<Mutex<mpsc::Sender<Job>>>,
+    inflight: Inflight,
 }
 
 impl VhostBlk {
     pub fn new(dev: Arc<BlkDevice>) -> Self {
         let config = dev.config_space();
-        VhostBlk { dev, config, mem: RwLock::new(None), event_idx: std::sync::atomic::AtomicBool::new(false) }
+        let inflight: Inflight = Arc::new((Mutex::new(vec![0; usize::from(dev.num_queues)]), Condvar::new()));
+        let pool = (dev.io_threads > 0).then(|| start_pool(&dev, &inflight)).flatten().map(Mutex::new);
+        VhostBlk { dev, config, mem: RwLock::new(None), event_idx: AtomicBool::new(false), pool, inflight }
     }
 
-    /// Executes every available chain, then notifies the driver if it asked for it.
-    fn process_vring(&self, vring: &VringRwLock) -> io::Result<()> {
+    /// Whether a request goes to the pool: blocking device I/O (O_DIRECT) always, page-cache
+    /// I/O only when large (a small page-cache copy is cheaper than a thread hand-off).
+    fn offload(&self, descs: &[Desc]) -> bool {
+        self.pool.is_some()
+            && (self.dev.direct || descs.iter().map(|d| u64::from(d.len)).sum::<u64>() >= OFFLOAD_MIN_BYTES)
+    }
+
+    /// Executes (or hands to the pool) every available chain, then notifies the driver about the
+    /// ones completed here if it asked for it.
+    fn process_vring(&self, vring: &VringRwLock, queue_index: usize) -> io::Result<()> {
         let Some(atomic) = self.mem.read().ok().and_then(|m| m.clone()) else {
             return Ok(());
         };
         let mem = atomic.memory();
-        // The vring lock is held for the whole batch: only this queue's worker thread processes
-        // it, and a GET_VRING_BASE from the front end then waits for in-flight requests.
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        let needs_notification = match process_queue(queue, &mem, self.dev.disk.as_ref(), &self.dev.props)
-        {
-            Ok(0) => false,
-            Ok(_) => queue.needs_notification(&*mem).unwrap_or(true),
+        let chains: Vec<_> = match queue.iter(&*mem) {
+            Ok(it) => it.collect(),
             Err(e) => {
-                crate::ratelimit::guest_error(format_args!("queue unusable: {e}"));
-                false
+                // E.g. an avail index more than the queue size ahead (§2.7.6): the driver is
+                // broken; leave the queue alone until it resets the device.
+                crate::ratelimit::guest_error(format_args!("queue {queue_index} unusable: {e}"));
+                return Ok(());
             }
         };
-        if needs_notification {
+        let mut completed_here = 0;
+        for chain in chains {
+            let head = chain.head_index();
+            let descs: Vec<Desc> =
+                chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }).collect();
+            if self.offload(&descs) {
+                let job = Job { vring: vring.clone(), mem: mem.clone(), descs, head, queue: queue_index };
+                if let Some(slot) = lock(&self.inflight.0).get_mut(queue_index) {
+                    *slot += 1;
+                }
+                let sent = self.pool.as_ref().map(|p| lock(p).send(job));
+                match sent {
+                    Some(Ok(())) => continue,
+                    // The pool is gone (a worker thread died): run it here instead.
+                    Some(Err(mpsc::SendError(job))) => {
+                        if let Some(slot) = lock(&self.inflight.0).get_mut(queue_index) {
+                            *slot -= 1;
+                        }
+                        let used = process_request(&mem, &job.descs, self.dev.disk.as_ref(), &self.dev.props);
+                        add_used(queue, &mem, head, used);
+                    }
+                    None => {}
+                }
+            } else {
+                let used = process_request(&mem, &descs, self.dev.disk.as_ref(), &self.dev.props);
+                add_used(queue, &mem, head, used);
+            }
+            completed_here += 1;
+        }
+        if completed_here > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
             state.signal_used_queue()?;
         }
         Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn add_used(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap, head: u16, used: u32) {
+    if let Err(e) = queue.add_used(mem, head, used) {
+        crate::ratelimit::guest_error(format_args!("cannot add to the used ring: {e}"));
+    }
+}
+
+/// Starts `dev.io_threads` threads executing offloaded requests, each completing its request on
+/// its vring (virtio allows completion in any order, §2.7.8).
+fn start_pool(dev: &Arc<BlkDevice>, inflight: &Inflight) -> Option<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..dev.io_threads {
+        let rx = rx.clone();
+        let dev = dev.clone();
+        let inflight = inflight.clone();
+        let spawned = std::thread::Builder::new().name(format!("blk-io{i}")).spawn(move || loop {
+            let job = lock(&rx).recv();
+            let Ok(job) = job else {
+                // The connection's backend is gone.
+                break;
+            };
+            let used = process_request(&job.mem, &job.descs, dev.disk.as_ref(), &dev.props);
+            {
+                let mut state = job.vring.get_mut();
+                add_used(state.get_queue_mut(), &job.mem, job.head, used);
+                if state.get_queue_mut().needs_notification(&*job.mem).unwrap_or(true) {
+                    if let Err(e) = state.signal_used_queue() {
+                        warn!("cannot signal queue {}: {e}", job.queue);
+                    }
+                }
+            }
+            let (count, cv) = &*inflight;
+            if let Some(slot) = lock(count).get_mut(job.queue) {
+                *slot = slot.saturating_sub(1);
+            }
+            cv.notify_all();
+        });
+        if let Err(e) = spawned {
+            error!("cannot start I/O thread {i}: {e}; serving requests on the queue threads");
+            return None;
+        }
+    }
+    Some(tx)
 }
 
 impl VhostUserBackend for VhostBlk {
@@ -136,11 +248,15 @@ impl VhostUserBackend for VhostBlk {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // INFLIGHT_SHMFD is not offered: vhost-user-backend 0.24 answers GET/SET_INFLIGHT_FD
         // with an error and gives backends no hook to serve them (see docs/blk.md).
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            // ADD/REM_MEM_REG, served by vhost-user-backend; libblkio requires it.
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, std::sync::atomic::Ordering::Relaxed);
+        self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -170,6 +286,24 @@ impl VhostUserBackend for VhostBlk {
         (0..self.dev.num_queues).map(|q| 1u64 << q).collect()
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: requests already taken from this queue must complete first, or the
+        // front end (or the next backend after a restart) would see them neither used nor
+        // available. Bounded, so a stuck host I/O cannot hang the control connection forever.
+        let (count, cv) = &*self.inflight;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut guard = lock(count);
+        while guard.get(queue_index as usize).copied().unwrap_or(0) > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                warn!("queue {queue_index} stopped with requests still in flight");
+                break;
+            }
+            guard = cv.wait_timeout(guard, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        Ok(())
+    }
+
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // Called once per worker thread when the connection's handler is built.
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
@@ -196,19 +330,19 @@ impl VhostUserBackend for VhostBlk {
             warn!("event for unknown queue {device_event}");
             return Ok(());
         };
-        if self.event_idx.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.event_idx.load(Ordering::Relaxed) {
             // Re-check after re-enabling notifications, or a chain made available in between
             // would wait for the next kick (virtio 1.2 §2.7.10).
             loop {
                 let _ = vring.disable_notification();
-                self.process_vring(vring)?;
+                self.process_vring(vring, usize::from(device_event))?;
                 match vring.enable_notification() {
                     Ok(true) => continue,
                     _ => break,
                 }
             }
         } else {
-            self.process_vring(vring)?;
+            self.process_vring(vring, usize::from(device_event))?;
         }
         Ok(())
     }
@@ -216,29 +350,46 @@ impl VhostUserBackend for VhostBlk {
 
 /// Serves `dev` on the vhost-user socket at `path`, one front end at a time, forever: when a
 /// front end disconnects (or sends something malformed) the connection is dropped, the disk is
-/// flushed, and the socket is served again. Returns only if the socket cannot be listened on.
+/// flushed, and the next connection is accepted. The socket is bound once, so a front end that
+/// reconnects at any moment finds it. Returns only if the socket cannot be listened on.
 pub fn serve(path: &Path, dev: Arc<BlkDevice>) -> Result<()> {
+    let mut listener =
+        Listener::new(path, true).map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
     loop {
-        serve_one(path, dev.clone())?;
+        if !serve_connection(&mut listener, path, dev.clone())? {
+            // accept() itself failed (e.g. out of file descriptors): do not spin.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 }
 
-/// Serves one connection on `path`; Ok when it ended (cleanly or not), Err if we cannot listen.
-pub fn serve_one(path: &Path, dev: Arc<BlkDevice>) -> Result<()> {
+/// Accepts one connection on `listener` and serves it until it ends. Ok(true) when a
+/// connection was served (however it ended), Ok(false) when none could be accepted.
+pub fn serve_connection(listener: &mut Listener, path: &Path, dev: Arc<BlkDevice>) -> Result<bool> {
     let backend = Arc::new(VhostBlk::new(dev.clone()));
     let mut daemon =
         VhostUserDaemon::new("tessera-blk".to_owned(), backend, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
             .map_err(|e| Error::Daemon { path: path.to_owned(), reason: e.to_string() })?;
     info!("waiting for a vhost-user front end on {}", path.display());
-    match daemon.serve(path) {
-        Ok(()) => info!("front end disconnected from {}", path.display()),
-        Err(vhost_user_backend::Error::CreateVhostUserListener(e)) => {
-            return Err(Error::Listen { path: path.to_owned(), reason: e.to_string() })
-        }
-        Err(e) => error!("vhost-user connection on {} closed: {e}; waiting for the next one", path.display()),
+    if let Err(e) = daemon.start(listener) {
+        error!("cannot accept a connection on {}: {e}", path.display());
+        return Ok(false);
+    }
+    info!("front end connected on {}", path.display());
+    let result = daemon.wait();
+    // The worker threads of this connection exit; the next connection gets fresh ones.
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => info!("front end disconnected from {}", path.display()),
+        Err(e) => error!("closing the vhost-user connection on {}: {e}; waiting for the next one", path.display()),
     }
     if let Err(e) = dev.disk.flush() {
         error!("flushing the image after the connection ended failed: {e}");
     }
-    Ok(())
+    Ok(true)
 }

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Benchmark: tessera-blk against qemu-storage-daemon's vhost-user-blk export, same raw image file,
+# same independent client (benches/blk: libblkio's virtio-blk-vhost-user driver via the `blkio`
+# crate). Prints a markdown table of IOPS and ratios, and each backend's RSS sampled mid-run.
+#
+# usage: benches/blk/run.sh [seconds-per-run (default 5)] [image-size-MiB (default 1024)]
+# Environment: BENCH_DISK_DIR (default /var/tmp) for the on-disk image; tmpfs is /dev/shm.
+set -euo pipefail
+secs=${1:-5}
+size_mib=${2:-1024}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+disk_dir=${BENCH_DISK_DIR:-/var/tmp}
+
+cargo build --quiet --release --manifest-path "$root/Cargo.toml" -p tessera-blk
+cargo build --quiet --release --manifest-path "$root/benches/blk/Cargo.toml"
+client=$root/benches/blk/target/release/tessera-blk-bench
+tessera=$root/target/release/tessera-blk
+command -v qemu-storage-daemon >/dev/null || { echo "qemu-storage-daemon not found (qemu-utils)" >&2; exit 1; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work" /dev/shm/tessera-bench-$$.img "$disk_dir/tessera-bench-$$.img"
+}
+trap cleanup EXIT
+
+workloads=("randread 4096 1" "randread 4096 32" "randwrite 4096 1" "randwrite 4096 32" "read 1048576 4" "write 1048576 4")
+
+# rss PID -> "VmRSS kB/RssShmem kB" (RssShmem: guest memory pages the backend touched).
+rss() {
+    awk '/^VmRSS/{r=$2} /^RssShmem/{s=$2} END{printf "%d/%d", r, s}' "/proc/$1/status"
+}
+
+# run_one SOCKET PID WORKLOAD... -> prints "iops rss"
+run_one() {
+    local sock=$1 pid=$2; shift 2
+    local out="$work/out.$RANDOM"
+    "$client" "$sock" "$@" "$secs" >"$out" &
+    local cpid=$!
+    sleep "$(awk -v s="$secs" 'BEGIN{print s/2}')"
+    local r; r=$(rss "$pid")
+    wait "$cpid"
+    local iops; iops=$(sed -n 's/.* iops=\([0-9]*\).*/\1/p' "$out")
+    echo "$iops $r"
+}
+
+wait_sock() {
+    for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done
+    echo "socket $1 did not appear" >&2; return 1
+}
+
+# bench LABEL IMAGE DIRECT(0/1)
+bench() {
+    local label=$1 img=$2 direct=$3
+    local tsock=$work/t.sock qsock=$work/q.sock
+    local targs=() qcache=off
+    if [ "$direct" = 1 ]; then targs=(--direct); qcache=on; fi
+    "$tessera" --socket-path "$tsock" --image "$img" --format raw "${targs[@]}" 2>"$work/tessera.log" &
+    local tpid=$!; pids+=("$tpid")
+    qemu-storage-daemon \
+        --blockdev "driver=file,node-name=file0,filename=$img,cache.direct=$qcache" \
+        --blockdev driver=raw,node-name=disk0,file=file0 \
+        --export "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path=$qsock,node-name=disk0,writable=on,num-queues=1" \
+        2>"$work/qsd.log" &
+    local qpid=$!; pids+=("$qpid")
+    wait_sock "$tsock"; wait_sock "$qsock"
+    local w
+    for w in "${workloads[@]}"; do
+        # shellcheck disable=SC2086
+        read -r ti trss < <(run_one "$tsock" "$tpid" $w)
+        # shellcheck disable=SC2086
+        read -r qi qrss < <(run_one "$qsock" "$qpid" $w)
+        set -- $w
+        local name="$1 $(( $2 >= 1048576 ? $2 / 1048576 : $2 / 1024 ))$([ "$2" -ge 1048576 ] && echo M || echo k) QD$3"
+        local unit="IOPS"
+        if [ "$2" -ge 1048576 ]; then
+            ti=$(( ti * $2 / 1048576 )); qi=$(( qi * $2 / 1048576 )); unit="MiB/s"
+        fi
+        printf "| %s | %s | %s %s | %s %s | %s | %s | %s |\n" "$label" "$name" "$ti" "$unit" "$qi" "$unit" \
+            "$(awk -v a="$ti" -v b="$qi" 'BEGIN{ if (b>0) printf "%.2fx", a/b; else print "n/a" }')" "$trss" "$qrss"
+    done
+    kill "$tpid" "$qpid"; wait "$tpid" "$qpid" 2>/dev/null || true
+    rm -f "$tsock" "$qsock"
+}
+
+echo "Machine: $(nproc) cores, $(uname -r); ${secs}s per run, ${size_mib} MiB raw image, 1 queue."
+echo "RSS columns: VmRSS/RssShmem in kB sampled mid-run (RssShmem = guest-memory pages mapped by the backend)."
+echo
+echo "| image on | workload | tessera-blk | qemu-storage-daemon | ratio | tessera RSS kB | qsd RSS kB |"
+echo "|---|---|---|---|---|---|---|"
+shm=/dev/shm/tessera-bench-$$.img
+dd if=/dev/urandom of="$shm" bs=1M count="$size_mib" status=none
+bench "tmpfs" "$shm" 0
+rm -f "$shm"
+dimg=$disk_dir/tessera-bench-$$.img
+dd if=/dev/urandom of="$dimg" bs=1M count="$size_mib" status=none conv=fsync
+bench "disk, page cache" "$dimg" 0
+bench "disk, O_DIRECT" "$dimg" 1
