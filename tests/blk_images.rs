@@ -57,7 +57,7 @@ fn contents_via_qemu(dir: &Path, image: &Path, format: &str) -> Vec<u8> {
 
 /// Applies a fixed sequence of writes, zeroes and discards to `disk` and to `model`.
 fn exercise(disk: &dyn BlockIo, model: &mut [u8]) {
-    let mut put = |disk: &dyn BlockIo, model: &mut [u8], off: u64, data: Vec<u8>| {
+    let put = |disk: &dyn BlockIo, model: &mut [u8], off: u64, data: Vec<u8>| {
         write(disk, off, &data);
         model[off as usize..off as usize + data.len()].copy_from_slice(&data);
     };
