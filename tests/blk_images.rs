@@ -173,3 +173,25 @@ fn format_probe() {
         .expect("tiny image accepted");
     assert!(err.to_string().contains("b.raw"), "{err}");
 }
+
+#[test]
+fn probed_raw_refuses_a_qcow2_header_in_block_0() {
+    let dir = TempDir::new("blk-img-probe-guard").unwrap();
+    let image = dir.path().join("disk.raw");
+    fs::write(&image, vec![0u8; MIB as usize]).unwrap();
+    let mut header = vec![0u8; 512];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    {
+        let disk = open(&image, None, false);
+        assert!(disk.write_at(0, &[VolatileSlice::from(&mut header[..])]).is_err());
+        // Anything else, and the same bytes elsewhere, are fine.
+        write(disk.as_ref(), 0, &[7u8; 512]);
+        write(disk.as_ref(), 512, &header);
+    }
+    {
+        // With the format given explicitly the guest owns every byte, as in QEMU.
+        let disk = open(&image, Some(ImageFormat::Raw), false);
+        write(disk.as_ref(), 0, &header);
+    }
+    assert_eq!(tessera_blk::image::detect_format(&image).unwrap(), ImageFormat::Qcow2);
+}

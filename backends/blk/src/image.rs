@@ -97,7 +97,11 @@ pub fn open_image(opts: &ImageOptions) -> Result<Box<dyn BlockIo>> {
         }
     };
     let image: Box<dyn BlockIo> = match format {
-        ImageFormat::Raw => Box::new(RawImage::open(opts)?),
+        ImageFormat::Raw => {
+            let mut raw = RawImage::open(opts)?;
+            raw.guard_probe = opts.format.is_none();
+            Box::new(raw)
+        }
         ImageFormat::Qcow2 => Box::new(Qcow2Image::open(opts)?),
     };
     if image.size() < 512 {
@@ -112,6 +116,9 @@ pub struct RawImage {
     file: File,
     size: u64,
     direct: bool,
+    /// The format was probed: refuse guest writes that would make the next probe see qcow2
+    /// (QEMU restricts writes to block 0 of probed raw images for the same reason).
+    guard_probe: bool,
 }
 
 /// Most iovecs one `preadv`/`pwritev` accepts (`IOV_MAX` on Linux).
@@ -130,13 +137,13 @@ impl RawImage {
         let mut file = oo.open(&opts.path).map_err(open_err)?;
         // Seeking to the end works for regular files and block devices alike.
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-        Ok(RawImage { file, size, direct: opts.direct })
+        Ok(RawImage { file, size, direct: opts.direct, guard_probe: false })
     }
 
     /// Wraps an already open file (tests, and a launcher that opens images before jailing us).
     pub fn from_file(mut file: File, direct: bool) -> io::Result<Self> {
         let size = file.seek(SeekFrom::End(0))?;
-        Ok(RawImage { file, size, direct })
+        Ok(RawImage { file, size, direct, guard_probe: false })
     }
 
     fn transfer(&self, offset: u64, bufs: &[GuestSlice<'_>], write: bool) -> io::Result<()> {
@@ -186,6 +193,12 @@ impl BlockIo for RawImage {
     }
 
     fn write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        if self.guard_probe && offset < QCOW2_MAGIC.len() as u64 && writes_format_magic(offset, bufs) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "write of a qcow2 header into a probed raw image refused (use --format raw)",
+            ));
+        }
         self.transfer(offset, bufs, true)
     }
 
@@ -215,6 +228,22 @@ impl BlockIo for RawImage {
             r => r,
         }
     }
+}
+
+/// Whether a write at `offset` (< 4) puts the qcow2 magic at the start of the image.
+fn writes_format_magic(offset: u64, bufs: &[GuestSlice<'_>]) -> bool {
+    if offset != 0 {
+        return false;
+    }
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    for b in bufs {
+        if got == head.len() {
+            break;
+        }
+        got += b.copy_to(&mut head[got..]);
+    }
+    got == head.len() && head == QCOW2_MAGIC
 }
 
 /// `preadv`/`pwritev` of guest memory at `offset`, retrying short transfers and splitting at

@@ -34,8 +34,7 @@ fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 6 {
         return Err(
-            "usage: blk-bench <socket> <randread|randwrite|read|write> <block-size> <queue-depth> <seconds>"
-                .into(),
+            "usage: blk-bench <socket> <randread|randwrite|read|write> <block-size> <queue-depth> <seconds>".into()
         );
     }
     let socket = &args[1];
@@ -107,17 +106,14 @@ fn run() -> Result<(), String> {
         let off = next_offset(&mut rng);
         submit(&mut q, slot, off);
     }
-    let mut completions: Vec<MaybeUninit<Completion>> =
-        (0..qd).map(|_| MaybeUninit::uninit()).collect();
+    let mut completions: Vec<MaybeUninit<Completion>> = (0..qd).map(|_| MaybeUninit::uninit()).collect();
     let deadline = Duration::from_secs_f64(seconds);
     let start = Instant::now();
     let mut done: u64 = 0;
     let mut in_flight = qd;
     let mut stopping = false;
     while in_flight > 0 {
-        let n = q
-            .do_io(&mut completions, 1, None, None)
-            .map_err(e("do_io"))?;
+        let n = q.do_io(&mut completions, 1, None, None).map_err(e("do_io"))?;
         if !stopping && start.elapsed() >= deadline {
             stopping = true;
         }
