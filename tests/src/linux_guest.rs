@@ -356,7 +356,18 @@ pub struct GuestRun {
 /// `timeout`, after which it is killed. If `done_marker` appears in the output, QEMU is given
 /// a few seconds to exit on its own and then killed (a guest that printed its verdict need not
 /// finish shutting down).
-pub fn run_guest(mut cmd: Command, timeout: Duration, done_marker: Option<&str>) -> io::Result<GuestRun> {
+pub fn run_guest(cmd: Command, timeout: Duration, done_marker: Option<&str>) -> io::Result<GuestRun> {
+    run_guest_watching(cmd, timeout, done_marker, |_| {})
+}
+
+/// [`run_guest`], calling `watch` with the whole output so far whenever more arrives, so a test
+/// can act on the host when the guest reaches a point (restart a backend, ...).
+pub fn run_guest_watching(
+    mut cmd: Command,
+    timeout: Duration,
+    done_marker: Option<&str>,
+    mut watch: impl FnMut(&str),
+) -> io::Result<GuestRun> {
     let start = Instant::now();
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let out = Arc::new(Mutex::new(Vec::<u8>::new()));
@@ -383,9 +394,15 @@ pub fn run_guest(mut cmd: Command, timeout: Duration, done_marker: Option<&str>)
         }));
     }
     let mut marker_seen_at: Option<Instant> = None;
+    let mut seen_len = 0;
     let (status, timed_out) = loop {
         if let Some(s) = child.try_wait()? {
             break (Some(s), false);
+        }
+        let now = out.lock().map(|o| String::from_utf8_lossy(&o).into_owned()).unwrap_or_default();
+        if now.len() != seen_len {
+            seen_len = now.len();
+            watch(&now);
         }
         if marker_seen_at.is_none() {
             if let Some(m) = done_marker {
