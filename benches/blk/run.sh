@@ -33,17 +33,27 @@ rss() {
     awk '/^VmRSS/{r=$2} /^RssShmem/{s=$2} END{printf "%d/%d", r, s}' "/proc/$1/status"
 }
 
-# run_one SOCKET PID WORKLOAD... -> prints "iops rss"
+# cpu_ticks PID -> utime+stime of all the process's threads, in clock ticks.
+cpu_ticks() {
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+# run_one SOCKET PID WORKLOAD... -> prints "iops rss cpu-us-per-request"
 run_one() {
     local sock=$1 pid=$2; shift 2
     local out="$work/out.$RANDOM"
+    local c0; c0=$(cpu_ticks "$pid")
     "$client" "$sock" "$@" "$secs" >"$out" &
     local cpid=$!
     sleep "$(awk -v s="$secs" 'BEGIN{print s/2}')"
     local r; r=$(rss "$pid")
     wait "$cpid"
+    local c1; c1=$(cpu_ticks "$pid")
     local iops; iops=$(sed -n 's/.* iops=\([0-9]*\).*/\1/p' "$out")
-    echo "$iops $r"
+    local cpu
+    cpu=$(awk -v t=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v i="$iops" -v s="$secs" \
+        'BEGIN{ if (i > 0) printf "%.1f", t / hz * 1e6 / (i * s); else print "n/a" }')
+    echo "$iops $r $cpu"
 }
 
 wait_sock() {
@@ -69,17 +79,18 @@ bench() {
     local w
     for w in "${workloads[@]}"; do
         # shellcheck disable=SC2086
-        read -r ti trss < <(run_one "$tsock" "$tpid" $w)
+        read -r ti trss tcpu < <(run_one "$tsock" "$tpid" $w)
         # shellcheck disable=SC2086
-        read -r qi qrss < <(run_one "$qsock" "$qpid" $w)
+        read -r qi qrss qcpu < <(run_one "$qsock" "$qpid" $w)
         set -- $w
         local name="$1 $(( $2 >= 1048576 ? $2 / 1048576 : $2 / 1024 ))$([ "$2" -ge 1048576 ] && echo M || echo k) QD$3"
         local unit="IOPS"
         if [ "$2" -ge 1048576 ]; then
             ti=$(( ti * $2 / 1048576 )); qi=$(( qi * $2 / 1048576 )); unit="MiB/s"
         fi
-        printf "| %s | %s | %s %s | %s %s | %s | %s | %s |\n" "$label" "$name" "$ti" "$unit" "$qi" "$unit" \
-            "$(awk -v a="$ti" -v b="$qi" 'BEGIN{ if (b>0) printf "%.2fx", a/b; else print "n/a" }')" "$trss" "$qrss"
+        printf "| %s | %s | %s %s | %s %s | %s | %s | %s | %s | %s |\n" "$label" "$name" "$ti" "$unit" "$qi" "$unit" \
+            "$(awk -v a="$ti" -v b="$qi" 'BEGIN{ if (b>0) printf "%.2fx", a/b; else print "n/a" }')" \
+            "$tcpu" "$qcpu" "$trss" "$qrss"
     done
     kill "$tpid" "$qpid"; wait "$tpid" "$qpid" 2>/dev/null || true
     rm -f "$tsock" "$qsock"
@@ -88,8 +99,10 @@ bench() {
 echo "Machine: $(nproc) cores, $(uname -r); ${secs}s per run, ${size_mib} MiB raw image, 1 queue."
 echo "RSS columns: VmRSS/RssShmem in kB sampled mid-run (RssShmem = guest-memory pages mapped by the backend)."
 echo
-echo "| image on | workload | tessera-blk | qemu-storage-daemon | ratio | tessera RSS kB | qsd RSS kB |"
-echo "|---|---|---|---|---|---|---|"
+echo "CPU columns: backend CPU time (all threads, user+system) per request, in microseconds."
+echo
+echo "| image on | workload | tessera-blk | qemu-storage-daemon | ratio | tessera CPU µs/req | qsd CPU µs/req | tessera RSS kB | qsd RSS kB |"
+echo "|---|---|---|---|---|---|---|---|---|"
 shm=/dev/shm/tessera-bench-$$.img
 dd if=/dev/urandom of="$shm" bs=1M count="$size_mib" status=none
 bench "tmpfs" "$shm" 0

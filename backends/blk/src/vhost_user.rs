@@ -1,10 +1,11 @@
 //! The vhost-user adapter: feeds descriptor chains from the rings rust-vmm's vhost-user-backend
 //! manages into [`crate::request::process_request`]. No block logic lives here.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use log::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -107,7 +108,7 @@ pub struct VhostBlk {
     mem: RwLock<Option<Mem>>,
     event_idx: AtomicBool,
     /// Sender side of the I/O pool (None: every request runs on its queue's thread).
-    pool: Option<Mutex<mpsc::Sender<Job>>>,
+    pool: Option<Arc<Pool>>,
     inflight: Inflight,
 }
 
@@ -115,7 +116,7 @@ impl VhostBlk {
     pub fn new(dev: Arc<BlkDevice>) -> Self {
         let config = dev.config_space();
         let inflight: Inflight = Arc::new((Mutex::new(vec![0; usize::from(dev.num_queues)]), Condvar::new()));
-        let pool = (dev.io_threads > 0).then(|| start_pool(&dev, &inflight)).flatten().map(Mutex::new);
+        let pool = (dev.io_threads > 0).then(|| start_pool(&dev, &inflight)).flatten();
         VhostBlk { dev, config, mem: RwLock::new(None), event_idx: AtomicBool::new(false), pool, inflight }
     }
 
@@ -154,21 +155,12 @@ impl VhostBlk {
                 if let Some(slot) = lock(&self.inflight.0).get_mut(queue_index) {
                     *slot += 1;
                 }
-                let sent = self.pool.as_ref().map(|p| lock(p).send(job));
-                match sent {
-                    Some(Ok(())) => continue,
-                    // The pool is gone (a worker thread died): run it here instead.
-                    Some(Err(mpsc::SendError(job))) => {
-                        if let Some(slot) = lock(&self.inflight.0).get_mut(queue_index) {
-                            *slot -= 1;
-                        }
-                        let used = process_request(&mem, &job.descs, self.dev.disk.as_ref(), &self.dev.props);
-                        add_used(queue, &mem, head, used);
-                    }
-                    None => {}
+                if let Some(pool) = &self.pool {
+                    pool.submit(job);
                 }
+                continue;
             } else {
-                let used = process_request(&mem, &descs, self.dev.disk.as_ref(), &self.dev.props);
+                let used = run_request(&mem, &descs, &self.dev);
                 add_used(queue, &mem, head, used);
             }
             completed_here += 1;
@@ -177,6 +169,20 @@ impl VhostBlk {
             state.signal_used_queue()?;
         }
         Ok(())
+    }
+}
+
+/// Runs one request, containing a panic (a bug in us or in imago, never guest input by design)
+/// to that request: it completes without a status, the error is logged, and the thread (a
+/// queue's or the pool's) keeps serving.
+fn run_request(mem: &GuestMemoryMmap, descs: &[Desc], dev: &BlkDevice) -> u32 {
+    let run = std::panic::AssertUnwindSafe(|| process_request(mem, descs, dev.disk.as_ref(), &dev.props));
+    match std::panic::catch_unwind(run) {
+        Ok(used) => used,
+        Err(_) => {
+            error!("internal error while executing a request (see the panic message above); request dropped");
+            0
+        }
     }
 }
 
@@ -190,43 +196,83 @@ fn add_used(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap, head: u16, u
     }
 }
 
+/// The I/O pool: a job queue under one mutex and a condvar. A thread that finishes a job takes
+/// the next one without sleeping, so under load the same few threads stay hot (an mpsc receiver
+/// behind a mutex instead hands every job to a different, cold thread: measured ~2x slower for
+/// 1 MiB page-cache reads on 2 cores).
+struct Pool {
+    jobs: Mutex<(VecDeque<Job>, bool)>,
+    cv: Condvar,
+}
+
+impl Pool {
+    fn submit(&self, job: Job) {
+        lock(&self.jobs).0.push_back(job);
+        self.cv.notify_one();
+    }
+
+    /// Lets the threads exit once the queue is drained.
+    fn close(&self) {
+        lock(&self.jobs).1 = true;
+        self.cv.notify_all();
+    }
+
+    fn next(&self) -> Option<Job> {
+        let mut g = lock(&self.jobs);
+        loop {
+            if let Some(job) = g.0.pop_front() {
+                return Some(job);
+            }
+            if g.1 {
+                return None;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// Starts `dev.io_threads` threads executing offloaded requests, each completing its request on
 /// its vring (virtio allows completion in any order, §2.7.8).
-fn start_pool(dev: &Arc<BlkDevice>, inflight: &Inflight) -> Option<mpsc::Sender<Job>> {
-    let (tx, rx) = mpsc::channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
+fn start_pool(dev: &Arc<BlkDevice>, inflight: &Inflight) -> Option<Arc<Pool>> {
+    let pool = Arc::new(Pool { jobs: Mutex::new((VecDeque::new(), false)), cv: Condvar::new() });
     for i in 0..dev.io_threads {
-        let rx = rx.clone();
+        let worker_pool = pool.clone();
         let dev = dev.clone();
         let inflight = inflight.clone();
-        let spawned = std::thread::Builder::new().name(format!("blk-io{i}")).spawn(move || loop {
-            let job = lock(&rx).recv();
-            let Ok(job) = job else {
-                // The connection's backend is gone.
-                break;
-            };
-            let used = process_request(&job.mem, &job.descs, dev.disk.as_ref(), &dev.props);
-            {
-                let mut state = job.vring.get_mut();
-                add_used(state.get_queue_mut(), &job.mem, job.head, used);
-                if state.get_queue_mut().needs_notification(&*job.mem).unwrap_or(true) {
-                    if let Err(e) = state.signal_used_queue() {
-                        warn!("cannot signal queue {}: {e}", job.queue);
+        let spawned = std::thread::Builder::new().name(format!("blk-io{i}")).spawn(move || {
+            while let Some(job) = worker_pool.next() {
+                let used = run_request(&job.mem, &job.descs, &dev);
+                {
+                    let mut state = job.vring.get_mut();
+                    add_used(state.get_queue_mut(), &job.mem, job.head, used);
+                    if state.get_queue_mut().needs_notification(&*job.mem).unwrap_or(true) {
+                        if let Err(e) = state.signal_used_queue() {
+                            warn!("cannot signal queue {}: {e}", job.queue);
+                        }
                     }
                 }
+                let (count, cv) = &*inflight;
+                if let Some(slot) = lock(count).get_mut(job.queue) {
+                    *slot = slot.saturating_sub(1);
+                }
+                cv.notify_all();
             }
-            let (count, cv) = &*inflight;
-            if let Some(slot) = lock(count).get_mut(job.queue) {
-                *slot = slot.saturating_sub(1);
-            }
-            cv.notify_all();
         });
         if let Err(e) = spawned {
             error!("cannot start I/O thread {i}: {e}; serving requests on the queue threads");
+            pool.close();
             return None;
         }
     }
-    Some(tx)
+    Some(pool)
+}
+
+impl Drop for VhostBlk {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.close();
+        }
+    }
 }
 
 impl VhostUserBackend for VhostBlk {
