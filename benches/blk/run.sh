@@ -22,7 +22,7 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$work" /dev/shm/tessera-bench-$$.img "$disk_dir/tessera-bench-$$.img"
+    rm -rf "$work" /dev/shm/tessera-bench-$$.img /dev/shm/tessera-bench-$$.img.qcow2 "$disk_dir/tessera-bench-$$.img"
 }
 trap cleanup EXIT
 
@@ -61,27 +61,38 @@ wait_sock() {
     echo "socket $1 did not appear" >&2; return 1
 }
 
-# bench LABEL IMAGE DIRECT(0/1)
+# bench LABEL IMAGE DIRECT(0/1) [FORMAT (raw)]
 bench() {
-    local label=$1 img=$2 direct=$3
+    local label=$1 img=$2 direct=$3 fmt=${4:-raw}
     local tsock=$work/t.sock qsock=$work/q.sock
     local targs=() qcache=off
     if [ "$direct" = 1 ]; then targs=(--direct); qcache=on; fi
-    "$tessera" --socket-path "$tsock" --image "$img" --format raw "${targs[@]}" 2>"$work/tessera.log" &
+    "$tessera" --socket-path "$tsock" --image "$img" --format "$fmt" "${targs[@]}" 2>"$work/tessera.log" &
     local tpid=$!; pids+=("$tpid")
     qemu-storage-daemon \
         --blockdev "driver=file,node-name=file0,filename=$img,cache.direct=$qcache" \
-        --blockdev driver=raw,node-name=disk0,file=file0 \
+        --blockdev "driver=$fmt,node-name=disk0,file=file0" \
         --export "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path=$qsock,node-name=disk0,writable=on,num-queues=1" \
         2>"$work/qsd.log" &
     local qpid=$!; pids+=("$qpid")
     wait_sock "$tsock"; wait_sock "$qsock"
-    local w
+    # Same starting point for both: the image in the page cache (irrelevant for O_DIRECT).
+    cat "$img" >/dev/null
+    local w n=0
     for w in "${workloads[@]}"; do
-        # shellcheck disable=SC2086
-        read -r ti trss tcpu < <(run_one "$tsock" "$tpid" $w)
-        # shellcheck disable=SC2086
-        read -r qi qrss qcpu < <(run_one "$qsock" "$qpid" $w)
+        # Alternate who goes first, so drift in the machine's load does not favour one side.
+        n=$((n + 1))
+        if [ $((n % 2)) = 1 ]; then
+            # shellcheck disable=SC2086
+            read -r ti trss tcpu < <(run_one "$tsock" "$tpid" $w)
+            # shellcheck disable=SC2086
+            read -r qi qrss qcpu < <(run_one "$qsock" "$qpid" $w)
+        else
+            # shellcheck disable=SC2086
+            read -r qi qrss qcpu < <(run_one "$qsock" "$qpid" $w)
+            # shellcheck disable=SC2086
+            read -r ti trss tcpu < <(run_one "$tsock" "$tpid" $w)
+        fi
         set -- $w
         local name="$1 $(( $2 >= 1048576 ? $2 / 1048576 : $2 / 1024 ))$([ "$2" -ge 1048576 ] && echo M || echo k) QD$3"
         local unit="IOPS"
@@ -96,7 +107,8 @@ bench() {
     rm -f "$tsock" "$qsock"
 }
 
-echo "Machine: $(nproc) cores, $(uname -r); ${secs}s per run, ${size_mib} MiB raw image, 1 queue."
+echo "Machine: $(nproc) cores, $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg) at start;"
+echo "${secs}s per run, ${size_mib} MiB image of random data, 1 queue; qemu-storage-daemon $(qemu-storage-daemon --version | head -1 | awk '{print $NF}') with its defaults (aio=threads)."
 echo "RSS columns: VmRSS/RssShmem in kB sampled mid-run (RssShmem = guest-memory pages mapped by the backend)."
 echo
 echo "CPU columns: backend CPU time (all threads, user+system) per request, in microseconds."
@@ -106,7 +118,10 @@ echo "|---|---|---|---|---|---|---|---|---|"
 shm=/dev/shm/tessera-bench-$$.img
 dd if=/dev/urandom of="$shm" bs=1M count="$size_mib" status=none
 bench "tmpfs" "$shm" 0
-rm -f "$shm"
+# qcow2 with every cluster allocated (converted from the random raw image), 64 KiB clusters.
+qemu-img convert -f raw -O qcow2 "$shm" "$shm.qcow2"
+bench "tmpfs, qcow2" "$shm.qcow2" 0 qcow2
+rm -f "$shm" "$shm.qcow2"
 dimg=$disk_dir/tessera-bench-$$.img
 dd if=/dev/urandom of="$dimg" bs=1M count="$size_mib" status=none conv=fsync
 bench "disk, page cache" "$dimg" 0
