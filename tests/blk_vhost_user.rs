@@ -236,3 +236,176 @@ fn bad_flags_fail_with_a_clear_error() {
     let err = run(&["--socket-path", sock, "--image", img.to_str().unwrap(), "--num-queues", "0"]);
     assert!(err.contains("--num-queues"), "{err}");
 }
+
+mod chains {
+    //! Crafted descriptor chains through a real vhost-user connection (rust-vmm's vhost
+    //! frontend on the client side, shared memory from a file in /dev/shm).
+
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const MEM: usize = 1 << 20;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const QSIZE: u16 = 32;
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    struct Ring {
+        mem: GuestMemoryMmap,
+        next_desc: u16,
+        avail_idx: u16,
+    }
+
+    impl Ring {
+        fn desc(&mut self, addr: u64, len: u32, flags: u16) -> u16 {
+            let i = self.next_desc;
+            self.next_desc += 1;
+            let at = GuestAddress(DESC + u64::from(i) * 16);
+            let next = if flags & F_NEXT != 0 { i + 1 } else { 0 };
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            self.mem.write_slice(&d, at).unwrap();
+            i
+        }
+
+        fn header(&self, at: u64, t: u32, sector: u64) {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&t.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_slice(&h, GuestAddress(at)).unwrap();
+        }
+
+        /// A request: header at `hdr`, optional data descriptor, status byte at `status`.
+        fn request(&mut self, hdr: (u64, u32), data: Option<(u64, u32, bool)>, status: u64) -> u16 {
+            self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+            let head = self.desc(hdr.0, hdr.1, F_NEXT);
+            if let Some((addr, len, writable)) = data {
+                self.desc(addr, len, F_NEXT | if writable { F_WRITE } else { 0 });
+            }
+            self.desc(status, 1, F_WRITE);
+            let slot = GuestAddress(AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2);
+            self.mem.write_obj(head, slot).unwrap();
+            self.avail_idx += 1;
+            head
+        }
+
+        fn publish(&self) {
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        fn status(&self, at: u64) -> u8 {
+            self.mem.read_obj(GuestAddress(at)).unwrap()
+        }
+    }
+
+    #[test]
+    fn bad_chains_get_a_status_and_the_backend_keeps_serving() {
+        let dir = TempDir::new("blk-vu-chains").unwrap();
+        let img = dir.path().join("disk.raw");
+        let content: Vec<u8> = (0..(64 << 10)).map(|i: u32| (i % 253) as u8).collect();
+        fs::write(&img, &content).unwrap();
+        let (backend, sock) = Backend::start(dir.path(), &img, &["--format", "raw"]);
+
+        // Guest memory shared through a file the backend maps.
+        let shm = dir.path().join("guest.mem");
+        let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&shm).unwrap();
+        file.set_len(MEM as u64).unwrap();
+        let fd = file.as_raw_fd();
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        let hva = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+
+        let mut fe = Frontend::connect(&sock, 1).expect("connect");
+        fe.set_owner().unwrap();
+        let features = fe.get_features().unwrap();
+        fe.set_features(features & (F_VERSION_1 | F_PROTOCOL_FEATURES)).unwrap();
+        let proto = fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(proto & VhostUserProtocolFeatures::CONFIG).unwrap();
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM as u64,
+            userspace_addr: hva(0),
+            mmap_offset: 0,
+            mmap_handle: fd,
+        }])
+        .unwrap();
+        let call = EventFd::new(0).unwrap();
+        let kick = EventFd::new(0).unwrap();
+        fe.set_vring_num(0, QSIZE).unwrap();
+        fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: hva(DESC),
+                used_ring_addr: hva(USED),
+                avail_ring_addr: hva(AVAIL),
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(0, 0).unwrap();
+        fe.set_vring_call(0, &call).unwrap();
+        fe.set_vring_kick(0, &kick).unwrap();
+        fe.set_vring_enable(0, true).unwrap();
+
+        let mut ring = Ring { mem: mem.clone(), next_desc: 0, avail_idx: 0 };
+        let (t_in, t_unknown) = (0u32, 0x77u32);
+        let st = |i: u64| 0x20000 + i;
+        let data = |i: u64| 0x40000 + i * 0x1000;
+        ring.header(0x10000, t_in, 1);
+        ring.request((0x10000, 16), Some((data(0), 512, true)), st(0)); // good read of sector 1
+        ring.header(0x10100, t_in, 0);
+        ring.request((0x10100, 16), Some((0x7_0000_0000, 512, true)), st(1)); // data outside memory
+        ring.header(0x10200, t_in, 128);
+        ring.request((0x10200, 16), Some((data(2), 512, true)), st(2)); // past the end (128 sectors)
+        ring.header(0x10300, t_unknown, 0);
+        ring.request((0x10300, 16), None, st(3)); // unknown type
+        ring.header(0x10400, t_in, 0);
+        ring.request((0x10400, 8), Some((data(4), 512, true)), st(4)); // truncated header
+        ring.header(0x10500, t_in, 127);
+        ring.request((0x10500, 16), Some((data(5), 512, true)), st(5)); // good read of the last sector
+        ring.publish();
+        kick.write(1).unwrap();
+
+        let start = Instant::now();
+        while ring.used_idx() != 6 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "only {} of 6 requests completed:\n{}",
+                ring.used_idx(),
+                backend.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let statuses: Vec<u8> = (0..6).map(|i| ring.status(st(i))).collect();
+        // OK, IOERR, IOERR, UNSUPP, IOERR, OK (virtio 1.2 §5.2.6)
+        assert_eq!(statuses, vec![0, 1, 1, 2, 1, 0], "statuses; backend log:\n{}", backend.log());
+        let mut got = vec![0u8; 512];
+        mem.read_slice(&mut got, GuestAddress(data(0))).unwrap();
+        assert_eq!(got, content[512..1024]);
+        mem.read_slice(&mut got, GuestAddress(data(5))).unwrap();
+        assert_eq!(got, content[127 * 512..128 * 512]);
+        assert!(backend.log().contains("outside guest memory"), "no log line:\n{}", backend.log());
+    }
+}
