@@ -65,8 +65,11 @@ impl BlkDevice {
         let l = &self.props.limits;
         c[0..8].copy_from_slice(&capacity.to_le_bytes());
         c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-        // Two descriptors of every chain carry the header and the status byte.
-        let seg_max = u32::from(self.queue_size).saturating_sub(2).max(1);
+        // A chain may not be longer than the queue size (virtio 1.2 §2.7.5.3.1), and two of its
+        // descriptors carry the header and the status byte. The front end reads the config
+        // before the driver picks a queue size, so assume the smallest common one: 128 is
+        // QEMU's vhost-user-blk-pci default.
+        let seg_max = u32::from(self.queue_size.min(128)).saturating_sub(2).max(1);
         c[12..16].copy_from_slice(&seg_max.to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
