@@ -230,3 +230,20 @@ fn direct_io_with_unaligned_guest_buffers_goes_through_a_bounce_buffer() {
     let _ = fs::remove_file(&image);
     assert_eq!(&after[4096..8192], &bytes(7, 4096)[..]);
 }
+
+#[test]
+fn unsupported_formats_are_refused_not_served_raw() {
+    ensure_debian_packages(&["qemu-utils"]).unwrap();
+    let dir = TempDir::new("blk-img-vmdk").unwrap();
+    let v = dir.path().join("a.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", v.to_str().unwrap(), "1M"]);
+    let err = open_image(&ImageOptions { path: v.clone(), format: None, read_only: true, direct: false })
+        .err()
+        .expect("a vmdk image was accepted");
+    let msg = err.to_string();
+    assert!(msg.contains("vmdk") && msg.contains("a.vmdk"), "{msg}");
+    // Explicitly raw: the user asked for the bytes.
+    assert!(
+        open_image(&ImageOptions { path: v, format: Some(ImageFormat::Raw), read_only: true, direct: false }).is_ok()
+    );
+}

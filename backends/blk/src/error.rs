@@ -18,6 +18,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "image {path} looks like a {format} image, which tessera-blk cannot serve; convert it with \
+         `qemu-img convert -O qcow2`, or pass --format raw to serve its bytes as they are"
+    )]
+    UnsupportedFormat { path: PathBuf, format: &'static str },
     #[error("image {path} is {size} bytes, smaller than one 512-byte sector")]
     ImageTooSmall { path: PathBuf, size: u64 },
     #[error("--num-queues must be between 1 and {max}, got {got}")]

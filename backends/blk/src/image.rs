@@ -65,18 +65,33 @@ const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 pub fn detect_format(path: &Path) -> Result<ImageFormat> {
     let detect_err = |source| Error::DetectFormat { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(detect_err)?;
-    let mut magic = [0u8; 4];
+    let mut head = [0u8; 8];
     let mut got = 0;
-    while got < magic.len() {
-        match file.read(&mut magic[got..]) {
+    while got < head.len() {
+        match file.read(&mut head[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(detect_err(e)),
         }
     }
-    Ok(if got == magic.len() && magic == QCOW2_MAGIC { ImageFormat::Qcow2 } else { ImageFormat::Raw })
+    let head = &head[..got];
+    if head.starts_with(&QCOW2_MAGIC) {
+        return Ok(ImageFormat::Qcow2);
+    }
+    // Formats QEMU would recognise but we do not serve: probing them as raw would hand the
+    // guest the container's metadata as disk contents, so refuse instead.
+    for (magic, name) in OTHER_FORMATS {
+        if head.starts_with(magic) {
+            return Err(Error::UnsupportedFormat { path: path.to_owned(), format: name });
+        }
+    }
+    Ok(ImageFormat::Raw)
 }
+
+/// Magic numbers at offset 0 of image formats tessera-blk does not serve.
+const OTHER_FORMATS: &[(&[u8], &str)] =
+    &[(b"KDMV", "vmdk"), (b"vhdxfile", "vhdx"), (b"QED\0", "qed"), (b"LUKS\xba\xbe", "luks"), (b"conectix", "vpc")];
 
 /// Opens the image described by `opts`, probing its format if none was given.
 pub fn open_image(opts: &ImageOptions) -> Result<Box<dyn BlockIo>> {
