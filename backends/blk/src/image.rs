@@ -6,6 +6,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -33,6 +34,17 @@ pub trait BlockIo: Send + Sync {
     fn read_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()>;
     /// Write the contents of `bufs`, in order, to the disk starting at `offset`.
     fn write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()>;
+    /// Like `read_at`, but fails with `ErrorKind::WouldBlock` rather than wait for the device
+    /// (a page-cache miss), so the caller can move the request to a thread that may block. Bytes
+    /// may have been copied before it gives up. Default: just `read_at`.
+    fn try_read_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        self.read_at(offset, bufs)
+    }
+    /// Like `write_at`, failing with `ErrorKind::WouldBlock` rather than wait (writeback
+    /// throttling, block allocation); a partial write may have happened. Default: `write_at`.
+    fn try_write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        self.write_at(offset, bufs)
+    }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
     /// The guest no longer needs `[offset, offset+len)`; its contents become unspecified.
@@ -131,6 +143,9 @@ pub struct RawImage {
     file: File,
     size: u64,
     direct: bool,
+    /// `RWF_NOWAIT` still believed to work on this file for [reads, writes] (cleared on
+    /// EOPNOTSUPP: ext4, for one, supports it for buffered reads but not buffered writes).
+    nowait: [AtomicBool; 2],
     /// The format was probed: refuse guest writes that would make the next probe see qcow2
     /// (QEMU restricts writes to block 0 of probed raw images for the same reason).
     guard_probe: bool,
@@ -152,17 +167,50 @@ impl RawImage {
         let mut file = oo.open(&opts.path).map_err(open_err)?;
         // Seeking to the end works for regular files and block devices alike.
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-        Ok(RawImage { file, size, direct: opts.direct, guard_probe: false })
+        Ok(RawImage {
+            file,
+            size,
+            direct: opts.direct,
+            guard_probe: false,
+            nowait: [AtomicBool::new(true), AtomicBool::new(true)],
+        })
     }
 
     /// Wraps an already open file (tests, and a launcher that opens images before jailing us).
     pub fn from_file(mut file: File, direct: bool) -> io::Result<Self> {
         let size = file.seek(SeekFrom::End(0))?;
-        Ok(RawImage { file, size, direct, guard_probe: false })
+        Ok(RawImage { file, size, direct, guard_probe: false, nowait: [AtomicBool::new(true), AtomicBool::new(true)] })
+    }
+
+    /// A non-blocking attempt (`RWF_NOWAIT`, Linux 4.14+ for reads, 5.9+ for buffered writes
+    /// on most file systems); `WouldBlock` when the kernel would have to wait for the device.
+    fn try_transfer(&self, offset: u64, bufs: &[GuestSlice<'_>], write: bool) -> io::Result<()> {
+        if self.direct {
+            // O_DIRECT always waits for the device.
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
+        let nowait = &self.nowait[usize::from(write)];
+        if !nowait.load(Ordering::Relaxed) {
+            return self.transfer(offset, bufs, write);
+        }
+        match positioned_vectored(&self.file, offset, bufs, write, libc::RWF_NOWAIT) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // This file system cannot do it: block inline from now on.
+                if nowait.swap(false, Ordering::Relaxed) {
+                    log::info!(
+                        "the host file system does not support RWF_NOWAIT for {}; those run on the queue thread",
+                        if write { "writes" } else { "reads" }
+                    );
+                }
+                self.transfer(offset, bufs, write)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+            r => r,
+        }
     }
 
     fn transfer(&self, offset: u64, bufs: &[GuestSlice<'_>], write: bool) -> io::Result<()> {
-        match positioned_vectored(&self.file, offset, bufs, write) {
+        match positioned_vectored(&self.file, offset, bufs, write, 0) {
             // O_DIRECT wants buffers aligned to the device's logical block; a guest's buffers
             // need not be (virtio only promises 512-byte multiples of length), so retry through
             // an aligned bounce buffer.
@@ -205,6 +253,18 @@ impl BlockIo for RawImage {
 
     fn read_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.transfer(offset, bufs, false)
+    }
+
+    fn try_read_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        self.try_transfer(offset, bufs, false)
+    }
+
+    fn try_write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        if self.guard_probe && offset < QCOW2_MAGIC.len() as u64 {
+            // Let write_at apply the probe guard.
+            return self.write_at(offset, bufs);
+        }
+        self.try_transfer(offset, bufs, true)
     }
 
     fn write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
@@ -263,7 +323,13 @@ fn writes_format_magic(offset: u64, bufs: &[GuestSlice<'_>]) -> bool {
 
 /// `preadv`/`pwritev` of guest memory at `offset`, retrying short transfers and splitting at
 /// `IOV_MAX`.
-fn positioned_vectored(file: &File, mut offset: u64, bufs: &[GuestSlice<'_>], write: bool) -> io::Result<()> {
+fn positioned_vectored(
+    file: &File,
+    mut offset: u64,
+    bufs: &[GuestSlice<'_>],
+    write: bool,
+    flags: libc::c_int,
+) -> io::Result<()> {
     // The guards keep the memory mapped (vm-memory's contract for raw pointers).
     let guards: Vec<_> = bufs.iter().map(|s| s.ptr_guard_mut()).collect();
     let mut iovs: Vec<libc::iovec> = guards
@@ -279,10 +345,10 @@ fn positioned_vectored(file: &File, mut offset: u64, bufs: &[GuestSlice<'_>], wr
         let ret = if write {
             // SAFETY: every iovec points into guest memory kept mapped by `guards` for the
             // duration of the call, with the length of its VolatileSlice.
-            unsafe { libc::pwritev(file.as_raw_fd(), iov_ptr, count as libc::c_int, off) }
+            unsafe { libc::pwritev2(file.as_raw_fd(), iov_ptr, count as libc::c_int, off, flags) }
         } else {
             // SAFETY: as above; the kernel writes only within each iovec.
-            unsafe { libc::preadv(file.as_raw_fd(), iov_ptr, count as libc::c_int, off) }
+            unsafe { libc::preadv2(file.as_raw_fd(), iov_ptr, count as libc::c_int, off, flags) }
         };
         if ret < 0 {
             let e = io::Error::last_os_error();

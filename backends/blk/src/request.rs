@@ -78,6 +78,8 @@ enum RequestError {
     Unsupported(u32),
     /// The host I/O failed (IOERR).
     Io(u32, io::Error),
+    /// Non-blocking mode only: the host I/O would have to wait; nothing is reported yet.
+    WouldBlock,
 }
 
 impl RequestError {
@@ -102,6 +104,7 @@ impl std::fmt::Display for RequestError {
             RequestError::ReadOnly(t) => write!(f, "request type {t} on a read-only disk"),
             RequestError::Unsupported(t) => write!(f, "unsupported request type or flags {t:#x}"),
             RequestError::Io(t, e) => write!(f, "host I/O for request type {t} failed: {e}"),
+            RequestError::WouldBlock => write!(f, "host I/O would block"),
         }
     }
 }
@@ -109,10 +112,33 @@ impl std::fmt::Display for RequestError {
 /// Executes the request in `descs` and writes its status; returns the number of bytes written
 /// into the chain (the used-ring length, §2.7.8), 0 if the chain has no usable status byte.
 pub fn process_request(mem: &GuestMemoryMmap, descs: &[Desc], disk: &dyn BlockIo, props: &DiskProps) -> u32 {
+    complete_request(mem, descs, disk, props, false).unwrap_or(0)
+}
+
+/// [`process_request`] without waiting for the device: `None` when the request needs I/O that
+/// would block (a page-cache miss, writeback, FLUSH, DISCARD, WRITE_ZEROES); nothing has been
+/// reported to the driver then, and the request must be run again with [`process_request`] on
+/// a thread that may block. Requests that fail validation complete here with their status.
+pub fn try_process_request(
+    mem: &GuestMemoryMmap,
+    descs: &[Desc],
+    disk: &dyn BlockIo,
+    props: &DiskProps,
+) -> Option<u32> {
+    complete_request(mem, descs, disk, props, true)
+}
+
+fn complete_request(
+    mem: &GuestMemoryMmap,
+    descs: &[Desc],
+    disk: &dyn BlockIo,
+    props: &DiskProps,
+    nowait: bool,
+) -> Option<u32> {
     // The status byte is the last byte of the chain, which must be device-writable.
     let Some(last) = descs.last().filter(|d| d.writable && d.len > 0) else {
         guest_error(format_args!("request without a writable status byte at the end of its chain: dropped"));
-        return 0;
+        return Some(0);
     };
     let status_addr = GuestAddress(last.addr).checked_add(u64::from(last.len) - 1);
     let Some(status_addr) = status_addr.filter(|a| mem.check_range(*a, 1, Permissions::Write)) else {
@@ -120,11 +146,12 @@ pub fn process_request(mem: &GuestMemoryMmap, descs: &[Desc], disk: &dyn BlockIo
             "status byte at {:#x}+{:#x} is outside guest memory: request dropped",
             last.addr, last.len
         ));
-        return 0;
+        return Some(0);
     };
 
-    let (status, written) = match execute(mem, descs, disk, props) {
+    let (status, written) = match execute(mem, descs, disk, props, nowait) {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+        Err(RequestError::WouldBlock) => return None,
         Err(e) => {
             guest_error(format_args!("{e}"));
             (e.status(), 0)
@@ -133,9 +160,9 @@ pub fn process_request(mem: &GuestMemoryMmap, descs: &[Desc], disk: &dyn BlockIo
     if mem.write_obj(status, status_addr).is_err() {
         // check_range passed above, so this is unreachable short of a memory-map change racing
         // us; report nothing rather than claim a status the driver never saw.
-        return 0;
+        return Some(0);
     }
-    written.saturating_add(1)
+    Some(written.saturating_add(1))
 }
 
 /// Executes every chain available in `queue` and puts each on the used ring; returns how many
@@ -222,7 +249,13 @@ fn check_range(disk: &dyn BlockIo, sector: u64, bytes: u64) -> Result<u64, Reque
     Ok(offset)
 }
 
-fn execute(mem: &GuestMemoryMmap, descs: &[Desc], disk: &dyn BlockIo, props: &DiskProps) -> Result<u32, RequestError> {
+fn execute(
+    mem: &GuestMemoryMmap,
+    descs: &[Desc],
+    disk: &dyn BlockIo,
+    props: &DiskProps,
+    nowait: bool,
+) -> Result<u32, RequestError> {
     // §2.7.4.2: device-readable descriptors precede device-writable ones.
     let first_writable = descs.iter().position(|d| d.writable).unwrap_or(descs.len());
     if descs[first_writable..].iter().any(|d| !d.writable) {
@@ -254,7 +287,8 @@ fn execute(mem: &GuestMemoryMmap, descs: &[Desc], disk: &dyn BlockIo, props: &Di
                 return Err(RequestError::Malformed("read length not a multiple of 512"));
             }
             let offset = check_range(disk, sector, len)?;
-            disk.read_at(offset, &writable).map_err(|e| RequestError::Io(req_type, e))?;
+            let r = if nowait { disk.try_read_at(offset, &writable) } else { disk.read_at(offset, &writable) };
+            r.map_err(|e| io_error(req_type, e))?;
             u32::try_from(len).map_err(|_| RequestError::Malformed("chain longer than 4 GiB"))
         }
         VIRTIO_BLK_T_OUT => {
@@ -266,9 +300,11 @@ fn execute(mem: &GuestMemoryMmap, descs: &[Desc], disk: &dyn BlockIo, props: &Di
                 return Err(RequestError::Malformed("write length not a multiple of 512"));
             }
             let offset = check_range(disk, sector, len)?;
-            disk.write_at(offset, &data_out).map_err(|e| RequestError::Io(req_type, e))?;
+            let r = if nowait { disk.try_write_at(offset, &data_out) } else { disk.write_at(offset, &data_out) };
+            r.map_err(|e| io_error(req_type, e))?;
             Ok(0)
         }
+        VIRTIO_BLK_T_FLUSH if nowait => Err(RequestError::WouldBlock),
         VIRTIO_BLK_T_FLUSH => {
             disk.flush().map_err(|e| RequestError::Io(req_type, e))?;
             Ok(0)
@@ -291,10 +327,21 @@ fn execute(mem: &GuestMemoryMmap, descs: &[Desc], disk: &dyn BlockIo, props: &Di
             if props.read_only {
                 return Err(RequestError::ReadOnly(req_type));
             }
+            if nowait {
+                return Err(RequestError::WouldBlock);
+            }
             discard_or_zero(req_type, &data_out, disk, &props.limits)?;
             Ok(0)
         }
         other => Err(RequestError::Unsupported(other)),
+    }
+}
+
+fn io_error(req_type: u32, e: io::Error) -> RequestError {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        RequestError::WouldBlock
+    } else {
+        RequestError::Io(req_type, e)
     }
 }
 
@@ -596,6 +643,36 @@ mod tests {
         ];
         assert_eq!(process_request(&m, &r, &disk, &props(false)), 1);
         assert_eq!(status(&m, 0x200), VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn non_blocking_attempt_defers_without_a_status() {
+        let m = mem();
+        let disk = MemDisk::new(4096);
+        disk.set_would_block(true);
+        let read = [
+            header(&m, 0x100, VIRTIO_BLK_T_IN, 0),
+            Desc { addr: 0x4000, len: 512, writable: true },
+            status_desc(0x200),
+        ];
+        m.write_obj(0xeeu8, GuestAddress(0x200)).unwrap();
+        assert_eq!(try_process_request(&m, &read, &disk, &props(false)), None);
+        assert_eq!(status(&m, 0x200), 0xee, "a deferred request must not report a status");
+        // FLUSH always waits for the device; invalid requests complete at once.
+        let flush = [header(&m, 0x300, VIRTIO_BLK_T_FLUSH, 0), status_desc(0x210)];
+        assert_eq!(try_process_request(&m, &flush, &disk, &props(false)), None);
+        let past_end = [
+            header(&m, 0x400, VIRTIO_BLK_T_IN, 8),
+            Desc { addr: 0x4000, len: 512, writable: true },
+            status_desc(0x220),
+        ];
+        assert_eq!(try_process_request(&m, &past_end, &disk, &props(false)), Some(1));
+        assert_eq!(status(&m, 0x220), VIRTIO_BLK_S_IOERR as u8);
+        // The blocking retry completes it.
+        assert_eq!(process_request(&m, &read, &disk, &props(false)), 513);
+        assert_eq!(status(&m, 0x200), VIRTIO_BLK_S_OK as u8);
+        disk.set_would_block(false);
+        assert_eq!(try_process_request(&m, &read, &disk, &props(false)), Some(513));
     }
 
     #[test]

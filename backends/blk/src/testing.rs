@@ -12,6 +12,7 @@ pub struct MemDisk {
     data: Mutex<Vec<u8>>,
     discards: Mutex<Vec<(u64, u64)>>,
     fail_next: AtomicBool,
+    would_block: AtomicBool,
 }
 
 impl MemDisk {
@@ -29,6 +30,11 @@ impl MemDisk {
 
     pub fn discards(&self) -> Vec<(u64, u64)> {
         self.discards.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Makes non-blocking reads and writes (`try_*`) report that they would block.
+    pub fn set_would_block(&self, on: bool) {
+        self.would_block.store(on, Ordering::SeqCst);
     }
 
     /// Makes the next read or write fail with an I/O error.
@@ -80,6 +86,20 @@ impl BlockIo for MemDisk {
             offset += b.len() as u64;
         }
         Ok(())
+    }
+
+    fn try_read_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        if self.would_block.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
+        self.read_at(offset, bufs)
+    }
+
+    fn try_write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        if self.would_block.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
+        self.write_at(offset, bufs)
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::image::BlockIo;
-use crate::request::{process_request, Desc, DiskProps, SECTOR_SIZE};
+use crate::request::{process_request, try_process_request, Desc, DiskProps, SECTOR_SIZE};
 use crate::{Error, Result};
 
 /// Largest single data segment we advertise (`size_max`).
@@ -123,8 +123,9 @@ impl VhostBlk {
         VhostBlk { dev, config, mem: RwLock::new(None), event_idx: AtomicBool::new(false), pool, inflight }
     }
 
-    /// Whether a request goes to the pool: blocking device I/O (O_DIRECT) always, page-cache
-    /// I/O only when large (a small page-cache copy is cheaper than a thread hand-off).
+    /// Whether a request goes straight to the pool: blocking device I/O (O_DIRECT) always,
+    /// page-cache I/O when large (copies that long run better in parallel). Others are tried
+    /// here without blocking first (a small page-cache copy is cheaper than a thread hand-off).
     fn offload(&self, descs: &[Desc]) -> bool {
         self.pool.is_some()
             && (self.dev.direct || descs.iter().map(|d| u64::from(d.len)).sum::<u64>() >= OFFLOAD_MIN_BYTES)
@@ -153,7 +154,15 @@ impl VhostBlk {
             let head = chain.head_index();
             let descs: Vec<Desc> =
                 chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }).collect();
-            if self.offload(&descs) {
+            // Small page-cache requests run here; what would block goes to the pool.
+            let inline = if self.offload(&descs) {
+                None
+            } else if self.pool.is_some() {
+                try_run_request(&mem, &descs, &self.dev)
+            } else {
+                Some(run_request(&mem, &descs, &self.dev))
+            };
+            let Some(used) = inline else {
                 let job = Job { vring: vring.clone(), mem: mem.clone(), descs, head, queue: queue_index };
                 if let Some(slot) = lock(&self.inflight.0).get_mut(queue_index) {
                     *slot += 1;
@@ -162,10 +171,8 @@ impl VhostBlk {
                     pool.submit(job);
                 }
                 continue;
-            } else {
-                let used = run_request(&mem, &descs, &self.dev);
-                add_used(queue, &mem, head, used);
-            }
+            };
+            add_used(queue, &mem, head, used);
             completed_here += 1;
         }
         if completed_here > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
@@ -185,6 +192,18 @@ fn run_request(mem: &GuestMemoryMmap, descs: &[Desc], dev: &BlkDevice) -> u32 {
         Err(_) => {
             error!("internal error while executing a request (see the panic message above); request dropped");
             0
+        }
+    }
+}
+
+/// [`try_process_request`] with the same panic containment as [`run_request`].
+fn try_run_request(mem: &GuestMemoryMmap, descs: &[Desc], dev: &BlkDevice) -> Option<u32> {
+    let run = std::panic::AssertUnwindSafe(|| try_process_request(mem, descs, dev.disk.as_ref(), &dev.props));
+    match std::panic::catch_unwind(run) {
+        Ok(used) => used,
+        Err(_) => {
+            error!("internal error while executing a request (see the panic message above); request dropped");
+            Some(0)
         }
     }
 }
