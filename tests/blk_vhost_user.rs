@@ -409,3 +409,48 @@ mod chains {
         assert!(backend.log().contains("outside guest memory"), "no log line:\n{}", backend.log());
     }
 }
+
+#[test]
+fn random_messages_never_take_the_backend_down() {
+    let dir = TempDir::new("blk-vu-random").unwrap();
+    let img = image(dir.path(), 4);
+    let (mut backend, sock) = Backend::start(dir.path(), &img, &["--format", "raw"]);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..300 {
+        let mut s = connect(&sock);
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        // One to three messages per connection, mostly with plausible headers.
+        for _ in 0..1 + next() % 3 {
+            let code = (next() % 48) as u32;
+            let flags = if next() % 8 == 0 { next() as u32 } else { VERSION_1 };
+            let len = (next() % 96) as usize;
+            let claimed = if next() % 4 == 0 { next() as u32 } else { len as u32 };
+            let mut msg = Vec::new();
+            msg.extend_from_slice(&code.to_le_bytes());
+            msg.extend_from_slice(&flags.to_le_bytes());
+            msg.extend_from_slice(&claimed.to_le_bytes());
+            msg.extend((0..len).map(|_| next() as u8));
+            if s.write_all(&msg).is_err() {
+                break; // the backend already closed this connection
+            }
+        }
+        let mut sink = [0u8; 512];
+        while let Ok(n) = s.read(&mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+        drop(s);
+        assert!(backend.child.try_wait().unwrap().is_none(), "backend died at round {round}:\n{}", backend.log());
+    }
+    // Still serving.
+    let mut good = connect(&sock);
+    let features = get_u64(&mut good, GET_FEATURES);
+    assert_ne!(features & F_VERSION_1, 0);
+}
