@@ -247,3 +247,20 @@ fn unsupported_formats_are_refused_not_served_raw() {
         open_image(&ImageOptions { path: v, format: Some(ImageFormat::Raw), read_only: true, direct: false }).is_ok()
     );
 }
+
+#[test]
+fn encrypted_qcow2_is_refused() {
+    ensure_debian_packages(&["qemu-utils"]).unwrap();
+    let dir = TempDir::new("blk-img-luks").unwrap();
+    let q = dir.path().join("enc.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "1M"]);
+    // Mark it LUKS-encrypted (header field crypt_method, big-endian u32 at byte 32) rather than
+    // have qemu-img make a real one: its key-derivation timing fails on a loaded machine.
+    let mut bytes = fs::read(&q).unwrap();
+    bytes[32..36].copy_from_slice(&2u32.to_be_bytes());
+    fs::write(&q, bytes).unwrap();
+    let err = open_image(&ImageOptions { path: q, format: None, read_only: true, direct: false })
+        .err()
+        .expect("an encrypted qcow2 was accepted");
+    assert!(err.to_string().contains("encrypted qcow2"), "{err}");
+}

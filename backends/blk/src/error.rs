@@ -19,7 +19,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "image {path} looks like a {format} image, which tessera-blk cannot serve; convert it with \
+        "image {path}: {format} images cannot be served by tessera-blk; convert it with \
          `qemu-img convert -O qcow2`, or pass --format raw to serve its bytes as they are"
     )]
     UnsupportedFormat { path: PathBuf, format: &'static str },

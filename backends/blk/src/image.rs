@@ -456,6 +456,15 @@ pub struct Qcow2Image {
 impl Qcow2Image {
     pub fn open(opts: &ImageOptions) -> Result<Self> {
         let open_err = |source| Error::OpenImage { path: opts.path.clone(), source };
+        // imago 0.2.6 opens encrypted images without a word and would serve ciphertext (and
+        // store guest writes unencrypted): refuse them. qcow2 header: `crypt_method` is the
+        // big-endian u32 at byte 32.
+        let mut header = [0u8; 36];
+        std::os::unix::fs::FileExt::read_exact_at(&File::open(&opts.path).map_err(open_err)?, &mut header, 0)
+            .map_err(open_err)?;
+        if u32::from_be_bytes([header[32], header[33], header[34], header[35]]) != 0 {
+            return Err(Error::UnsupportedFormat { path: opts.path.clone(), format: "encrypted qcow2" });
+        }
         // The backing chain is opened implicitly from the paths recorded in the image (as QEMU
         // does without an explicit backing= option), read-only.
         let qcow2 = Qcow2::<imago::file::File>::builder_path(&opts.path)
