@@ -317,3 +317,28 @@ fn qcow2_variants_against_qemu() {
     // Shown with --nocapture: variants imago declined (an honest error is fine, wrong data is not).
     eprintln!("variants refused at open: {refused:?}");
 }
+
+#[test]
+fn compressed_qcow2_reads_and_rewrites() {
+    ensure_debian_packages(&["qemu-utils"]).unwrap();
+    let dir = TempDir::new("blk-img-compressed").unwrap();
+    let raw = dir.path().join("src.raw");
+    // Compressible but not trivial: a repeating 4 KiB pattern with a counter.
+    let mut model: Vec<u8> = (0..4 * MIB as usize).map(|i| ((i / 4096) as u8).wrapping_add((i % 7) as u8)).collect();
+    fs::write(&raw, &model).unwrap();
+    let q = dir.path().join("c.qcow2");
+    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), q.to_str().unwrap()]);
+    let info = qemu_img(&["check", q.to_str().unwrap()]);
+    assert!(info.contains("100.00% compressed"), "qemu-img did not compress: {info}");
+    {
+        let disk = open(&q, None, false);
+        assert!(read(disk.as_ref(), 0, model.len()) == model, "compressed clusters read back wrong");
+        // Partial overwrite of a compressed cluster: copy-on-write through decompression.
+        write(disk.as_ref(), MIB + 4096, &bytes(13, 8192));
+        model[(MIB + 4096) as usize..(MIB + 4096) as usize + 8192].copy_from_slice(&bytes(13, 8192));
+        disk.flush().unwrap();
+    }
+    let check = qemu_img(&["check", q.to_str().unwrap()]);
+    assert!(check.contains("No errors were found"), "{check}");
+    assert!(contents_via_qemu(dir.path(), &q, "qcow2") == model, "compressed image contents differ");
+}
