@@ -19,7 +19,7 @@ use tessera_tests::linux_guest::{
 const DISK_MIB: u64 = 64;
 /// The pattern lives in the last MiB, outside the 60 MiB file system.
 const PATTERN_MIB: u64 = 63;
-const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
+const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 
 const PACKAGES: &[&str] =
     &["qemu-system-x86", "qemu-utils", "busybox-static", "linux-image-amd64", "e2fsprogs", "cpio"];
