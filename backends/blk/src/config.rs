@@ -38,8 +38,9 @@ pub struct Args {
     /// Bypass the host page cache (O_DIRECT).
     #[arg(long)]
     pub direct: bool,
-    /// Threads executing blocking I/O (O_DIRECT requests, and large ones) off the queue threads,
-    /// so that deep queues run in parallel; 0 runs every request on its queue's thread.
+    /// Threads running the I/O that would block a queue thread (page-cache misses, O_DIRECT,
+    /// flushes, discards, requests of 128 KiB or more), so deep queues run in parallel; 0 runs
+    /// every request on its queue's thread.
     #[arg(long, default_value_t = 16)]
     pub io_threads: usize,
     /// Serial number returned to VIRTIO_BLK_T_GET_ID (at most 20 bytes).
