@@ -26,7 +26,7 @@ fn qemu_img(args: &[&str]) -> String {
 }
 
 fn open(path: &Path, format: Option<ImageFormat>, read_only: bool) -> Box<dyn BlockIo> {
-    open_image(&ImageOptions { path: path.to_owned(), format, read_only, direct: false })
+    open_image(&ImageOptions { path: path.to_owned(), format, read_only, direct: false, lock: true })
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
@@ -168,7 +168,7 @@ fn format_probe() {
     fs::write(&r, [0u8; 2]).unwrap();
     assert_eq!(tessera_blk::image::detect_format(&r).unwrap(), ImageFormat::Raw);
     // Smaller than a sector: refused with an error naming the image.
-    let err = open_image(&ImageOptions { path: r.clone(), format: None, read_only: true, direct: false })
+    let err = open_image(&ImageOptions { path: r.clone(), format: None, read_only: true, direct: false, lock: true })
         .err()
         .expect("tiny image accepted");
     assert!(err.to_string().contains("b.raw"), "{err}");
@@ -208,6 +208,7 @@ fn direct_io_with_unaligned_guest_buffers_goes_through_a_bounce_buffer() {
         format: Some(ImageFormat::Raw),
         read_only: false,
         direct: true,
+        lock: true,
     });
     let disk = match opened {
         Ok(d) => d,
@@ -237,15 +238,20 @@ fn unsupported_formats_are_refused_not_served_raw() {
     let dir = TempDir::new("blk-img-vmdk").unwrap();
     let v = dir.path().join("a.vmdk");
     qemu_img(&["create", "-q", "-f", "vmdk", v.to_str().unwrap(), "1M"]);
-    let err = open_image(&ImageOptions { path: v.clone(), format: None, read_only: true, direct: false })
+    let err = open_image(&ImageOptions { path: v.clone(), format: None, read_only: true, direct: false, lock: true })
         .err()
         .expect("a vmdk image was accepted");
     let msg = err.to_string();
     assert!(msg.contains("vmdk") && msg.contains("a.vmdk"), "{msg}");
     // Explicitly raw: the user asked for the bytes.
-    assert!(
-        open_image(&ImageOptions { path: v, format: Some(ImageFormat::Raw), read_only: true, direct: false }).is_ok()
-    );
+    assert!(open_image(&ImageOptions {
+        path: v,
+        format: Some(ImageFormat::Raw),
+        read_only: true,
+        direct: false,
+        lock: true,
+    })
+    .is_ok());
 }
 
 #[test]
@@ -259,7 +265,7 @@ fn encrypted_qcow2_is_refused() {
     let mut bytes = fs::read(&q).unwrap();
     bytes[32..36].copy_from_slice(&2u32.to_be_bytes());
     fs::write(&q, bytes).unwrap();
-    let err = open_image(&ImageOptions { path: q, format: None, read_only: true, direct: false })
+    let err = open_image(&ImageOptions { path: q, format: None, read_only: true, direct: false, lock: true })
         .err()
         .expect("an encrypted qcow2 was accepted");
     assert!(err.to_string().contains("encrypted qcow2"), "{err}");
@@ -295,7 +301,8 @@ fn qcow2_variants_against_qemu() {
             .expect("qemu-io");
         assert!(out.status.success(), "qemu-io on {opts}: {out:?}");
         let mut model = contents_via_qemu(dir.path(), &q, "qcow2");
-        let opened = open_image(&ImageOptions { path: q.clone(), format: None, read_only: false, direct: false });
+        let opened =
+            open_image(&ImageOptions { path: q.clone(), format: None, read_only: false, direct: false, lock: true });
         let disk = match opened {
             Ok(d) => d,
             Err(e) => {
@@ -341,4 +348,41 @@ fn compressed_qcow2_reads_and_rewrites() {
     let check = qemu_img(&["check", q.to_str().unwrap()]);
     assert!(check.contains("No errors were found"), "{check}");
     assert!(contents_via_qemu(dir.path(), &q, "qcow2") == model, "compressed image contents differ");
+}
+
+#[test]
+fn images_are_locked_the_way_qemu_locks_them() {
+    ensure_debian_packages(&["qemu-utils"]).unwrap();
+    let dir = TempDir::new("blk-img-lock").unwrap();
+    let image = dir.path().join("disk.raw");
+    fs::write(&image, vec![0u8; MIB as usize]).unwrap();
+    let opts = |read_only| ImageOptions {
+        path: image.clone(),
+        format: Some(ImageFormat::Raw),
+        read_only,
+        direct: false,
+        lock: true,
+    };
+    let qemu_io_write =
+        || Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 512"]).arg(&image).output().expect("qemu-io");
+    {
+        let _held = open_image(&opts(false)).unwrap();
+        // A second writer, or reader, of ours is refused with an error naming the image...
+        let err = open_image(&opts(false)).err().expect("second writer accepted");
+        assert!(err.to_string().contains("in use") && err.to_string().contains("disk.raw"), "{err}");
+        assert!(open_image(&opts(true)).is_err(), "reader accepted next to a writer");
+        // ...and so is QEMU.
+        let out = qemu_io_write();
+        assert!(!out.status.success(), "qemu-io wrote an image tessera-blk holds");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("lock"), "{out:?}");
+    }
+    // Released on drop; two read-only users may share.
+    let r1 = open_image(&opts(true)).unwrap();
+    let r2 = open_image(&opts(true)).unwrap();
+    drop((r1, r2));
+    let out = qemu_io_write();
+    assert!(out.status.success(), "qemu-io cannot write after tessera-blk let go: {out:?}");
+    // With locking off, nothing is taken or checked.
+    let _held = open_image(&opts(false)).unwrap();
+    assert!(open_image(&ImageOptions { lock: false, ..opts(false) }).is_ok());
 }

@@ -67,10 +67,12 @@ bench() {
     local tsock=$work/t.sock qsock=$work/q.sock
     local targs=() qcache=off
     if [ "$direct" = 1 ]; then targs=(--direct); qcache=on; fi
-    "$tessera" --socket-path "$tsock" --image "$img" --format "$fmt" "${targs[@]}" 2>"$work/tessera.log" &
+    # Both serve the very same file at once, so image locking is off on both sides (each runs
+    # only while the other is idle).
+    "$tessera" --socket-path "$tsock" --image "$img" --format "$fmt" --no-locking "${targs[@]}" 2>"$work/tessera.log" &
     local tpid=$!; pids+=("$tpid")
     qemu-storage-daemon \
-        --blockdev "driver=file,node-name=file0,filename=$img,cache.direct=$qcache" \
+        --blockdev "driver=file,node-name=file0,filename=$img,cache.direct=$qcache,locking=off" \
         --blockdev "driver=$fmt,node-name=disk0,file=file0" \
         --export "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path=$qsock,node-name=disk0,writable=on,num-queues=1" \
         2>"$work/qsd.log" &

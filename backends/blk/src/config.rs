@@ -43,6 +43,9 @@ pub struct Args {
     /// every request on its queue's thread.
     #[arg(long, default_value_t = 16)]
     pub io_threads: usize,
+    /// Do not take QEMU-compatible image locks (QEMU's `file.locking=off`).
+    #[arg(long)]
+    pub no_locking: bool,
     /// Serial number returned to VIRTIO_BLK_T_GET_ID (at most 20 bytes).
     #[arg(long, default_value = "")]
     pub serial: String,
@@ -79,7 +82,13 @@ impl TryFrom<Args> for BlkConfig {
         serial[..a.serial.len()].copy_from_slice(a.serial.as_bytes());
         Ok(BlkConfig {
             socket_path: a.socket_path,
-            image: ImageOptions { path: a.image, format: a.format, read_only: a.read_only, direct: a.direct },
+            image: ImageOptions {
+                path: a.image,
+                format: a.format,
+                read_only: a.read_only,
+                direct: a.direct,
+                lock: !a.no_locking,
+            },
             num_queues: a.num_queues,
             queue_size: a.queue_size,
             io_threads: a.io_threads,

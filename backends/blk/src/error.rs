@@ -23,6 +23,17 @@ pub enum Error {
          `qemu-img convert -O qcow2`, or pass --format raw to serve its bytes as they are"
     )]
     UnsupportedFormat { path: PathBuf, format: &'static str },
+    #[error(
+        "image {path} is in use by another process (QEMU-style lock on byte {byte}); stop it, or \
+         pass --no-locking if sharing is intended"
+    )]
+    InUse { path: PathBuf, byte: i64 },
+    #[error("cannot lock image {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("image {path} is {size} bytes, smaller than one 512-byte sector")]
     ImageTooSmall { path: PathBuf, size: u64 },
     #[error("--num-queues must be between 1 and {max}, got {got}")]

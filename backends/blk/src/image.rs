@@ -69,6 +69,8 @@ pub struct ImageOptions {
     pub read_only: bool,
     /// Bypass the host page cache (`O_DIRECT`), like QEMU's `cache.direct=on`.
     pub direct: bool,
+    /// Take QEMU-compatible image locks (QEMU's `file.locking=on`, its default).
+    pub lock: bool,
 }
 
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -107,6 +109,7 @@ const OTHER_FORMATS: &[(&[u8], &str)] =
 
 /// Opens the image described by `opts`, probing its format if none was given.
 pub fn open_image(opts: &ImageOptions) -> Result<Box<dyn BlockIo>> {
+    let lock = if opts.lock { Some(ImageLock::acquire(&opts.path, !opts.read_only)?) } else { None };
     let format = match opts.format {
         Some(f) => f,
         None => {
@@ -127,9 +130,14 @@ pub fn open_image(opts: &ImageOptions) -> Result<Box<dyn BlockIo>> {
         ImageFormat::Raw => {
             let mut raw = RawImage::open(opts)?;
             raw.guard_probe = opts.format.is_none();
+            raw.lock = lock;
             Box::new(raw)
         }
-        ImageFormat::Qcow2 => Box::new(Qcow2Image::open(opts)?),
+        ImageFormat::Qcow2 => {
+            let mut q = Qcow2Image::open(opts)?;
+            q.lock = lock;
+            Box::new(q)
+        }
     };
     if image.size() < 512 {
         return Err(Error::ImageTooSmall { path: opts.path.clone(), size: image.size() });
@@ -143,6 +151,8 @@ pub struct RawImage {
     file: File,
     size: u64,
     direct: bool,
+    /// Held for as long as the image is open.
+    lock: Option<ImageLock>,
     /// `RWF_NOWAIT` still believed to work on this file for [reads, writes] (cleared on
     /// EOPNOTSUPP: ext4, for one, supports it for buffered reads but not buffered writes).
     nowait: [AtomicBool; 2],
@@ -172,6 +182,7 @@ impl RawImage {
             size,
             direct: opts.direct,
             guard_probe: false,
+            lock: None,
             nowait: [AtomicBool::new(true), AtomicBool::new(true)],
         })
     }
@@ -179,7 +190,14 @@ impl RawImage {
     /// Wraps an already open file (tests, and a launcher that opens images before jailing us).
     pub fn from_file(mut file: File, direct: bool) -> io::Result<Self> {
         let size = file.seek(SeekFrom::End(0))?;
-        Ok(RawImage { file, size, direct, guard_probe: false, nowait: [AtomicBool::new(true), AtomicBool::new(true)] })
+        Ok(RawImage {
+            file,
+            size,
+            direct,
+            guard_probe: false,
+            lock: None,
+            nowait: [AtomicBool::new(true), AtomicBool::new(true)],
+        })
     }
 
     /// A non-blocking attempt (`RWF_NOWAIT`, Linux 4.14+ for reads, 5.9+ for buffered writes
@@ -451,6 +469,8 @@ impl Drop for AlignedBuf {
 pub struct Qcow2Image {
     access: RwLock<FormatAccess<imago::file::File>>,
     size: u64,
+    /// Held for as long as the image is open.
+    lock: Option<ImageLock>,
 }
 
 impl Qcow2Image {
@@ -474,7 +494,7 @@ impl Qcow2Image {
             .map_err(open_err)?;
         let access = FormatAccess::new(qcow2);
         let size = access.size();
-        Ok(Qcow2Image { access: RwLock::new(access), size })
+        Ok(Qcow2Image { access: RwLock::new(access), size, lock: None })
     }
 
     fn read_lock(&self) -> io::Result<std::sync::RwLockReadGuard<'_, FormatAccess<imago::file::File>>> {
@@ -513,4 +533,55 @@ impl BlockIo for Qcow2Image {
         // imago chooses zero clusters where it can, which frees space either way.
         self.read_lock()?.write_zeroes(offset, len)
     }
+}
+
+/// QEMU's image locking (block/file-posix.c), so that QEMU, qemu-img and tessera-blk refuse to
+/// write an image another of them is using: open-file-description read locks on one byte per
+/// block-layer permission, at 100 + bit for each permission held and at 200 + bit for each one
+/// not shared with others. Permission bits (QEMU's `BLK_PERM_*`): 0 consistent read, 1 write,
+/// 3 resize. Like a QEMU guest disk, we hold consistent read (and write unless read-only), and
+/// share neither write nor resize. Written from that description; no QEMU code.
+pub struct ImageLock {
+    _file: File,
+}
+
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+const PERM_CONSISTENT_READ: i64 = 0;
+const PERM_WRITE: i64 = 1;
+const PERM_RESIZE: i64 = 3;
+
+impl ImageLock {
+    pub fn acquire(path: &Path, write: bool) -> Result<Self> {
+        let lock_err = |source| Error::Lock { path: path.to_owned(), source };
+        let file = File::open(path).map_err(|source| Error::OpenImage { path: path.to_owned(), source })?;
+        let held: &[i64] = if write { &[PERM_CONSISTENT_READ, PERM_WRITE] } else { &[PERM_CONSISTENT_READ] };
+        let unshared = [PERM_WRITE, PERM_RESIZE];
+        // Someone who does not share a permission we hold, or holds one we do not share.
+        let conflicts = held.iter().map(|p| LOCK_SHARED_BASE + p).chain(unshared.iter().map(|p| LOCK_PERM_BASE + p));
+        for byte in conflicts {
+            if ofd_lock(&file, byte, libc::F_OFD_GETLK, libc::F_WRLCK as libc::c_short).map_err(lock_err)? {
+                return Err(Error::InUse { path: path.to_owned(), byte });
+            }
+        }
+        for byte in held.iter().map(|p| LOCK_PERM_BASE + p).chain(unshared.iter().map(|p| LOCK_SHARED_BASE + p)) {
+            ofd_lock(&file, byte, libc::F_OFD_SETLK, libc::F_RDLCK as libc::c_short).map_err(lock_err)?;
+        }
+        Ok(ImageLock { _file: file })
+    }
+}
+
+/// One-byte OFD lock operation; for F_OFD_GETLK returns whether another lock conflicts.
+fn ofd_lock(file: &File, byte: i64, cmd: libc::c_int, ty: libc::c_short) -> io::Result<bool> {
+    // SAFETY: flock is plain data; zeroed is a valid value (l_pid must be 0 for OFD locks).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    // SAFETY: fcntl with an OFD lock command reads and (for GETLK) writes `fl`, a valid flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cmd == libc::F_OFD_GETLK && fl.l_type != libc::F_UNLCK as libc::c_short)
 }
