@@ -26,7 +26,7 @@ fn qemu_img(args: &[&str]) -> String {
 }
 
 fn open(path: &Path, format: Option<ImageFormat>, read_only: bool) -> Box<dyn BlockIo> {
-    open_image(&ImageOptions { path: path.to_owned(), format, read_only, direct: false, lock: true })
+    open_image(&ImageOptions { path: path.to_owned(), format, read_only, direct: false, lock: true, fd: None })
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
@@ -168,9 +168,16 @@ fn format_probe() {
     fs::write(&r, [0u8; 2]).unwrap();
     assert_eq!(tessera_blk::image::detect_format(&r).unwrap(), ImageFormat::Raw);
     // Smaller than a sector: refused with an error naming the image.
-    let err = open_image(&ImageOptions { path: r.clone(), format: None, read_only: true, direct: false, lock: true })
-        .err()
-        .expect("tiny image accepted");
+    let err = open_image(&ImageOptions {
+        path: r.clone(),
+        format: None,
+        read_only: true,
+        direct: false,
+        lock: true,
+        fd: None,
+    })
+    .err()
+    .expect("tiny image accepted");
     assert!(err.to_string().contains("b.raw"), "{err}");
 }
 
@@ -209,6 +216,7 @@ fn direct_io_with_unaligned_guest_buffers_goes_through_a_bounce_buffer() {
         read_only: false,
         direct: true,
         lock: true,
+        fd: None,
     });
     let disk = match opened {
         Ok(d) => d,
@@ -238,9 +246,16 @@ fn unsupported_formats_are_refused_not_served_raw() {
     let dir = TempDir::new("blk-img-vmdk").unwrap();
     let v = dir.path().join("a.vmdk");
     qemu_img(&["create", "-q", "-f", "vmdk", v.to_str().unwrap(), "1M"]);
-    let err = open_image(&ImageOptions { path: v.clone(), format: None, read_only: true, direct: false, lock: true })
-        .err()
-        .expect("a vmdk image was accepted");
+    let err = open_image(&ImageOptions {
+        path: v.clone(),
+        format: None,
+        read_only: true,
+        direct: false,
+        lock: true,
+        fd: None,
+    })
+    .err()
+    .expect("a vmdk image was accepted");
     let msg = err.to_string();
     assert!(msg.contains("vmdk") && msg.contains("a.vmdk"), "{msg}");
     // Explicitly raw: the user asked for the bytes.
@@ -250,6 +265,7 @@ fn unsupported_formats_are_refused_not_served_raw() {
         read_only: true,
         direct: false,
         lock: true,
+        fd: None,
     })
     .is_ok());
 }
@@ -265,7 +281,7 @@ fn encrypted_qcow2_is_refused() {
     let mut bytes = fs::read(&q).unwrap();
     bytes[32..36].copy_from_slice(&2u32.to_be_bytes());
     fs::write(&q, bytes).unwrap();
-    let err = open_image(&ImageOptions { path: q, format: None, read_only: true, direct: false, lock: true })
+    let err = open_image(&ImageOptions { path: q, format: None, read_only: true, direct: false, lock: true, fd: None })
         .err()
         .expect("an encrypted qcow2 was accepted");
     assert!(err.to_string().contains("encrypted qcow2"), "{err}");
@@ -301,8 +317,14 @@ fn qcow2_variants_against_qemu() {
             .expect("qemu-io");
         assert!(out.status.success(), "qemu-io on {opts}: {out:?}");
         let mut model = contents_via_qemu(dir.path(), &q, "qcow2");
-        let opened =
-            open_image(&ImageOptions { path: q.clone(), format: None, read_only: false, direct: false, lock: true });
+        let opened = open_image(&ImageOptions {
+            path: q.clone(),
+            format: None,
+            read_only: false,
+            direct: false,
+            lock: true,
+            fd: None,
+        });
         let disk = match opened {
             Ok(d) => d,
             Err(e) => {
@@ -362,6 +384,7 @@ fn images_are_locked_the_way_qemu_locks_them() {
         read_only,
         direct: false,
         lock: true,
+        fd: None,
     };
     let qemu_io_write =
         || Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 512"]).arg(&image).output().expect("qemu-io");

@@ -454,3 +454,76 @@ fn random_messages_never_take_the_backend_down() {
     let features = get_u64(&mut good, GET_FEATURES);
     assert_ne!(features & F_VERSION_1, 0);
 }
+
+/// A launcher opens the image and binds the socket, then starts tessera-blk with the
+/// descriptors (so a sandboxed tessera-blk needs no paths).
+#[test]
+fn serves_inherited_socket_and_image_descriptors() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    let dir = TempDir::new("blk-vu-fds").unwrap();
+    let img = image(dir.path(), 6);
+    let sock = dir.path().join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let file = fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let (lfd, ifd) = (listener.as_raw_fd(), file.as_raw_fd());
+    let log = dir.path().join("log");
+    let mut cmd = Command::new(built_binary("tessera-blk").unwrap());
+    cmd.args(["--socket-fd", "3", "--image-fd", "4", "--format", "raw"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    // SAFETY: only async-signal-safe dup2 calls between fork and exec; dup2 leaves the new
+    // descriptors without FD_CLOEXEC, so they survive the exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(lfd, 3) < 0 || libc::dup2(ifd, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("start tessera-blk");
+    let backend = Backend { child, dir: dir.path().to_owned() };
+    drop(listener);
+    drop(file);
+
+    let mut s = connect(&sock);
+    assert_ne!(get_u64(&mut s, GET_FEATURES) & F_VERSION_1, 0, "log:\n{}", backend.log());
+    send(&mut s, SET_PROTOCOL_FEATURES, &PROTOCOL_F_CONFIG.to_le_bytes());
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&0u32.to_le_bytes());
+    payload.extend_from_slice(&8u32.to_le_bytes());
+    payload.extend_from_slice(&0u32.to_le_bytes());
+    payload.extend_from_slice(&[0u8; 8]);
+    send(&mut s, GET_CONFIG, &payload);
+    let body = reply(&mut s, GET_CONFIG);
+    assert_eq!(
+        u64::from_le_bytes(body[12..20].try_into().unwrap()),
+        (6 << 20) / 512,
+        "capacity of the inherited image"
+    );
+    // The inherited image is locked like one opened by path.
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 512"]).arg(&img).output();
+    if let Ok(out) = out {
+        assert!(!out.status.success(), "qemu-io wrote an image tessera-blk serves");
+    }
+}
+
+#[test]
+fn bad_descriptors_are_refused_clearly() {
+    let bin = built_binary("tessera-blk").unwrap();
+    let dir = TempDir::new("blk-vu-badfd").unwrap();
+    let img = image(dir.path(), 1);
+    let out =
+        Command::new(&bin).args(["--socket-fd", "1", "--image"]).arg(&img).stdout(Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--socket-fd 1"), "{err}");
+    let sock = dir.path().join("s.sock");
+    let out = Command::new(&bin).arg("--socket-path").arg(&sock).args(["--image-fd", "77"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("descriptor 77"), "{err}");
+}

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 
 use crate::error::{Error, Result};
 use crate::image::{ImageFormat, ImageOptions};
@@ -16,13 +16,23 @@ pub const MAX_IO_THREADS: usize = 256;
 /// Serve a disk image to a vhost-user front end (QEMU's vhost-user-blk-pci, tessera-core).
 #[derive(Debug, Parser)]
 #[command(name = "tessera-blk", version)]
+#[command(group(ArgGroup::new("socket").required(true).args(["socket_path", "socket_fd"])))]
+#[command(group(ArgGroup::new("disk").required(true).args(["image", "image_fd"])))]
 pub struct Args {
     /// Path of the vhost-user UNIX socket to listen on (replaced if it exists).
     #[arg(long)]
-    pub socket_path: PathBuf,
+    pub socket_path: Option<PathBuf>,
+    /// An inherited, already listening UNIX socket to serve instead (a launcher binds it before
+    /// sandboxing us).
+    #[arg(long)]
+    pub socket_fd: Option<i32>,
     /// Disk image to serve.
     #[arg(long)]
-    pub image: PathBuf,
+    pub image: Option<PathBuf>,
+    /// An inherited descriptor of the image to serve instead, opened read-write (read-only
+    /// with --read-only).
+    #[arg(long)]
+    pub image_fd: Option<i32>,
     /// Image format; probed from the image when omitted (a raw guess is warned about).
     #[arg(long, value_enum)]
     pub format: Option<ImageFormat>,
@@ -51,10 +61,18 @@ pub struct Args {
     pub serial: String,
 }
 
+/// Where the vhost-user socket comes from.
+#[derive(Clone, Debug)]
+pub enum SocketSource {
+    Path(PathBuf),
+    /// An inherited listening socket.
+    Fd(i32),
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct BlkConfig {
-    pub socket_path: PathBuf,
+    pub socket: SocketSource,
     pub image: ImageOptions,
     pub num_queues: u16,
     pub queue_size: u16,
@@ -81,13 +99,23 @@ impl TryFrom<Args> for BlkConfig {
         let mut serial = [0u8; ID_BYTES];
         serial[..a.serial.len()].copy_from_slice(a.serial.as_bytes());
         Ok(BlkConfig {
-            socket_path: a.socket_path,
+            socket: match (a.socket_path, a.socket_fd) {
+                (Some(p), _) => SocketSource::Path(p),
+                (None, Some(fd)) => SocketSource::Fd(fd),
+                // clap's "socket" group requires one of them.
+                (None, None) => return Err(Error::NoSocket),
+            },
             image: ImageOptions {
-                path: a.image,
+                path: match (&a.image, a.image_fd) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(fd)) => PathBuf::from(format!("image fd {fd}")),
+                    (None, None) => return Err(Error::NoImage),
+                },
                 format: a.format,
                 read_only: a.read_only,
                 direct: a.direct,
                 lock: !a.no_locking,
+                fd: if a.image.is_some() { None } else { a.image_fd },
             },
             num_queues: a.num_queues,
             queue_size: a.queue_size,

@@ -28,6 +28,14 @@ pub enum Error {
          pass --no-locking if sharing is intended"
     )]
     InUse { path: PathBuf, byte: i64 },
+    #[error("{what}: descriptor {fd} is not an open descriptor we may take (stdio, or closed)")]
+    BadFd { what: PathBuf, fd: i32 },
+    #[error("one of --socket-path and --socket-fd is required")]
+    NoSocket,
+    #[error("one of --image and --image-fd is required")]
+    NoImage,
+    #[error("--socket-fd {0} is not a listening UNIX socket")]
+    NotListening(i32),
     #[error("cannot lock image {path}")]
     Lock {
         path: PathBuf,

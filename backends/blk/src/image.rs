@@ -2,8 +2,8 @@
 //! image implementations (raw files through positioned vectored syscalls, qcow2 through imago).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,18 +71,27 @@ pub struct ImageOptions {
     pub direct: bool,
     /// Take QEMU-compatible image locks (QEMU's `file.locking=on`, its default).
     pub lock: bool,
+    /// Serve this already open descriptor instead of opening `path` (which then only names the
+    /// image in messages): a launcher opens the image before sandboxing us.
+    pub fd: Option<RawFd>,
 }
 
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// Probes the format from the first bytes of the image, as QEMU does.
 pub fn detect_format(path: &Path) -> Result<ImageFormat> {
+    let file = File::open(path).map_err(|source| Error::DetectFormat { path: path.to_owned(), source })?;
+    detect_format_of(&file, path)
+}
+
+/// [`detect_format`] on an open file (read with `pread`, so its offset is untouched); `path`
+/// names it in errors.
+pub fn detect_format_of(file: &File, path: &Path) -> Result<ImageFormat> {
     let detect_err = |source| Error::DetectFormat { path: path.to_owned(), source };
-    let mut file = File::open(path).map_err(detect_err)?;
     let mut head = [0u8; 8];
     let mut got = 0;
     while got < head.len() {
-        match file.read(&mut head[got..]) {
+        match std::os::unix::fs::FileExt::read_at(file, &mut head[got..], got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -109,6 +118,9 @@ const OTHER_FORMATS: &[(&[u8], &str)] =
 
 /// Opens the image described by `opts`, probing its format if none was given.
 pub fn open_image(opts: &ImageOptions) -> Result<Box<dyn BlockIo>> {
+    if let Some(fd) = opts.fd {
+        return open_image_fd(opts, fd);
+    }
     let lock = if opts.lock { Some(ImageLock::acquire(&opts.path, !opts.read_only)?) } else { None };
     let format = match opts.format {
         Some(f) => f,
@@ -135,6 +147,74 @@ pub fn open_image(opts: &ImageOptions) -> Result<Box<dyn BlockIo>> {
         }
         ImageFormat::Qcow2 => {
             let mut q = Qcow2Image::open(opts)?;
+            q.lock = lock;
+            Box::new(q)
+        }
+    };
+    if image.size() < 512 {
+        return Err(Error::ImageTooSmall { path: opts.path.clone(), size: image.size() });
+    }
+    Ok(image)
+}
+
+fn warn_probed_raw(path: &Path) {
+    // Same advice QEMU gives: a guest can write a qcow2 header into a raw image, and a later
+    // probe would then trust it.
+    warn!(
+        "image format was not specified for {} and probing guessed raw; \
+         specify --format raw explicitly to silence this warning",
+        path.display()
+    );
+}
+
+/// Takes ownership of an inherited descriptor after checking that it is open.
+pub fn take_fd(fd: RawFd, what: &Path) -> Result<File> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Error::BadFd { what: what.to_owned(), fd });
+    }
+    // SAFETY: the descriptor is open (checked above) and handed to us by our parent for this
+    // purpose; nothing else in this process owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn open_image_fd(opts: &ImageOptions, fd: RawFd) -> Result<Box<dyn BlockIo>> {
+    let open_err = |source| Error::OpenImage { path: opts.path.clone(), source };
+    let file = take_fd(fd, &opts.path)?;
+    if opts.direct {
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own; only O_DIRECT is added.
+        let ok = unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT) == 0
+        };
+        if !ok {
+            return Err(open_err(io::Error::last_os_error()));
+        }
+    }
+    let lock = if opts.lock {
+        Some(ImageLock::acquire_on(file.try_clone().map_err(open_err)?, &opts.path, !opts.read_only)?)
+    } else {
+        None
+    };
+    let format = match opts.format {
+        Some(f) => f,
+        None => {
+            let f = detect_format_of(&file, &opts.path)?;
+            if f == ImageFormat::Raw {
+                warn_probed_raw(&opts.path);
+            }
+            f
+        }
+    };
+    let image: Box<dyn BlockIo> = match format {
+        ImageFormat::Raw => {
+            let mut raw = RawImage::from_file(file, opts.direct).map_err(open_err)?;
+            raw.guard_probe = opts.format.is_none();
+            raw.lock = lock;
+            Box::new(raw)
+        }
+        ImageFormat::Qcow2 => {
+            let mut q = Qcow2Image::from_file(file, opts)?;
             q.lock = lock;
             Box::new(q)
         }
@@ -497,6 +577,29 @@ impl Qcow2Image {
         Ok(Qcow2Image { access: RwLock::new(access), size, lock: None })
     }
 
+    /// [`Qcow2Image::open`] on an already open file; backing files named in the image are still
+    /// opened by path (absolute ones only: the descriptor has no directory to resolve against).
+    pub fn from_file(file: File, opts: &ImageOptions) -> Result<Self> {
+        let open_err = |source| Error::OpenImage { path: opts.path.clone(), source };
+        let mut header = [0u8; 36];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0).map_err(open_err)?;
+        if u32::from_be_bytes([header[32], header[33], header[34], header[35]]) != 0 {
+            return Err(Error::UnsupportedFormat { path: opts.path.clone(), format: "encrypted qcow2" });
+        }
+        let storage = imago::file::File::from_open_file(
+            file,
+            StorageOpenOptions::new().write(!opts.read_only).direct(opts.direct),
+        )
+        .map_err(open_err)?;
+        let qcow2 = Qcow2::<imago::file::File>::builder(storage)
+            .write(!opts.read_only)
+            .open(PermissiveImplicitOpenGate::default())
+            .map_err(open_err)?;
+        let access = FormatAccess::new(qcow2);
+        let size = access.size();
+        Ok(Qcow2Image { access: RwLock::new(access), size, lock: None })
+    }
+
     fn read_lock(&self) -> io::Result<std::sync::RwLockReadGuard<'_, FormatAccess<imago::file::File>>> {
         self.access.read().map_err(|_| io::Error::other("qcow2 state poisoned by an earlier panic"))
     }
@@ -553,8 +656,13 @@ const PERM_RESIZE: i64 = 3;
 
 impl ImageLock {
     pub fn acquire(path: &Path, write: bool) -> Result<Self> {
-        let lock_err = |source| Error::Lock { path: path.to_owned(), source };
         let file = File::open(path).map_err(|source| Error::OpenImage { path: path.to_owned(), source })?;
+        Self::acquire_on(file, path, write)
+    }
+
+    /// Locks through `file` (any descriptor of the image; `path` names it in errors).
+    pub fn acquire_on(file: File, path: &Path, write: bool) -> Result<Self> {
+        let lock_err = |source| Error::Lock { path: path.to_owned(), source };
         let held: &[i64] = if write { &[PERM_CONSISTENT_READ, PERM_WRITE] } else { &[PERM_CONSISTENT_READ] };
         let unshared = [PERM_WRITE, PERM_RESIZE];
         // Someone who does not share a permission we hold, or holds one we do not share.

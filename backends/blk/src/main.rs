@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use log::{error, info};
-use tessera_blk::config::{Args, BlkConfig};
+use tessera_blk::config::{Args, BlkConfig, SocketSource};
 use tessera_blk::image::open_image;
-use tessera_blk::vhost_user::{serve, BlkDevice};
+use tessera_blk::vhost_user::{serve, serve_fd, BlkDevice};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -35,7 +35,11 @@ fn main() -> ExitCode {
         io_threads: config.io_threads,
         direct: config.image.direct,
     });
-    match serve(&config.socket_path, dev) {
+    let served = match &config.socket {
+        SocketSource::Path(p) => serve(p, dev),
+        SocketSource::Fd(fd) => serve_fd(*fd, dev),
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }

@@ -421,10 +421,38 @@ impl VhostUserBackend for VhostBlk {
 /// flushed, and the next connection is accepted. The socket is bound once, so a front end that
 /// reconnects at any moment finds it. Returns only if the socket cannot be listened on.
 pub fn serve(path: &Path, dev: Arc<BlkDevice>) -> Result<()> {
-    let mut listener =
+    let listener =
         Listener::new(path, true).map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
+    serve_listener(listener, path, dev)
+}
+
+/// [`serve`] on a listening socket inherited as descriptor `fd` (taken over by this call).
+pub fn serve_fd(fd: i32, dev: Arc<BlkDevice>) -> Result<()> {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`; a bad fd only fails.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if fd < 3 || ret != 0 || accepting == 0 {
+        return Err(Error::NotListening(fd));
+    }
+    // SAFETY: `fd` is an open, listening socket (checked above) that our parent handed to us;
+    // nothing else in this process owns it.
+    let listener = unsafe { <Listener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    serve_listener(listener, Path::new(&format!("socket fd {fd}")), dev)
+}
+
+/// The serve loop on an already listening socket; `name` labels it in log lines.
+pub fn serve_listener(mut listener: Listener, name: &Path, dev: Arc<BlkDevice>) -> Result<()> {
     loop {
-        if !serve_connection(&mut listener, path, dev.clone())? {
+        if !serve_connection(&mut listener, name, dev.clone())? {
             // accept() itself failed (e.g. out of file descriptors): do not spin.
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
