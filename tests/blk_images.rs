@@ -14,8 +14,25 @@ use vm_memory::VolatileSlice;
 
 const MIB: u64 = 1 << 20;
 
+/// Retries `f` while it reports an image lock held. Image locks are OFD locks: a process that
+/// another test thread forks between our `open` and its `exec` briefly shares the descriptor,
+/// so a lock can outlive our `drop` by a moment. (tessera-blk itself never forks.)
+fn retry_while_locked<T>(mut f: impl FnMut() -> T, locked: impl Fn(&T) -> bool) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        let r = f();
+        if !locked(&r) || start.elapsed() > std::time::Duration::from_secs(5) {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+    let out = retry_while_locked(
+        || Command::new("qemu-img").args(args).output().expect("qemu-img"),
+        |o| !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("lock"),
+    );
     assert!(
         out.status.success(),
         "qemu-img {args:?} failed:\n{}{}",
@@ -400,10 +417,11 @@ fn images_are_locked_the_way_qemu_locks_them() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("lock"), "{out:?}");
     }
     // Released on drop; two read-only users may share.
-    let r1 = open_image(&opts(true)).unwrap();
+    let in_use = |r: &tessera_blk::Result<Box<dyn BlockIo>>| matches!(r, Err(tessera_blk::Error::InUse { .. }));
+    let r1 = retry_while_locked(|| open_image(&opts(true)), in_use).unwrap();
     let r2 = open_image(&opts(true)).unwrap();
     drop((r1, r2));
-    let out = qemu_io_write();
+    let out = retry_while_locked(qemu_io_write, |o| !o.status.success());
     assert!(out.status.success(), "qemu-io cannot write after tessera-blk let go: {out:?}");
     // With locking off, nothing is taken or checked.
     let _held = open_image(&opts(false)).unwrap();
