@@ -663,6 +663,19 @@ impl Exec<'_> {
         }
     }
 
+    /// Host pointer for `size` bytes at `la` (within one page) if the TLB already grants this access on RAM;
+    /// writes are never granted on pages holding decoded code.
+    #[inline]
+    pub fn host_range(&self, la: u64, size: usize, write: bool) -> Option<*mut u8> {
+        let need = match (write, self.user()) {
+            (false, false) => P_RS,
+            (false, true) => P_RU,
+            (true, false) => P_WS,
+            (true, true) => P_WU,
+        };
+        self.fast_ptr(la, size, need)
+    }
+
     #[inline]
     pub fn user(&self) -> bool {
         self.c.cpl == 3

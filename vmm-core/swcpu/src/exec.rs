@@ -1049,9 +1049,30 @@ impl Exec<'_> {
         // Bounded chunk per dispatch so interrupts and kicks are seen during long REP strings; RIP stays on
         // the instruction until RCX reaches 0 (SDM Vol. 2B "REP/REPE/REPZ/REPNE/REPNZ", interruptible).
         let mut budget = 8192u32;
+        let bulk = rep
+            && !a32
+            && self.c.rflags & DF == 0
+            && matches!(m, Movsb | Movsw | Movsd | Movsq | Stosb | Stosw | Stosd | Stosq);
         loop {
             if rep && self.c.gpr[1] & am == 0 {
                 return Ok(());
+            }
+            if bulk {
+                if let Some(n) = self.bulk_string(m, sz, src_base, dst_base) {
+                    let bytes = n * sz as u64;
+                    self.c.gpr[7] = self.c.gpr[7].wrapping_add(bytes);
+                    if !matches!(m, Stosb | Stosw | Stosd | Stosq) {
+                        self.c.gpr[6] = self.c.gpr[6].wrapping_add(bytes);
+                    }
+                    self.c.gpr[1] -= n;
+                    budget = budget.saturating_sub(1 + (n / 64) as u32);
+                    if self.c.gpr[1] != 0 && budget == 0 {
+                        self.c.rip = self.c.cur_ip;
+                        self.c.end_block = true;
+                        return Ok(());
+                    }
+                    continue;
+                }
             }
             let si = self.c.gpr[6] & am;
             let di = self.c.gpr[7] & am;
@@ -1124,6 +1145,48 @@ impl Exec<'_> {
                 return Ok(());
             }
         }
+    }
+
+    /// Forward REP MOVS/STOS over RAM pages the TLB already maps: copies or fills up to the end of the current
+    /// source/destination page in one host operation. Returns the number of elements done, or `None` to take
+    /// the element-by-element path (TLB miss, MMIO, code page, fewer than 2 elements, or an overlap where a
+    /// forward element copy differs from memmove).
+    fn bulk_string(&mut self, m: M, sz: usize, src_base: u64, dst_base: u64) -> Option<u64> {
+        let di = dst_base.wrapping_add(self.c.gpr[7]);
+        let mut n = self.c.gpr[1].min((0x1000 - (di & 0xfff)) / sz as u64);
+        let movs = matches!(m, M::Movsb | M::Movsw | M::Movsd | M::Movsq);
+        let si = src_base.wrapping_add(self.c.gpr[6]);
+        if movs {
+            n = n.min((0x1000 - (si & 0xfff)) / sz as u64);
+        }
+        if n < 2 {
+            return None;
+        }
+        let len = n as usize * sz;
+        let dst = self.host_range(di, len, true)?;
+        if movs {
+            let src = self.host_range(si, len, false)?;
+            let (s, d) = (src as usize, dst as usize);
+            if d > s && d < s + len {
+                return None;
+            }
+            // SAFETY: both ranges lie inside RAM pages the TLB maps (GuestRam contract keeps them mapped); with
+            // dst <= src or disjoint ranges, memmove equals the architectural forward element copy.
+            unsafe { std::ptr::copy(src, dst, len) };
+        } else {
+            let v = self.c.gpr[0];
+            // SAFETY: `[dst, dst + len)` is inside one mapped, writable RAM page (checked by `host_range`);
+            // unaligned raw writes, no references into guest memory.
+            unsafe {
+                match sz {
+                    1 => std::ptr::write_bytes(dst, v as u8, len),
+                    2 => (0..n as usize).for_each(|k| (dst.add(2 * k) as *mut u16).write_unaligned(v as u16)),
+                    4 => (0..n as usize).for_each(|k| (dst.add(4 * k) as *mut u32).write_unaligned(v as u32)),
+                    _ => (0..n as usize).for_each(|k| (dst.add(8 * k) as *mut u64).write_unaligned(v)),
+                }
+            }
+        }
+        Some(n)
     }
 
     /// Logs an unimplemented instruction once per address and stops the vCPU with `Unsupported`.

@@ -680,6 +680,12 @@ fn differential_random_instructions() {
             regs[6] = DATA + 0x400 + rng.below(0x200);
             regs[7] = DATA + 0x1000 + rng.below(0x200);
             regs[1] = rng.below(48);
+            // Overlapping copies (byte-replicating forward MOVS) and page-crossing destinations.
+            match rng.below(4) {
+                0 => regs[7] = regs[6] + rng.below(16),
+                1 => regs[7] = DATA + 0xfe0 + rng.below(0x20),
+                _ => {}
+            }
             regs[0] = if rng.below(2) == 0 { rng.value() } else { 0 };
         }
         // A register bit offset moves a memory operand by offset/8 bytes: keep it inside DATA so the
