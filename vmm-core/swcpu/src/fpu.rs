@@ -599,6 +599,30 @@ impl Exec<'_> {
             M::Minps => ps(min32, a, b),
             M::Maxps => ps(max32, a, b),
             M::Sqrtps => ps(|_, y| y.sqrt(), a, b),
+            M::Cmpsd | M::Cmpss | M::Cmppd | M::Cmpps => {
+                // Predicates 0-7 (SDM Vol. 2A "CMPPD" table): EQ, LT, LE, UNORD, NEQ, NLT, NLE, ORD.
+                let p = i.immediate8() & 7;
+                let t = |x: f64, y: f64| -> bool {
+                    let r = match p & 3 {
+                        0 => x == y,
+                        1 => x < y,
+                        2 => x <= y,
+                        _ => x.is_nan() || y.is_nan(),
+                    };
+                    if p < 4 {
+                        r
+                    } else {
+                        !r
+                    }
+                };
+                match m {
+                    M::Cmpsd => (a & !LO64) | if t(d(a, 0), d(b, 0)) { LO64 } else { 0 },
+                    M::Cmpss => (a & !LO32) | if t(s(a, 0) as f64, s(b, 0) as f64) { LO32 } else { 0 },
+                    M::Cmppd => (0..2).fold(0u128, |r, k| r | if t(d(a, k), d(b, k)) { LO64 << (64 * k) } else { 0 }),
+                    _ => (0..4)
+                        .fold(0u128, |r, k| r | if t(s(a, k) as f64, s(b, k) as f64) { LO32 << (32 * k) } else { 0 }),
+                }
+            }
             M::Cvtsi2sd | M::Cvtsi2ss => {
                 let v = if self.op_size(i, 1) == 8 { b as u64 as i64 } else { b as u32 as i32 as i64 };
                 if m == M::Cvtsi2sd {
