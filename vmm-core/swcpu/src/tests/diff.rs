@@ -376,6 +376,34 @@ fn wanted(i: &Instruction) -> bool {
             | Cmppd
             | Cmpps
             | Cmpss
+            | Paddsb
+            | Paddsw
+            | Psubsb
+            | Psubsw
+            | Pmaddwd
+            | Pminsw
+            | Pmaxsw
+            | Pmulhw
+            | Pmulhuw
+            | Paddusb
+            | Paddusw
+            | Psubusb
+            | Psubusw
+            | Pavgw
+            | Unpcklps
+            | Unpckhps
+            | Unpcklpd
+            | Unpckhpd
+            | Shufpd
+            | Movhlps
+            | Movlhps
+            | Movmskps
+            | Movmskpd
+            | Andnps
+            | Andpd
+            | Orpd
+            | Xorpd
+            | Andnpd
     )
 }
 
@@ -403,7 +431,8 @@ fn random_bytes(rng: &mut Rng) -> [u8; 16] {
             0xdb, 0xdf, 0x57, 0x54, 0x56, 0xfc, 0xfd, 0xfe, 0xd4, 0xf8, 0xf9, 0xfa, 0xfb, 0x70, 0x73, 0x72, 0x71, 0x60,
             0x61, 0x62, 0x6c, 0x68, 0x69, 0x6a, 0x6d, 0xd1, 0xd2, 0xd3, 0xe1, 0xe2, 0xf1, 0xf2, 0xf3, 0x67, 0x63, 0x6b,
             0xc6, 0xe0, 0xf6, 0xd5, 0xf4, 0xc5, 0xc4, 0x58, 0x59, 0x5c, 0x5e, 0x5d, 0x5f, 0x51, 0x2a, 0x2c, 0x2d, 0x2e,
-            0x2f, 0x5a, 0x5b, 0xe6, 0xc2,
+            0x2f, 0x5a, 0x5b, 0xe6, 0xc2, 0xe8, 0xe9, 0xec, 0xed, 0xf5, 0xea, 0xee, 0xe5, 0xe4, 0xdc, 0xdd, 0xd8, 0xd9,
+            0xe3, 0x14, 0x15, 0x50, 0x55,
         ];
         b[k + 1] = match rng.below(4) {
             // CMOVcc and SETcc over all 16 conditions.
@@ -698,9 +727,11 @@ fn differential_random_instructions() {
             && insn.op_kind(1) == OpKind::Register
         {
             let idx = insn.op1_register().full_register() as usize - Register::RAX as usize;
-            if idx != 3 {
-                regs[idx] = (rng.below(8192) as i64 - 4096) as u64;
+            if idx == 3 {
+                // The offset register is the base register itself: the address would leave DATA.
+                continue;
             }
+            regs[idx] = (rng.below(8192) as i64 - 4096) as u64;
         }
         let df = if rng.below(4) == 0 { crate::cpu::DF } else { 0 };
         regs[16] = (rng.next() & crate::cpu::ARITH) | df | 0x202;
