@@ -256,10 +256,14 @@ impl SoftVcpu {
                 Err(Fault::Exit(x)) => return x,
             };
             blk.runs.set(blk.runs.get().wrapping_add(1));
-            log::trace!("block {:#x} ({} instructions)", ex.c.rip, blk.insns.len());
+            // `-d in_asm`-style tracing (target `swcpu::insn`), checked once per block to keep the loop cheap.
+            let trace = log::log_enabled!(target: "swcpu::insn", log::Level::Trace);
             ex.c.end_block = false;
             let n = if had_shadow { 1 } else { blk.insns.len() };
             for i in &blk.insns[..n] {
+                if trace {
+                    log::trace!(target: "swcpu::insn", "{:#x}: {i}", ex.c.rip);
+                }
                 ex.c.cur_ip = ex.c.rip;
                 ex.c.rip = i.next_ip();
                 match ex.step(i) {
