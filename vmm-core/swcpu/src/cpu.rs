@@ -411,7 +411,7 @@ impl Exec<'_> {
                     // SAFETY: `host_ptr` checked the byte lies in a live RAM mapping.
                     *b = unsafe { p.read_volatile() };
                 } else {
-                    // Hand the whole remaining MMIO access to the device in one call where possible.
+                    // A range mixing RAM and MMIO (rare): the MMIO bytes go to the device one at a time.
                     self.io.mmio_read(a, std::slice::from_mut(b));
                 }
             }

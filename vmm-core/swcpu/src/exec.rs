@@ -1079,7 +1079,6 @@ impl Exec<'_> {
             let mut cmp_flags = None;
             match m {
                 Movsb | Movsw | Movsd | Movsq => {
-                    // Fast path: whole forward byte/qword copies inside one page each.
                     let v = self.read(src_base.wrapping_add(si), sz)?;
                     self.write(dst_base.wrapping_add(di), sz, v)?;
                     self.c.gpr[6] = (self.c.gpr[6] & !am) | (si.wrapping_add(step) & am);
