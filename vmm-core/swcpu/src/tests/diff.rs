@@ -41,6 +41,7 @@ static SIG: AtomicI64 = AtomicI64::new(0);
 static TRAPNO: AtomicI64 = AtomicI64::new(0);
 static ERR: AtomicI64 = AtomicI64::new(0);
 static FAULT_RIP: AtomicI64 = AtomicI64::new(0);
+static CR2: AtomicI64 = AtomicI64::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers; we only read and patch registers.
@@ -51,6 +52,7 @@ extern "C" fn on_signal(sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut
         TRAPNO.store(g[libc::REG_TRAPNO as usize], Ordering::SeqCst);
         ERR.store(g[libc::REG_ERR as usize], Ordering::SeqCst);
         FAULT_RIP.store(g[libc::REG_RIP as usize], Ordering::SeqCst);
+        CR2.store(g[libc::REG_CR2 as usize], Ordering::SeqCst);
         g[libc::REG_RIP as usize] = RECOVER as i64;
     }
 }
@@ -497,6 +499,8 @@ fn undefined_flags(i: &Instruction, regs_in: &[u64; 17]) -> u64 {
 struct Outcome {
     /// None = completed normally, Some(vector, error code).
     fault: Option<(u8, u64)>,
+    /// CR2 after a #PF.
+    cr2: u64,
     regs: [u64; 17],
     xmm: [u128; 16],
     data: Vec<u8>,
@@ -537,7 +541,7 @@ fn run_host(m: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> Outcome {
     m.read(DATA - BASE, &mut data);
     let mut stack = vec![0u8; (STACK_TOP - RSP_VAL + 0x100) as usize];
     m.read(RSP_VAL - 0x100 - BASE, &mut stack);
-    Outcome { fault, regs: out, xmm: x, data, stack }
+    Outcome { fault, cr2: CR2.load(Ordering::SeqCst) as u64, regs: out, xmm: x, data, stack }
 }
 
 fn run_soft(m: &Mapping, sys: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> Result<Outcome, String> {
@@ -600,7 +604,8 @@ fn run_soft(m: &Mapping, sys: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> R
     m.read(DATA - BASE, &mut data);
     let mut stack = vec![0u8; (STACK_TOP - RSP_VAL + 0x100) as usize];
     m.read(RSP_VAL - 0x100 - BASE, &mut stack);
-    Ok(Outcome { fault, regs: out, xmm: x, data, stack })
+    let fault_cr2 = cpu.sregs().unwrap().cr2;
+    Ok(Outcome { fault, cr2: fault_cr2, regs: out, xmm: x, data, stack })
 }
 
 /// Builds one test case from random bytes: decode, filter, rewrite memory operands, re-encode.
@@ -777,8 +782,12 @@ fn differential_random_instructions() {
         let mut why = Vec::new();
         if host.fault.map(|f| f.0) != soft.fault.map(|f| f.0) {
             why.push(format!("fault host {:?} soft {:?}", host.fault, soft.fault));
-        } else if host.fault.is_some() {
+        } else if let (Some((v, he)), Some((_, se))) = (host.fault, soft.fault) {
             faults += 1;
+            // #PF: error code (P/W/U/I-D; Linux adds nothing else for user faults) and CR2 must match.
+            if v == 14 && (he != se || host.cr2 != soft.cr2) {
+                why.push(format!("#PF host err {he:#x} cr2 {:#x}, soft err {se:#x} cr2 {:#x}", host.cr2, soft.cr2));
+            }
         } else {
             let names = [
                 "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
