@@ -180,6 +180,8 @@ impl Exec<'_> {
 
     /// Host pointer for an aligned, writable RAM location (the atomic path), after checking permissions.
     fn atomic_ptr(&mut self, la: u64, sz: usize) -> Res<Option<*mut u8>> {
+        // Locked operations fault as writes even when the caller then falls back to a plain read + write.
+        self.probe_write(la, sz)?;
         if la & (sz as u64 - 1) != 0 {
             return Ok(None);
         }
@@ -873,10 +875,12 @@ impl Exec<'_> {
     }
 
     /// A shift or rotate whose masked count is 0: no flags change, but a 32-bit register destination is
-    /// still written (zero-extended) and a memory operand is still checked for access.
+    /// still written (zero-extended) and a memory operand is still checked for a write access.
     fn zero_count(&mut self, i: &Instruction, sz: usize) -> Res<()> {
         if i.op_kind(0) == OpKind::Memory {
+            // Still a read-modify-write access: a fault reports a write (as the host CPU does).
             let a = self.ea(i);
+            self.probe_write(a, sz)?;
             self.read(a, sz)?;
         } else if sz == 4 {
             let r = i.op0_register();

@@ -706,6 +706,10 @@ fn differential_random_instructions() {
             *r = rng.value();
         }
         regs[3] = RBX_VAL;
+        // Sometimes point the memory operand at unmapped memory (on both sides) to compare #PF delivery.
+        if rng.below(16) == 0 {
+            regs[3] = BASE + 0x9000 + rng.below(0x1000);
+        }
         regs[4] = RSP_VAL;
         let strings = (0..insn.op_count()).any(|n| {
             matches!(
