@@ -792,6 +792,10 @@ fn differential_random_instructions() {
             if v == 14 && (he != se || host.cr2 != soft.cr2) {
                 why.push(format!("#PF host err {he:#x} cr2 {:#x}, soft err {se:#x} cr2 {:#x}", host.cr2, soft.cr2));
             }
+            // #GP: the error code (a selector for segment loads, else 0).
+            if v == 13 && he != se {
+                why.push(format!("#GP host err {he:#x}, soft err {se:#x}"));
+            }
         } else {
             let names = [
                 "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
