@@ -951,19 +951,26 @@ impl Exec<'_> {
             }
             let expect = (g[0] as u128) | ((g[2] as u128) << 64);
             let new = (g[3] as u128) | ((g[1] as u128) << 64);
-            self.probe_write(a, 16)?;
-            let mut b = [0u8; 16];
-            let user = self.user();
-            self.read_bytes(a, &mut b, user)?;
-            let old = u128::from_le_bytes(b);
-            // Single vCPU per guest-RAM writer for now: the 16-byte update is not atomic against other vCPU
-            // threads (no host 128-bit CAS on stable Rust); CPUID.CX16 is advertised because Linux then uses it
-            // only for SLUB's per-CPU freelists, which one vCPU does not race on.
-            if old == expect {
-                self.write_bytes(a, &new.to_le_bytes(), user)?;
+            let host = self.atomic_ptr(a, 16)?.filter(|p| (*p as usize) & 15 == 0);
+            let (eq, old) = match host {
+                // SAFETY: `p` points at 16 bytes of live guest RAM inside one page (from `atomic_ptr`, GuestRam
+                // contract), 16-byte aligned (checked above); the locked host instruction is the atomic access.
+                Some(p) => unsafe { host_cmpxchg16b(p as *mut u128, expect, new) },
+                None => {
+                    // Not atomic against other threads: only reached on a RAM mapping whose host address is not
+                    // 16-byte aligned, on MMIO, or on non-x86-64 hosts.
+                    let mut b = [0u8; 16];
+                    let user = self.user();
+                    self.read_bytes(a, &mut b, user)?;
+                    let old = u128::from_le_bytes(b);
+                    let eq = old == expect;
+                    self.write_bytes(a, &(if eq { new } else { old }).to_le_bytes(), user)?;
+                    (eq, old)
+                }
+            };
+            if eq {
                 self.c.rflags |= ZF;
             } else {
-                self.write_bytes(a, &b, user)?;
                 self.c.gpr[0] = old as u64;
                 self.c.gpr[2] = (old >> 64) as u64;
                 self.c.rflags &= !ZF;
@@ -1197,6 +1204,50 @@ impl Exec<'_> {
         let msg = format!("unimplemented instruction `{i}` ({what}, {:?}) at RIP {:#x}", i.code(), self.c.cur_ip);
         log::error!("{msg}");
         Err(Fault::Exit(tessera_vcpu::VcpuExit::Unsupported(msg)))
+    }
+}
+
+/// `lock cmpxchg16b` on the host: returns (equal, old value). Stable Rust has no 128-bit atomic type.
+/// RBX cannot be named as an asm operand (LLVM reserves it), so the low half of `new` is swapped in and out.
+///
+/// # Safety
+/// `p` must be valid for reads and writes of 16 bytes and 16-byte aligned.
+#[cfg(target_arch = "x86_64")]
+unsafe fn host_cmpxchg16b(p: *mut u128, expect: u128, new: u128) -> (bool, u128) {
+    let (mut lo, mut hi) = (expect as u64, (expect >> 64) as u64);
+    let ok: u8;
+    // SAFETY: the caller guarantees `p`; RBX is restored before the asm block ends; no stack use.
+    unsafe {
+        std::arch::asm!(
+            "xchg {tmp}, rbx",
+            "lock cmpxchg16b xmmword ptr [{p}]",
+            "sete {ok}",
+            "xchg {tmp}, rbx",
+            p = in(reg) p,
+            tmp = inout(reg) new as u64 => _,
+            ok = out(reg_byte) ok,
+            in("rcx") (new >> 64) as u64,
+            inout("rax") lo,
+            inout("rdx") hi,
+            options(nostack),
+        );
+    }
+    (ok != 0, (lo as u128) | ((hi as u128) << 64))
+}
+
+/// Fallback for other hosts: not atomic against other threads.
+///
+/// # Safety
+/// `p` must be valid for reads and writes of 16 bytes.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn host_cmpxchg16b(p: *mut u128, expect: u128, new: u128) -> (bool, u128) {
+    // SAFETY: the caller guarantees `p`; unaligned raw accesses.
+    unsafe {
+        let old = p.read_unaligned();
+        if old == expect {
+            p.write_unaligned(new);
+        }
+        (old == expect, old)
     }
 }
 
