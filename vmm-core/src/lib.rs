@@ -22,6 +22,7 @@ pub mod guestlog;
 pub mod kvm;
 pub mod memory;
 pub mod runloop;
+pub mod tcg;
 pub mod vm;
 
 pub use vm::Vm;
