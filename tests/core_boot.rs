@@ -80,16 +80,6 @@ fn an_elf_without_a_pvh_note_fails_as_in_qemu() {
 }
 
 #[test]
-fn tcg_says_the_software_cpu_is_not_there_yet() {
-    let dir = TempDir::new("tcg");
-    let mut setup = Setup::new(&hello_guest(&dir));
-    setup.accel = Accel::Tcg;
-    let mut core = start(&setup);
-    let msg = core.expect_fatal();
-    assert!(msg.contains("-accel tcg") && msg.contains("-accel kvm"), "{msg}");
-}
-
-#[test]
 fn an_unknown_cpu_model_is_refused() {
     if !kvm_available("an_unknown_cpu_model_is_refused") {
         return;

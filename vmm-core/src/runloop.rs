@@ -51,9 +51,10 @@ pub trait Engine: Send {
     /// The ISA interrupt line `irq` (0–15), for a device to raise. Lines stay valid across reboots.
     fn irq_line(&mut self, irq: u32) -> Result<Arc<dyn IrqLine>, Error>;
     /// Put the engine's own devices on the core's buses (the software CPU's platform ports), before the core
-    /// adds its optional devices, so that overlaps are refused.
-    fn attach_devices(&mut self, devices: &mut Devices) -> Result<(), Error> {
-        let _ = devices;
+    /// adds its optional devices, so that overlaps are refused. `events` is for what those devices report
+    /// (a power-off or reset request).
+    fn attach_devices(&mut self, devices: &mut Devices, events: &Sender<VmEvent>) -> Result<(), Error> {
+        let _ = (devices, events);
         Ok(())
     }
     /// The ACPI tables the engine keeps in guest RAM, if any (the boot code points the kernel at them).

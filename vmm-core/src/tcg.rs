@@ -33,6 +33,7 @@
 //! vCPUs round-robin on one thread); the software CPU runs one vCPU for now and `-smp` above 1 is refused.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,7 +49,7 @@ use crate::devices::bus::BusDevice;
 use crate::devices::serial::{IrqLine, ISA_SERIAL_PORTS};
 use crate::devices::Devices;
 use crate::memory::GuestRam;
-use crate::runloop::{Engine, VcpuHandle, VcpuKick};
+use crate::runloop::{Engine, VcpuHandle, VcpuKick, VmEvent};
 use crate::Error;
 
 /// Guest nanoseconds per retired instruction: a 200 MIPS machine. Near what the interpreter does on the
@@ -108,6 +109,8 @@ struct Machine {
     cpu: SwHandle,
     /// A power-off or reset the platform asked for, for the vCPU to return as its exit.
     request: AtomicU8,
+    /// The run loop's events: a request is reported at once, ahead of anything the guest does after it.
+    events: Option<Sender<VmEvent>>,
 }
 
 impl Machine {
@@ -121,14 +124,25 @@ impl Machine {
         self.time.sync(self.cpu.retired_instructions());
     }
 
-    /// After a write: a power-off or reset request makes the vCPU stop at its next block boundary.
+    /// After a write: a power-off or reset request goes to the run loop at once (like the i8042's reset, so
+    /// that it is ordered before whatever the guest does next, e.g. an isa-debug-exit write in the same block),
+    /// and the vCPU stops at its next block boundary.
     fn check_request(&self, p: &mut Platform) {
         if let Some(r) = p.take_system_request() {
-            let code = match r {
-                SystemRequest::PowerOff => REQ_POWEROFF,
-                SystemRequest::Reset => REQ_RESET,
+            let (code, event) = match r {
+                SystemRequest::PowerOff => {
+                    (REQ_POWEROFF, VmEvent::PowerOff("the guest powered off (ACPI S5 through PM1a_CNT)".into()))
+                }
+                SystemRequest::Reset => {
+                    (REQ_RESET, VmEvent::Reset("the guest reset the machine through port 0xcf9".into()))
+                }
             };
-            self.request.store(code, Ordering::SeqCst);
+            match &self.events {
+                Some(tx) => {
+                    let _ = tx.send(event);
+                }
+                None => self.request.store(code, Ordering::SeqCst),
+            }
             self.cpu.kick();
         }
     }
@@ -362,6 +376,7 @@ pub struct TcgEngine {
     /// The machine of the current boot, for the port adapters.
     current: Arc<Mutex<Option<Arc<Machine>>>>,
     boots: u64,
+    events: Option<Sender<VmEvent>>,
 }
 
 impl TcgEngine {
@@ -399,6 +414,7 @@ impl TcgEngine {
             acpi_info: AcpiInfo { rsdp_addr: l.rsdp_addr, base: ACPI_BASE, size: ACPI_SIZE },
             current: Arc::new(Mutex::new(None)),
             boots: 0,
+            events: None,
         })
     }
 
@@ -443,6 +459,7 @@ impl Engine for TcgEngine {
             signal: signal.clone(),
             cpu: cpu.handle(),
             request: AtomicU8::new(REQ_NONE),
+            events: self.events.clone(),
         });
         cpu.set_interrupt_source(Arc::new(CpuIrq(machine.clone())));
         cpu.set_hooks(Arc::new(Hooks(machine.clone())));
@@ -458,7 +475,8 @@ impl Engine for TcgEngine {
         Ok(Arc::new(IsaLine(line)))
     }
 
-    fn attach_devices(&mut self, devices: &mut Devices) -> Result<(), Error> {
+    fn attach_devices(&mut self, devices: &mut Devices, events: &Sender<VmEvent>) -> Result<(), Error> {
+        self.events = Some(events.clone());
         for &(base, len) in PORT_RANGES {
             let dev = Arc::new(PlatformPorts { base, machine: self.current.clone(), platform: self.platform.clone() });
             devices.pio.insert(u64::from(base), u64::from(len), "the PC platform (PIC, PIT, RTC, ACPI)", dev)?;

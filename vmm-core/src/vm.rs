@@ -97,7 +97,7 @@ impl Vm {
 
         let (events_tx, events): (Sender<VmEvent>, Receiver<VmEvent>) = mpsc::channel();
         let mut devices = Devices::new(log.clone());
-        engine.attach_devices(&mut devices)?;
+        engine.attach_devices(&mut devices, &events_tx)?;
         for (i, s) in cfg.serial.iter().enumerate() {
             let (base, irq) = ISA_SERIAL_PORTS[i];
             let channel = Arc::new(Channel::from_fd(fds.take(s.channel)?));
