@@ -5,7 +5,7 @@
 mod harness;
 
 use harness::{kvm_available, start, write_file, Setup, TempDir};
-use tessera_ipc::messages::{Accel, LauncherToChild};
+use tessera_ipc::messages::LauncherToChild;
 use tessera_tests::tiny_guest::{asm, pvh_guest};
 
 fn hello_guest(dir: &TempDir) -> std::path::PathBuf {

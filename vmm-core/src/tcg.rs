@@ -26,8 +26,8 @@
 //! skews it: "Fast TSC calibration failed", "APIC timer disabled due to verification failure", a TSC marked
 //! unstable (shared notes §5). On the instruction clock all of them see exactly the same elapsed time whatever
 //! the host does, so the guest needs no `tsc_early_khz=`, `tsc=reliable` or `no_timer_check`, and a boot is
-//! reproducible. The cost: guest time runs at the interpreter's pace while the guest computes (at ~100 MIPS on
-//! this host it runs about half as fast as wall time), like QEMU with `-icount`.
+//! reproducible. The cost: guest time runs at the interpreter's pace while the guest computes (slower than wall
+//! time when the interpreter is slower than [`NS_PER_INSTRUCTION`] says), like QEMU with `-icount`.
 //!
 //! With more than one vCPU the instruction clock would need the vCPUs to agree on one time (QEMU runs icount
 //! vCPUs round-robin on one thread); the software CPU runs one vCPU for now and `-smp` above 1 is refused.
@@ -55,7 +55,7 @@ use crate::Error;
 /// Guest nanoseconds per retired instruction: a 200 MIPS machine. Near what the interpreter does on the
 /// host it was measured on, so that busy-waits (`udelay`, the 100 ms LAPIC calibration) take about as long in
 /// wall time as they claim; a faster guess only makes guest time run slower than wall time while busy.
-pub const NS_PER_INSTRUCTION: u64 = 5;
+pub const NS_PER_INSTRUCTION: u64 = 10;
 /// The TSC rate: 1 GHz, i.e. guest nanoseconds. Linux measures it (against the PIT) and gets exactly this.
 pub const TSC_HZ: u64 = 1_000_000_000;
 /// Where the ACPI tables go: the BIOS area's lower half, inside Linux's RSDP scan range (0xe0000-0xfffff,
@@ -261,7 +261,7 @@ fn platform_mmio(addr: u64) -> bool {
     // The LAPIC can be moved anywhere by IA32_APIC_BASE; Linux keeps it at 0xfee00000. Everything at or above
     // the IOAPIC (0xfec00000) up to 4 GiB goes to the platform first, which covers all three default windows.
     let in_window = |(base, len): (u64, u64)| addr >= base && addr - base < len;
-    addr >= IOAPIC_MMIO.0 && addr < 1 << 32 || in_window(HPET_MMIO)
+    (addr >= IOAPIC_MMIO.0 && addr < 1 << 32) || in_window(HPET_MMIO)
 }
 
 /// One vCPU of the software engine: the [`SoftVcpu`] with the platform in front of the core's devices.
