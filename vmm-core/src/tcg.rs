@@ -488,3 +488,51 @@ impl Engine for TcgEngine {
         Some(self.acpi_info)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_instruction_clock_counts_instructions_and_keeps_idle_skips() {
+        let clock = GuestClock::virtual_clock(0);
+        clock.advance_ns(1_000).unwrap();
+        let t = InsnClock::new(clock.clone());
+        // Time starts where the platform clock was and moves with retired instructions only when synced.
+        assert_eq!(t.at(0), 1_000);
+        assert_eq!(t.at(100), 1_000 + 100 * NS_PER_INSTRUCTION);
+        assert_eq!(clock.now_ns(), 1_000);
+        assert_eq!(t.sync(100), 1_000 + 100 * NS_PER_INSTRUCTION);
+        assert_eq!(clock.now_ns(), 1_000 + 100 * NS_PER_INSTRUCTION);
+        // An idle skip to 1 ms at instruction 100: later instructions count from there.
+        t.skip_to(100, 1_000_000);
+        assert_eq!(t.at(100), 1_000_000);
+        assert_eq!(t.sync(110), 1_000_000 + 10 * NS_PER_INSTRUCTION);
+        // Guest time never goes back, even if asked to skip to the past.
+        t.skip_to(110, 5);
+        assert_eq!(clock.now_ns(), 1_000_000 + 10 * NS_PER_INSTRUCTION);
+        assert_eq!(t.at(110), clock.now_ns());
+    }
+
+    #[test]
+    fn platform_mmio_covers_its_windows_and_not_ram() {
+        assert!(platform_mmio(0xfee0_0300), "LAPIC ICR");
+        assert!(platform_mmio(0xfec0_0010), "IOAPIC data window");
+        assert!(platform_mmio(0xfed0_00f0), "HPET main counter");
+        assert!(!platform_mmio(0x1000));
+        assert!(!platform_mmio(0xe0000), "the ACPI tables are RAM");
+        assert!(!platform_mmio(1 << 32), "RAM above 4 GiB");
+    }
+
+    #[test]
+    fn more_than_one_vcpu_is_refused_and_the_acpi_tables_fit() {
+        let ram = Arc::new(GuestRam::new(64 << 20).unwrap());
+        let err = TcgEngine::new(ram.clone(), 2, 1).err().expect("-smp 2 refused");
+        assert!(err.to_string().contains("-smp 2"), "{err}");
+        let e = TcgEngine::new(ram, 1, 4).unwrap();
+        let a = e.acpi_info();
+        assert_eq!((a.base, a.size), (ACPI_BASE, ACPI_SIZE));
+        assert!(a.rsdp_addr >= ACPI_BASE && a.rsdp_addr < ACPI_BASE + ACPI_SIZE && a.rsdp_addr & 0xf == 0);
+        assert!(e.acpi.len() as u64 <= ACPI_SIZE);
+    }
+}

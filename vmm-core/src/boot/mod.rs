@@ -398,4 +398,18 @@ mod tests {
         let ram: Vec<(u64, u64)> = m.iter().filter(|e| e.r#type == E820_RAM).map(|e| (e.addr, e.size)).collect();
         assert_eq!(ram, vec![(0, 0x9fc00), (0x10_0000, 0xc000_0000 - 0x10_0000), (1 << 32, (4 << 30) - 0xc000_0000)]);
     }
+
+    #[test]
+    fn acpi_tables_are_reserved_in_e820_between_the_ebda_and_the_bios() {
+        let acpi = AcpiInfo { rsdp_addr: 0xe0000, base: 0xe0000, size: 0x10000 };
+        let m = e820_map_with_acpi(&RamLayout::pc(256 << 20), Some(acpi));
+        let entries: Vec<(u64, u64, u32)> = m.iter().map(|e| (e.addr, e.size, e.r#type)).collect();
+        assert_eq!(entries[2], (0xe0000, 0x10000, E820_RESERVED));
+        assert_eq!(entries[3], (BIOS_START, HIGH_MEMORY - BIOS_START, E820_RESERVED));
+        assert!(entries.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0), "sorted, no overlap: {entries:x?}");
+        // Without tables (KVM) the map is unchanged; an area outside the BIOS hole is not added.
+        assert_eq!(e820_map_with_acpi(&RamLayout::pc(256 << 20), None).len(), m.len() - 1);
+        let bad = AcpiInfo { rsdp_addr: 0x100000, base: 0x100000, size: 0x1000 };
+        assert_eq!(e820_map_with_acpi(&RamLayout::pc(256 << 20), Some(bad)).len(), m.len() - 1);
+    }
 }
