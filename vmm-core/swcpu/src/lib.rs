@@ -22,6 +22,11 @@
 //!
 //! Time: [`GuestClock`] is host monotonic time since the vCPU was created, scaled to the TSC frequency; the
 //! TSC, and later the LAPIC timer and PIT, derive from it, so they agree with each other.
+//!
+//! Machine hooks ([`CpuHooks`], [`SoftVcpu::set_hooks`]): a machine with timers of its own supplies the TSC
+//! (given the retired-instruction count, for an instruction-counting clock), owns platform MSRs such as
+//! IA32_APIC_BASE, and does the HLT wait; [`VcpuHandle::retired_instructions`] lets its device code read the
+//! count as of the current block. Tessera's core uses them for `-accel tcg`.
 
 mod alu;
 mod cpu;
