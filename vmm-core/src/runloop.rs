@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use tessera_vcpu::{IoHandler, Vcpu, VcpuExit};
 
+use crate::boot::AcpiInfo;
 use crate::devices::serial::IrqLine;
+use crate::devices::Devices;
 use crate::Error;
 
 /// Something that happened that the run loop must act on.
@@ -48,6 +50,17 @@ pub trait Engine: Send {
     fn create_vcpus(&mut self) -> Result<Vec<VcpuHandle>, Error>;
     /// The ISA interrupt line `irq` (0–15), for a device to raise. Lines stay valid across reboots.
     fn irq_line(&mut self, irq: u32) -> Result<Arc<dyn IrqLine>, Error>;
+    /// Put the engine's own devices on the core's buses (the software CPU's platform ports), before the core
+    /// adds its optional devices, so that overlaps are refused. `events` is for what those devices report
+    /// (a power-off or reset request).
+    fn attach_devices(&mut self, devices: &mut Devices, events: &Sender<VmEvent>) -> Result<(), Error> {
+        let _ = (devices, events);
+        Ok(())
+    }
+    /// The ACPI tables the engine keeps in guest RAM, if any (the boot code points the kernel at them).
+    fn acpi(&self) -> Option<AcpiInfo> {
+        None
+    }
 }
 
 /// How the VM ended.

@@ -12,7 +12,10 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Address, GuestAddress};
 
-use super::{e820_map, load_initrd, protected_mode_entry, write, BootSource, EntryState, CMDLINE_ADDR, PVH_INFO_ADDR};
+use super::{
+    e820_map_with_acpi, load_initrd, protected_mode_entry, write, AcpiInfo, BootSource, EntryState, CMDLINE_ADDR,
+    PVH_INFO_ADDR,
+};
 use crate::memory::GuestRam;
 use crate::Error;
 
@@ -23,7 +26,7 @@ const MODLIST_ADDR: u64 = PVH_INFO_ADDR + 0x800;
 /// 2 KiB, COMMAND_LINE_SIZE on x86).
 pub const MAX_PVH_CMDLINE: usize = 64 * 1024;
 
-pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
+pub fn load(ram: &GuestRam, src: &mut BootSource, acpi: Option<AcpiInfo>) -> Result<EntryState, Error> {
     let mem = ram.memory();
     let mut ident = [0u8; 5];
     {
@@ -67,7 +70,7 @@ pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
     // The initrd goes as high as RAM below 4 GiB allows, above the kernel.
     let initrd = load_initrd(ram, &mut src.initrd, u64::from(u32::MAX) + 1, kernel_end)?;
 
-    let memmap: Vec<hvm_memmap_table_entry> = e820_map(ram.layout())
+    let memmap: Vec<hvm_memmap_table_entry> = e820_map_with_acpi(ram.layout(), acpi)
         .iter()
         .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.r#type, reserved: 0 })
         .collect();
@@ -77,6 +80,7 @@ pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: acpi.map_or(0, |a| a.rsdp_addr),
         ..Default::default()
     };
     let mut params;
