@@ -324,7 +324,7 @@ mod tests {
         // Dirty the bss area first: the loader must zero it.
         ram.memory().write_slice(&[0xaa; 16], GuestAddress(0x200004)).unwrap();
         let mut src = source(&elf32(0x200000, &[0xf4, 0x90, 0x90, 0x90], 16, None));
-        let entry = load(&ram, &mut src).unwrap();
+        let entry = load(&ram, &mut src, None).unwrap();
         assert_eq!(entry.regs.rip, 0x200000);
         let mut got = [0u8; 20];
         ram.memory().read_slice(&mut got, GuestAddress(0x200000)).unwrap();
@@ -337,15 +337,15 @@ mod tests {
         let ram = GuestRam::new(16 << 20).unwrap();
         // A segment whose file bytes run past the end of the file.
         let mut src = source(&elf32(0x200000, &[0x90; 8], 0, Some(4096)));
-        assert!(matches!(load(&ram, &mut src), Err(Error::UnsupportedKernel { .. })), "past EOF");
+        assert!(matches!(load(&ram, &mut src, None), Err(Error::UnsupportedKernel { .. })), "past EOF");
         // A segment outside guest RAM.
         let mut src = source(&elf32(0xf000_0000, &[0x90; 8], 0, None));
-        assert!(matches!(load(&ram, &mut src), Err(Error::KernelDoesNotFit { .. })), "outside RAM");
+        assert!(matches!(load(&ram, &mut src, None), Err(Error::KernelDoesNotFit { .. })), "outside RAM");
         // Every truncation of a valid file is refused cleanly, never a panic.
         let good = elf32(0x200000, &[0x90; 8], 0, None);
         for n in 0..good.len() {
             let mut src = source(&good[..n]);
-            assert!(load(&ram, &mut src).is_err(), "truncated to {n} bytes");
+            assert!(load(&ram, &mut src, None).is_err(), "truncated to {n} bytes");
         }
     }
 }
