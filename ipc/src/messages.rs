@@ -98,6 +98,9 @@ pub enum Accel {
 pub struct CoreConfig {
     pub name: Option<String>,
     pub accel: Accel,
+    /// `/dev/kvm`, opened read-write by the launcher when `accel` is KVM: a sandboxed core cannot open paths.
+    /// `None` (TCG, or an older launcher) makes the core open the device itself, which only works unsandboxed.
+    pub kvm: Option<FdIndex>,
     /// `-cpu` model: `host`, `max` or `qemu64`.
     pub cpu_model: String,
     pub smp: u32,

@@ -209,6 +209,8 @@ pub fn build(cfg: &VmConfig) -> Plan {
             Some(crate::config::AccelKind::Kvm) => Accel::Kvm,
             _ => Accel::Tcg,
         },
+        // The /dev/kvm descriptor is attached once KVM initialised (resources::finish_config).
+        kvm: None,
         cpu_model: cfg.cpu_model.clone(),
         smp: cfg.smp.cpus,
         ram: RamConfig {
