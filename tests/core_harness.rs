@@ -153,6 +153,7 @@ pub fn start(setup: &Setup) -> Core {
         name: None,
         accel: setup.accel,
         kvm: kvm_device.as_ref().map(|k| fds.push(k.as_fd())),
+        topology: None,
         cpu_model: setup.cpu_model.clone(),
         smp: setup.smp,
         ram: RamConfig { size: setup.ram, shared: false, backend_id: None },
