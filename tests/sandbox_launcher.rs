@@ -278,7 +278,7 @@ fn seccomp_log_mode_runs_the_guest_with_the_filter_logging() {
     let dir = tempfile::tempdir().unwrap();
     let elf = guest(dir.path(), "hello", Some(0x05));
     let child = launcher()
-        .args(["-sandbox", "on,seccomp=log", "-accel", "kvm", "-m", "64M", "-kernel"])
+        .args(["-sandbox", "on,seccomp=log,spawn=allow", "-accel", "kvm", "-m", "64M", "-kernel"])
         .arg(&elf)
         .args(["-nographic", "-device", "isa-debug-exit,iobase=0x501", "-d", "sandbox"])
         .spawn()
@@ -288,6 +288,11 @@ fn seccomp_log_mode_runs_the_guest_with_the_filter_logging() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stdout.ends_with("hello\n"), "guest serial output: {stdout:?}; stderr: {stderr}");
     assert_eq!(out.status.code(), Some(0x0b), "stderr: {stderr}");
+    // A QEMU sub-option that cannot loosen Tessera's allow-lists is accepted with a note.
+    assert!(
+        stderr.contains(&format!("{PROG}: -sandbox spawn=allow: fork and execve stay denied")),
+        "the spawn=allow note; stderr: {stderr}"
+    );
     for kind in ["core", "chardev"] {
         assert!(
             stderr
@@ -295,6 +300,32 @@ fn seccomp_log_mode_runs_the_guest_with_the_filter_logging() {
                 .any(|l| l.starts_with(&format!("tessera-{kind}: sandboxed:")) && l.contains("seccomp log only")),
             "tessera-{kind} reports log mode; stderr: {stderr}"
         );
+    }
+}
+
+/// `-chroot DIR` (and QEMU 8.1's `-run-with chroot=DIR`) with the sandbox on: DIR, read-only, is each child's
+/// root instead of the empty one.
+#[test]
+fn chroot_becomes_every_childs_root() {
+    if !kvm_available("chroot_becomes_every_childs_root") {
+        return;
+    }
+    if !is_root() {
+        eprintln!("chroot_becomes_every_childs_root: skipped, needs root (reading a non-dumpable process's root)");
+        return;
+    }
+    let jail = tempfile::tempdir().unwrap();
+    std::fs::create_dir(jail.path().join("marker")).unwrap();
+    let dir = jail.path().to_str().unwrap().to_string();
+    for option in [vec!["-chroot".to_string(), dir.clone()], vec!["-run-with".to_string(), format!("chroot={dir}")]] {
+        let mut args: Vec<&str> = confining_args();
+        args.extend(option.iter().map(String::as_str));
+        let vm = Running::start(&args);
+        for c in vm.children() {
+            assert_eq!(c.root, Some(vec!["marker".to_string()]), "{option:?}: {} (pid {}) root", c.comm, c.pid);
+            assert_eq!(c.field("Seccomp"), "2", "{option:?}: {}", c.comm);
+        }
+        vm.stop();
     }
 }
 
