@@ -138,6 +138,9 @@ pub fn start(setup: &Setup) -> Core {
     for _ in 0..setup.serials {
         serial_pairs.push(Channel::pair().unwrap());
     }
+    // As the launcher does: /dev/kvm opened here and passed, since the core (sandboxed by default) cannot open it.
+    let kvm_device = (setup.accel == Accel::Kvm)
+        .then(|| std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").expect("open /dev/kvm"));
     let mut fds = FdList::new();
     let kfd = fds.push(kernel.as_fd());
     let ifd = initrd.as_ref().map(|f| fds.push(f.as_fd()));
@@ -149,6 +152,8 @@ pub fn start(setup: &Setup) -> Core {
     let cfg = CoreConfig {
         name: None,
         accel: setup.accel,
+        kvm: kvm_device.as_ref().map(|k| fds.push(k.as_fd())),
+        topology: None,
         cpu_model: setup.cpu_model.clone(),
         smp: setup.smp,
         ram: RamConfig { size: setup.ram, shared: false, backend_id: None },

@@ -98,6 +98,12 @@ pub enum Accel {
 pub struct CoreConfig {
     pub name: Option<String>,
     pub accel: Accel,
+    /// `/dev/kvm`, opened read-write by the launcher when `accel` is KVM: a sandboxed core cannot open paths.
+    /// `None` (TCG, or an older launcher) makes the core open the device itself, which only works unsandboxed.
+    pub kvm: Option<FdIndex>,
+    /// `-smp`'s topology as the launcher computed and checked it (QEMU's rules); `None` from a launcher that
+    /// does not send it: then `smp` sockets of one core each.
+    pub topology: Option<CpuTopology>,
     /// `-cpu` model: `host`, `max` or `qemu64`.
     pub cpu_model: String,
     pub smp: u32,
@@ -113,6 +119,17 @@ pub struct CoreConfig {
     /// `-S`: do not start the vCPUs until told to.
     pub start_paused: bool,
     pub log: LogConfig,
+}
+
+/// The guest's CPU topology (`-smp sockets=,dies=,cores=,threads=,maxcpus=`): `sockets * dies * cores *
+/// threads == maxcpus`, and `smp <= maxcpus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuTopology {
+    pub sockets: u32,
+    pub dies: u32,
+    pub cores: u32,
+    pub threads: u32,
+    pub maxcpus: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -130,6 +130,8 @@ pub struct VmConfig {
     pub log_file: Option<String>,
     /// `--tessera-dump-plan`: print the plan, start nothing.
     pub dump_plan: bool,
+    /// `-sandbox`, `-runas`, `-chroot`, `-run-with`: how every child confines itself (docs/SECURITY.md).
+    pub sandbox: tessera_policy::SandboxOptions,
 }
 
 /// What the command line asks for.
@@ -176,6 +178,8 @@ pub const LOG_ITEMS: &[(&str, &str)] = &[
     ("plugin", "output of TCG plugins"),
     ("strace", "every user-mode system call"),
     ("tid", "one log file per thread (the -D name must contain '%d')"),
+    // Tessera's own item (QEMU has no such item): each child prints how it is confined.
+    ("sandbox", "how each Tessera process is confined (Tessera only)"),
 ];
 
 fn log_usage() -> String {
@@ -516,18 +520,23 @@ struct Raw {
     start_paused: bool,
     daemonize: bool,
     pidfile: Option<String>,
-    runas: Option<String>,
-    chroot: Option<String>,
+    sandbox: tessera_policy::SandboxOptions,
     log_items: Option<String>,
     log_file: Option<String>,
     dump_plan: bool,
     help_request: Option<String>,
 }
 
+/// The confinement without any `-sandbox` option: the policy crate's default (on, Landlock when the kernel has
+/// it). QEMU's default is off; docs/SECURITY.md says why Tessera differs.
+pub fn default_sandbox() -> tessera_policy::SandboxOptions {
+    tessera_policy::SandboxOptions::default()
+}
+
 /// Parse argv (without argv[0]); `prog` is the name messages are printed under.
 pub fn parse(args: &[String], prog: &str) -> Result<Parsed> {
     let opts = split_argv(args)?;
-    let mut raw = Raw { default_monitor: true, default_serial: true, ..Raw::default() };
+    let mut raw = Raw { default_monitor: true, default_serial: true, sandbox: default_sandbox(), ..Raw::default() };
     for o in &opts {
         if let Some(print) = read_option(&mut raw, o, prog).map_err(|e| locate(e, o))? {
             return Ok(Parsed { command: print, warnings: raw.warnings });
@@ -702,14 +711,24 @@ fn read_option(raw: &mut Raw, o: &ArgOpt, prog: &str) -> Result<Option<Command>>
         Opt::Pidfile => raw.pidfile = Some(arg.to_string()),
         Opt::Runas => {
             check_user(arg)?;
-            raw.runas = Some(o.location());
+            raw.sandbox.apply_runas_arg(arg).map_err(policy_error)?;
         }
         Opt::Chroot => {
             if !std::path::Path::new(arg).is_dir() {
                 return Err(Error::NotADirectory(arg.to_string()));
             }
-            raw.chroot = Some(o.location());
+            raw.sandbox.apply_chroot_arg(arg).map_err(policy_error)?;
         }
+        Opt::Sandbox => {
+            // QEMU's grammar and wording first (`enable` is the implied key), then the meaning.
+            let kv = parse_kv(o, raw);
+            if !kv.has("enable") {
+                return Err(Error::MissingParameter("enable".into()));
+            }
+            kv.get_bool("enable")?;
+            raw.sandbox.apply_sandbox_arg(arg).map_err(policy_error)?;
+        }
+        Opt::RunWith => raw.sandbox.apply_run_with_arg(arg).map_err(policy_error)?,
         Opt::Object => {
             let kv = parse_kv(o, raw);
             if let Some(m) = object(&kv)? {
@@ -746,6 +765,18 @@ fn cpu_help() -> String {
         s.push_str(&format!("x86 {name:<22} {what}\n"));
     }
     s
+}
+
+/// The policy crate's message without the option it names: the caller's location already says which option.
+fn policy_error(e: tessera_policy::PolicyError) -> Error {
+    use tessera_policy::PolicyError as P;
+    match e {
+        P::SandboxOption { message, .. } | P::RunAs { message, .. } | P::RunWith { message, .. } => {
+            Error::Sandbox(message)
+        }
+        P::Chroot { dir, message } => Error::Sandbox(format!("{}: {message}", dir.display())),
+        other => Error::Sandbox(other.to_string()),
+    }
 }
 
 fn check_user(spec: &str) -> Result<()> {
@@ -1182,14 +1213,6 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         return Err(Error::NotSupportedYet("booting from firmware (give the guest with -kernel)".into()));
     }
 
-    // Confinement options are understood but nothing applies them yet: refuse rather than run less confined.
-    if let Some(loc) = &raw.runas {
-        return Err(Error::NotEnforcedYet("-runas").at(loc.clone()));
-    }
-    if let Some(loc) = &raw.chroot {
-        return Err(Error::NotEnforcedYet("-chroot").at(loc.clone()));
-    }
-
     Ok(VmConfig {
         accels,
         cpu_model: model,
@@ -1212,6 +1235,7 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         log_items,
         log_file: raw.log_file.clone(),
         dump_plan: raw.dump_plan,
+        sandbox: raw.sandbox.clone(),
     })
 }
 

@@ -134,11 +134,9 @@ pub enum Error {
     UnknownUser(String),
     #[error("'{0}' is not a directory")]
     NotADirectory(String),
-    #[error(
-        "{0} is parsed but not enforced yet (the sandbox that applies it is not written); refusing to run less \
-         confined than asked"
-    )]
-    NotEnforcedYet(&'static str),
+    /// `-sandbox`, `-runas`, `-chroot`, `-run-with`: the policy crate's message (the option is the location).
+    #[error("{0}")]
+    Sandbox(String),
     #[error("cannot create PID file: {0}")]
     PidFile(String),
     #[error("Error opening logfile {path}: {source}")]

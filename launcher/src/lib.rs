@@ -25,6 +25,7 @@ use config::{Command, VmConfig};
 use error::{Error, Result};
 use plan::{ChildPlan, Plan};
 use supervise::{Child, End, Graph};
+use tessera_ipc::messages::Role;
 
 /// The QEMU release whose command line Tessera follows.
 pub const QEMU_VERSION: &str = "8.2.0";
@@ -114,6 +115,12 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     let chardev_path =
         if plan.chardevs.is_empty() { None } else { Some(spawn::find_binary(&dir, plan::CHARDEV_BINARY)?) };
 
+    // -runas needs root in the launcher; say so before anything starts (the children would each fail).
+    cfg.sandbox.check_launcher().map_err(|e| Error::Sandbox(e.to_string()))?;
+    for note in cfg.sandbox.notes() {
+        err_line(&format!("{prog}: {note}"));
+    }
+
     let daemon = if cfg.daemonize { Some(host::daemonize()?) } else { None };
     if let Some(name) = &cfg.process_name {
         if let Ok(c) = std::ffi::CString::new(name.as_bytes()) {
@@ -125,7 +132,7 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     let _pidfile = cfg.pidfile.as_deref().map(host::PidFile::create).transpose()?;
 
     let accel = resources::select_accel(&plan.accels, "/dev/kvm", prog)?;
-    if cfg.cpu_model == "host" && accel != config::AccelKind::Kvm {
+    if cfg.cpu_model == "host" && accel.kind != config::AccelKind::Kvm {
         return Err(Error::HostCpuNeedsKvm);
     }
 
@@ -141,13 +148,14 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
         resources::open_all(&plan, prog, &mut interrupt)?
     };
     for c in plan.chardevs.iter_mut().chain(std::iter::once(&mut plan.core)) {
-        resources::finish_config(&mut c.config, &c.fds, &opened, accel);
+        resources::finish_config(&mut c.config, &c.fds, &opened, &accel);
     }
 
     // Chardevs first, so that the first bytes the guest prints have somewhere to go; then the core.
     let start = |graph: &mut Graph, child: &ChildPlan, path: &std::path::Path| -> std::result::Result<(), End> {
-        let started = spawn::start(path, child.binary, cfg.daemonize).map_err(|e| End::Failed(e.to_string()))?;
-        let fds: Vec<BorrowedFd<'_>> = child.fds.iter().map(|&r| opened.fd(r)).collect();
+        let started =
+            spawn::start(path, child.binary, cfg.daemonize, &cfg.sandbox).map_err(|e| End::Failed(e.to_string()))?;
+        let fds: Vec<BorrowedFd<'_>> = resources::child_fds(&child.fds, &opened, child.role == Role::Core, &accel);
         let result = spawn::configure(&started, child.role, &child.config, &fds);
         let pid = started.pid;
         graph.children.push(Child::new(child.role, child.label.clone(), pid, started.control));
@@ -186,6 +194,7 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     }
     // The descriptors now live in the children.
     drop(opened);
+    drop(accel);
     if outcome.is_none() {
         if let Some(d) = daemon {
             d.ready();

@@ -209,6 +209,15 @@ pub fn build(cfg: &VmConfig) -> Plan {
             Some(crate::config::AccelKind::Kvm) => Accel::Kvm,
             _ => Accel::Tcg,
         },
+        // The /dev/kvm descriptor is attached once KVM initialised (resources::finish_config).
+        kvm: None,
+        topology: Some(tessera_ipc::messages::CpuTopology {
+            sockets: cfg.smp.sockets,
+            dies: cfg.smp.dies,
+            cores: cfg.smp.cores,
+            threads: cfg.smp.threads,
+            maxcpus: cfg.smp.maxcpus,
+        }),
         cpu_model: cfg.cpu_model.clone(),
         smp: cfg.smp.cpus,
         ram: RamConfig {
@@ -254,5 +263,27 @@ impl Plan {
             s.push_str(&format!("child {}{id}, fds {:?}:\n{:#?}\n", c.label, c.fds, c.config));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_core_gets_the_topology_and_no_kvm_descriptor_yet() {
+        let args: Vec<String> = ["-smp", "8,sockets=2,cores=2,threads=2", "-kernel", "/etc/hostname"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let crate::config::Command::Run(cfg) = crate::config::parse(&args, "t").unwrap().command else {
+            panic!("not a run command")
+        };
+        let ChildConfig::Core(core) = build(&cfg).core.config else { panic!("the core's config is not a core's") };
+        let t = core.topology.unwrap();
+        assert_eq!((t.sockets, t.dies, t.cores, t.threads, t.maxcpus), (2, 1, 2, 2, 8));
+        assert_eq!(core.smp, 8);
+        // Attached at run time, once KVM initialised (resources::finish_config).
+        assert_eq!(core.kvm, None);
     }
 }

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 
 use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use tessera_ipc::messages::{Accel, ChardevBackend, ChildConfig};
+use tessera_ipc::messages::{Accel, ChardevBackend, ChildConfig, FdIndex};
 
 use crate::config::{AccelKind, SocketAddr};
 use crate::error::{os_error, Error, Result};
@@ -36,9 +36,16 @@ impl Opened {
 /// terminating signal arrived.
 pub type Interrupt<'a> = &'a mut dyn FnMut() -> Result<()>;
 
+/// The accelerator that initialised, and for KVM the device descriptor the probe opened: the core gets it in
+/// its `Configure` (`CoreConfig::kvm`), because a sandboxed core cannot open `/dev/kvm` by path.
+pub struct SelectedAccel {
+    pub kind: AccelKind,
+    pub kvm_device: Option<OwnedFd>,
+}
+
 /// Probe the accelerators in order, as QEMU's `configure_accelerators`: the first that initialises wins;
 /// each failure is reported, and a fallback announced.
-pub fn select_accel(candidates: &[AccelKind], kvm_device: &str, prog: &str) -> Result<AccelKind> {
+pub fn select_accel(candidates: &[AccelKind], kvm_device: &str, prog: &str) -> Result<SelectedAccel> {
     let mut failed = false;
     for (i, a) in candidates.iter().enumerate() {
         match a {
@@ -46,14 +53,14 @@ pub fn select_accel(candidates: &[AccelKind], kvm_device: &str, prog: &str) -> R
                 if failed {
                     crate::err_line(&format!("{prog}: falling back to tcg"));
                 }
-                return Ok(AccelKind::Tcg);
+                return Ok(SelectedAccel { kind: AccelKind::Tcg, kvm_device: None });
             }
             AccelKind::Kvm => match probe_kvm(kvm_device) {
-                Ok(()) => {
+                Ok(fd) => {
                     if failed {
                         crate::err_line(&format!("{prog}: falling back to kvm"));
                     }
-                    return Ok(AccelKind::Kvm);
+                    return Ok(SelectedAccel { kind: AccelKind::Kvm, kvm_device: Some(fd) });
                 }
                 Err(e) if i + 1 == candidates.len() => return Err(e),
                 Err(e) => {
@@ -64,17 +71,18 @@ pub fn select_accel(candidates: &[AccelKind], kvm_device: &str, prog: &str) -> R
         }
     }
     // `config` always lists at least one accelerator.
-    Ok(AccelKind::Tcg)
+    Ok(SelectedAccel { kind: AccelKind::Tcg, kvm_device: None })
 }
 
-/// KVM is usable when its device opens read-write (QEMU's kvm_init does exactly this first).
-pub fn probe_kvm(device: &str) -> Result<()> {
+/// KVM is usable when its device opens read-write (QEMU's kvm_init does exactly this first). The descriptor
+/// is kept for the core.
+pub fn probe_kvm(device: &str) -> Result<OwnedFd> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(device)
-        .map(drop)
+        .map(OwnedFd::from)
         .map_err(|e| Error::KvmUnavailable(os_error(e)))
 }
 
@@ -179,13 +187,16 @@ pub fn open_all(plan: &Plan, prog: &str, interrupt: Interrupt<'_>) -> Result<Ope
 }
 
 /// Fill in what only opening told: the pty paths and the accelerator that initialised.
-pub fn finish_config(config: &mut ChildConfig, fds: &[usize], opened: &Opened, accel: AccelKind) {
+/// The core's `/dev/kvm`, when KVM initialised, is attached after its planned descriptors (`fds`): see
+/// [`child_fds`].
+pub fn finish_config(config: &mut ChildConfig, fds: &[usize], opened: &Opened, accel: &SelectedAccel) {
     match config {
         ChildConfig::Core(core) => {
-            core.accel = match accel {
+            core.accel = match accel.kind {
                 AccelKind::Kvm => Accel::Kvm,
                 AccelKind::Tcg => Accel::Tcg,
-            }
+            };
+            core.kvm = accel.kvm_device.as_ref().map(|_| FdIndex(fds.len() as u32));
         }
         ChildConfig::Chardev(c) => {
             if let ChardevBackend::Pty { master, path } = &mut c.backend {
@@ -195,6 +206,23 @@ pub fn finish_config(config: &mut ChildConfig, fds: &[usize], opened: &Opened, a
             }
         }
     }
+}
+
+/// The descriptors to attach to a child's `Configure`, in `FdIndex` order: its planned resources, then (core
+/// only) the `/dev/kvm` descriptor [`finish_config`] named.
+pub fn child_fds<'a>(
+    fds: &[usize],
+    opened: &'a Opened,
+    is_core: bool,
+    accel: &'a SelectedAccel,
+) -> Vec<BorrowedFd<'a>> {
+    let mut out: Vec<BorrowedFd<'a>> = fds.iter().map(|&r| opened.fd(r)).collect();
+    if is_core {
+        if let Some(kvm) = &accel.kvm_device {
+            out.push(kvm.as_fd());
+        }
+    }
+    out
 }
 
 fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
@@ -312,7 +340,9 @@ mod tests {
              qemu-system-x86_64: failed to initialize kvm: No such file or directory"
         );
         // With a fallback the same failure is only a warning.
-        assert_eq!(select_accel(&[AccelKind::Kvm, AccelKind::Tcg], "/nonexistent/kvm", "t").unwrap(), AccelKind::Tcg);
+        let fallback = select_accel(&[AccelKind::Kvm, AccelKind::Tcg], "/nonexistent/kvm", "t").unwrap();
+        assert_eq!(fallback.kind, AccelKind::Tcg);
+        assert!(fallback.kvm_device.is_none());
         assert!(select_accel(&[AccelKind::Kvm], "/nonexistent/kvm", "t").is_err());
     }
 }

@@ -48,7 +48,16 @@ pub struct Started {
 /// Start `path` with its control channel at fd 3. With `detached` (`-daemonize`) its stdout and stderr are
 /// /dev/null, as the daemon's own are once it runs: a daemon must not keep the terminal or a pipe open (what
 /// goes wrong before `Ready` still reaches the user through `Fatal` or the exit status).
-pub fn start(path: &Path, binary: &'static str, detached: bool) -> Result<Started> {
+///
+/// `sandbox` is how the child confines itself: [`tessera_policy::prepare_command`] passes it in the
+/// environment and adds the policy's async-signal-safe hook after ours (so fd 3 is in place when it marks
+/// every other descriptor close-on-exec); the child applies its profile at the top of its `main`.
+pub fn start(
+    path: &Path,
+    binary: &'static str,
+    detached: bool,
+    sandbox: &tessera_policy::SandboxOptions,
+) -> Result<Started> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| Error::host("socketpair", os_error(e)))?;
     let child_fd = theirs.as_raw_fd();
     let launcher = nix::unistd::getpid();
@@ -89,6 +98,8 @@ pub fn start(path: &Path, binary: &'static str, detached: bool) -> Result<Starte
             Ok(())
         });
     }
+    // Registered after the hook above: hooks run in order, and this one keeps fd 3 only.
+    tessera_policy::prepare_command(&mut cmd, sandbox, &[CONTROL_FD]);
     let child = cmd.spawn().map_err(|e| Error::Spawn { binary, source: os_error(e) })?;
     drop(theirs);
     let pid = Pid::from_raw(child.id() as i32);

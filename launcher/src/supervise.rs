@@ -83,7 +83,12 @@ pub fn describe(status: WaitStatus) -> String {
     match status {
         WaitStatus::Exited(_, code) => format!("exited with status {code}"),
         WaitStatus::Signaled(_, sig, core) => {
-            format!("killed by signal {}{}", sig as i32, if core { " (core dumped)" } else { "" })
+            let hint = match tessera_policy::death_hint(sig as i32) {
+                // SIGSYS: the seccomp filter of the child's sandbox killed it.
+                Some(h) => format!(" (by its sandbox's seccomp filter: {h})"),
+                None => String::new(),
+            };
+            format!("killed by signal {}{}{hint}", sig as i32, if core { " (core dumped)" } else { "" })
         }
         other => format!("{other:?}"),
     }
@@ -385,5 +390,19 @@ pub fn end_message(end: &End) -> Option<String> {
         End::Exit(_) => None,
         End::Fatal(m) | End::Failed(m) => Some(m.clone()),
         End::Signal(t) => Some(t.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_death_by_sigsys_names_the_seccomp_filter() {
+        let pid = Pid::from_raw(42);
+        let text = describe(WaitStatus::Signaled(pid, Signal::SIGSYS, false));
+        assert!(text.starts_with("killed by signal 31 (by its sandbox's seccomp filter: "), "{text}");
+        assert!(text.contains("seccomp=log"), "{text}");
+        assert_eq!(describe(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), "killed by signal 9");
     }
 }

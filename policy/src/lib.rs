@@ -54,6 +54,8 @@ pub enum PolicyError {
     SandboxEnv { value: String, message: String },
     #[error("tessera-{kind}: -runas needs the launcher to run as root")]
     RunAsNeedsRoot { kind: ProcessKind },
+    #[error("-runas needs the launcher to run as root (it runs as uid {uid})")]
+    RunAsLauncherNotRoot { uid: u32 },
     #[error("tessera-{kind}: its profile needs a user namespace or root to confine it")]
     NeedsPrivilege { kind: ProcessKind },
     #[error(

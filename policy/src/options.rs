@@ -219,6 +219,16 @@ impl SandboxOptions {
         Ok(())
     }
 
+    /// What the launcher checks before it starts any child: `-runas` needs a root launcher (only root may
+    /// switch to another uid; without this check every child would fail the same way).
+    pub fn check_launcher(&self) -> Result<(), PolicyError> {
+        let uid = nix::unistd::geteuid();
+        if self.runas.is_some() && !uid.is_root() {
+            return Err(PolicyError::RunAsLauncherNotRoot { uid: uid.as_raw() });
+        }
+        Ok(())
+    }
+
     /// Lines the launcher should print once at start-up: sub-options that Tessera accepts but that cannot
     /// loosen its filters.
     pub fn notes(&self) -> Vec<String> {

@@ -328,6 +328,8 @@ fn named_rule_values_match_libc() {
         ("CLONE_THREAD", v(libc::CLONE_THREAD.into()), Some(v(libc::CLONE_THREAD.into()))),
         ("prot without PROT_EXEC", 0, Some(v(libc::PROT_EXEC.into()))),
         ("IPPROTO_TCP, TCP_NODELAY", v(libc::IPPROTO_TCP.into()), None),
+        ("SOL_SOCKET, SO_RCVTIMEO", v(libc::SOL_SOCKET.into()), None),
+        ("SOL_SOCKET, SO_SNDTIMEO", v(libc::SOL_SOCKET.into()), None),
         ("new_limit NULL (read only)", 0, None),
         ("own process", u64::MAX, None), // "$pid", checked below
         ("F_GETFD", v(libc::F_GETFD.into()), None),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tessera_core::vm::{report_fatal, Vm};
 use tessera_ipc::child::start_child;
 use tessera_ipc::messages::{ChildConfig, Role};
+use tessera_policy::ProcessKind;
 
 fn main() {
     let code = run();
@@ -21,6 +22,18 @@ fn run() -> i32 {
         },
         _ => return usage("expected --ipc-fd N"),
     };
+    // Confined before anything is read from the launcher (docs/SECURITY.md): the profile keeps the control
+    // channel only; everything else (/dev/kvm, the kernel, the serial channels) arrives over it.
+    let report = match tessera_policy::enter_from_env(ProcessKind::Core, &[fd]) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}", sandbox_error(&e));
+            return 1;
+        }
+    };
+    for w in &report.warnings {
+        eprintln!("tessera-core: warning: {w}");
+    }
     let start = match start_child(Role::Core, fd) {
         Ok(s) => s,
         Err(e) => {
@@ -39,9 +52,34 @@ fn run() -> i32 {
             return report_fatal(&control, &format!("tessera-core was given {kind} configuration"));
         }
     };
-    match Vm::new(cfg, start.fds, control.clone()) {
+    if cfg.log.items.iter().any(|i| i == "sandbox") {
+        eprintln!("{report}");
+    }
+    let mut fds = start.fds;
+    if let Some(index) = cfg.kvm {
+        match fds.take(index) {
+            Ok(kvm) => tessera_core::kvm::provide_device(kvm),
+            Err(e) => return report_fatal(&control, &format!("tessera-core: the /dev/kvm descriptor: {e}")),
+        }
+    }
+    match Vm::new(cfg, fds, control.clone()) {
         Ok(vm) => vm.run(),
         Err(e) => report_fatal(&control, &e.to_string()),
+    }
+}
+
+/// The error and its causes on one line, prefixed with the program name once.
+fn sandbox_error(e: &tessera_policy::PolicyError) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    if msg.starts_with("tessera-core: ") {
+        msg
+    } else {
+        format!("tessera-core: sandbox: {msg}")
     }
 }
 

@@ -7,6 +7,7 @@ use clap::Parser;
 use tessera_chardev::{terminal, Chardev, ChardevError};
 use tessera_ipc::child::start_child;
 use tessera_ipc::messages::{ChildConfig, ChildToLauncher, Role};
+use tessera_policy::ProcessKind;
 
 /// Tessera's character-device backend. Started by the tessera launcher, not by hand.
 #[derive(Parser)]
@@ -22,6 +23,20 @@ fn main() -> ExitCode {
     if let Err(e) = terminal::install_handlers() {
         return fail(None, &e);
     }
+    // Confined after the terminal handlers are in place (their parent-death signal, SIGTERM, is kept) and
+    // before anything is read from the launcher: the profile keeps the control channel only; the terminal,
+    // files and sockets arrive over it (docs/SECURITY.md).
+    let report = match tessera_policy::enter_from_env(ProcessKind::Chardev, &[args.ipc_fd]) {
+        Ok(r) => r,
+        Err(e) => {
+            terminal::restore();
+            let _ = writeln!(std::io::stderr(), "{}", sandbox_error(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    for w in &report.warnings {
+        let _ = writeln!(std::io::stderr(), "tessera-chardev: warning: {w}");
+    }
     let start = match start_child(Role::Chardev, args.ipc_fd) {
         Ok(s) => s,
         Err(e) => return fail(None, &ChardevError::from(e)),
@@ -32,6 +47,9 @@ fn main() -> ExitCode {
         return fail(None, &e);
     };
     let id = cfg.id.clone();
+    if cfg.log.items.iter().any(|i| i == "sandbox") {
+        let _ = writeln!(std::io::stderr(), "{report} [{id}]");
+    }
     // The control channel is kept aside so a setup error can still be reported on it.
     let control = match start.control.socket().try_clone() {
         Ok(s) => tessera_ipc::Channel::new(s),
@@ -48,6 +66,21 @@ fn main() -> ExitCode {
             let _ = control.send(&ChildToLauncher::Fatal { message }, &[]);
             fail(Some(&id), &e)
         }
+    }
+}
+
+/// The error and its causes on one line, prefixed with the program name once.
+fn sandbox_error(e: &tessera_policy::PolicyError) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    if msg.starts_with("tessera-chardev: ") {
+        msg
+    } else {
+        format!("tessera-chardev: sandbox: {msg}")
     }
 }
 

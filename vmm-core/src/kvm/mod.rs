@@ -5,4 +5,4 @@ pub mod cpuid;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::KvmEngine;
+pub use vm::{provide_device, KvmEngine};

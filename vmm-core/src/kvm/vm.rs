@@ -39,14 +39,36 @@ pub struct KvmEngine {
     vm: Option<VmFd>,
 }
 
+/// The `/dev/kvm` descriptor the launcher passed in `CoreConfig::kvm`: a sandboxed core cannot open the device
+/// by path (its root is empty and the filter answers path lookups ENOENT). A process-wide slot, filled by main
+/// before the VM is built, so that engine construction stays the same for KVM and the software CPU.
+static PROVIDED_DEVICE: std::sync::Mutex<Option<std::os::fd::OwnedFd>> = std::sync::Mutex::new(None);
+
+/// Hand the engine the `/dev/kvm` descriptor the launcher opened; the next [`KvmEngine::open`] uses it.
+pub fn provide_device(fd: std::os::fd::OwnedFd) {
+    *PROVIDED_DEVICE.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+}
+
+fn take_provided_device() -> Option<std::os::fd::OwnedFd> {
+    PROVIDED_DEVICE.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm { what, source: std::io::Error::from_raw_os_error(e.errno()) }
 }
 
 impl KvmEngine {
-    /// Open /dev/kvm and check that it offers what the core needs.
+    /// Take the `/dev/kvm` the launcher passed ([`provide_device`]), or open it by path when none was (a core
+    /// started without a launcher, unsandboxed), and check that it offers what the core needs.
     pub fn open(ram: Arc<GuestRam>, smp: u32, model: CpuModel) -> Result<KvmEngine, Error> {
-        let kvm = Kvm::new().map_err(|e| Error::KvmInit(std::io::Error::from_raw_os_error(e.errno())))?;
+        let kvm = match take_provided_device() {
+            // SAFETY: the descriptor is an open /dev/kvm the launcher passed, owned by this process; into_raw_fd
+            // gives its ownership to the Kvm object, which closes it.
+            Some(fd) => unsafe {
+                <Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
+            },
+            None => Kvm::new().map_err(|e| Error::KvmInit(std::io::Error::from_raw_os_error(e.errno())))?,
+        };
         for (cap, name) in [
             (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
             (Cap::Pit2, "KVM_CAP_PIT2"),
