@@ -21,7 +21,9 @@ pub mod devices;
 pub mod guestlog;
 pub mod kvm;
 pub mod memory;
+pub mod pci;
 pub mod runloop;
+pub mod virtio;
 pub mod vm;
 
 pub use vm::Vm;

@@ -48,6 +48,11 @@ pub trait Engine: Send {
     fn create_vcpus(&mut self) -> Result<Vec<VcpuHandle>, Error>;
     /// The ISA interrupt line `irq` (0–15), for a device to raise. Lines stay valid across reboots.
     fn irq_line(&mut self, irq: u32) -> Result<Arc<dyn IrqLine>, Error>;
+    /// MSI delivery and doorbells for PCI devices (see [`crate::pci::msi`]). An engine with a userspace
+    /// interrupt controller returns a [`crate::pci::msi::ThreadedMsiRouter`] that injects into it.
+    fn msi_router(&mut self) -> Result<Arc<dyn crate::pci::msi::MsiRouter>, Error> {
+        Err(Error::Config("PCI devices are not available with this accelerator yet (no MSI delivery)".into()))
+    }
 }
 
 /// How the VM ended.
