@@ -1,6 +1,5 @@
-//! The tessera launcher: QEMU command line to a supervised process graph
+//! `tessera`: the launcher. Everything is in the library; see `tessera_launcher::main_entry`.
 
 fn main() {
-    eprintln!("tessera-launcher: not implemented yet");
-    std::process::exit(1);
+    std::process::exit(tessera_launcher::main_entry());
 }

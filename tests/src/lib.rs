@@ -2,3 +2,5 @@
 pub mod tiny_guest;
 
 pub mod chardev;
+
+pub mod bins;

@@ -1,0 +1,203 @@
+//! The Tessera launcher: a `qemu-system-x86_64` command line becomes a supervised graph of processes.
+//!
+//! * [`opts`]: QEMU's option grammar (argv, QemuOpts `key=val` lists, sizes, booleans);
+//!   [`options`]: the option table.
+//! * [`config`]: what the options mean, checked as QEMU checks them, into a [`config::VmConfig`].
+//! * [`plan`]: the process graph and the host resources each child gets, as data.
+//! * [`resources`]: opening those resources; [`spawn`]: starting a child on the control-channel contract
+//!   (docs/ARCHITECTURE.md); [`supervise`]: watching the graph and ending it; [`host`]: pid file, daemon,
+//!   terminal.
+//! * [`error`]: the one error type, with QEMU's wording.
+
+pub mod config;
+pub mod error;
+pub mod host;
+pub mod options;
+pub mod opts;
+pub mod plan;
+pub mod resources;
+pub mod spawn;
+pub mod supervise;
+
+use std::os::fd::BorrowedFd;
+
+use config::{Command, VmConfig};
+use error::{Error, Result};
+use plan::{ChildPlan, Plan};
+use supervise::{Child, End, Graph};
+
+/// The QEMU release whose command line Tessera follows.
+pub const QEMU_VERSION: &str = "8.2.0";
+
+/// First line of `-version`: tools that parse QEMU's version read "8.2.0" from it.
+pub fn version_line() -> String {
+    format!("QEMU emulator version {QEMU_VERSION} (tessera {})", env!("CARGO_PKG_VERSION"))
+}
+
+pub fn version_text() -> String {
+    format!(
+        "{}\nTessera is not QEMU: it runs QEMU {QEMU_VERSION}'s command line as a graph of processes.",
+        version_line()
+    )
+}
+
+/// The program name messages are printed under: argv[0]'s basename, as QEMU's `error_get_progname`.
+pub fn program_name(argv0: Option<&str>) -> String {
+    argv0
+        .and_then(|a| std::path::Path::new(a).file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "tessera".into())
+}
+
+/// Write to stdout, ignoring failures: a closed pipe (`tessera -h | head -1`) must not panic the launcher.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes());
+    let _ = o.flush();
+}
+
+/// Write a line to stderr, ignoring failures.
+pub fn err_line(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+fn print_error(e: &Error, prog: &str) {
+    let text = e.render(prog);
+    if e.to_stdout() {
+        out(&text);
+    } else {
+        err_line(&text);
+    }
+}
+
+/// The launcher's `main`: returns the process exit status.
+pub fn main_entry() -> i32 {
+    let argv: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+    let prog = program_name(argv.first().map(String::as_str));
+    let parsed = match config::parse(argv.get(1..).unwrap_or_default(), &prog) {
+        Ok(p) => p,
+        Err(e) => {
+            print_error(&e, &prog);
+            return 1;
+        }
+    };
+    for w in &parsed.warnings {
+        err_line(&format!("{prog}: {w}"));
+    }
+    let cfg = match parsed.command {
+        Command::Print { text, code } => {
+            out(&text);
+            return code;
+        }
+        Command::Run(cfg) => cfg,
+    };
+    let plan = plan::build(&cfg);
+    if cfg.dump_plan {
+        out(&plan.dump());
+        return 0;
+    }
+    match run(&cfg, plan, &prog) {
+        Ok(code) => code,
+        Err(e) => {
+            print_error(&e, &prog);
+            1
+        }
+    }
+}
+
+/// Start the graph `plan` describes and supervise it to the end; returns the exit status.
+pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
+    // Everything that can be checked without side effects first: the children's executables.
+    let dir = spawn::libexec_dir()?;
+    let core_path = spawn::find_binary(&dir, plan::CORE_BINARY)?;
+    let chardev_path =
+        if plan.chardevs.is_empty() { None } else { Some(spawn::find_binary(&dir, plan::CHARDEV_BINARY)?) };
+
+    let daemon = if cfg.daemonize { Some(host::daemonize()?) } else { None };
+    if let Some(name) = &cfg.process_name {
+        if let Ok(c) = std::ffi::CString::new(name.as_bytes()) {
+            let _ = nix::sys::prctl::set_name(&c);
+        }
+    }
+    let sfd = supervise::signal_fd()?;
+    let terminal = host::TerminalGuard::save();
+    let _pidfile = cfg.pidfile.as_deref().map(host::PidFile::create).transpose()?;
+
+    let accel = resources::select_accel(&plan.accels, "/dev/kvm", prog)?;
+    if cfg.cpu_model == "host" && accel != config::AccelKind::Kvm {
+        return Err(Error::HostCpuNeedsKvm);
+    }
+
+    let mut graph = Graph::new(sfd);
+    let opened = {
+        let sfd = &mut graph.sfd;
+        let mut interrupt = || -> Result<()> {
+            match supervise::read_signals(sfd) {
+                (Some(t), _) => Err(Error::Message(t.message())),
+                _ => Ok(()),
+            }
+        };
+        resources::open_all(&plan, prog, &mut interrupt)?
+    };
+    for c in plan.chardevs.iter_mut().chain(std::iter::once(&mut plan.core)) {
+        resources::finish_config(&mut c.config, &c.fds, &opened, accel);
+    }
+
+    // Chardevs first, so that the first bytes the guest prints have somewhere to go; then the core.
+    let start = |graph: &mut Graph, child: &ChildPlan, path: &std::path::Path| -> std::result::Result<(), End> {
+        let started = spawn::start(path, child.binary, cfg.daemonize).map_err(|e| End::Failed(e.to_string()))?;
+        let fds: Vec<BorrowedFd<'_>> = child.fds.iter().map(|&r| opened.fd(r)).collect();
+        let result = spawn::configure(&started, child.role, &child.config, &fds);
+        let pid = started.pid;
+        graph.children.push(Child::new(child.role, child.label.clone(), pid, started.control));
+        if let Err(e) = result {
+            // Most likely the child failed at start and said why on stderr: report how it ended.
+            return Err(End::Failed(match Graph::wait_briefly(pid) {
+                Some(status) => {
+                    if let Some(c) = graph.children.last_mut() {
+                        c.exited = Some(status);
+                    }
+                    format!("{} (pid {pid}) died: {}", child.label, supervise::describe(status))
+                }
+                None => e.to_string(),
+            }));
+        }
+        Ok(())
+    };
+    let mut outcome: Option<End> = None;
+    // (`chardev_path` is known whenever the plan has chardevs.)
+    for (c, path) in plan.chardevs.iter().zip(chardev_path.iter().cycle()) {
+        if let Err(end) = start(&mut graph, c, path) {
+            outcome = Some(end);
+            break;
+        }
+    }
+    if outcome.is_none() {
+        outcome = graph.run(true);
+    }
+    if outcome.is_none() {
+        if let Err(end) = start(&mut graph, &plan.core, &core_path) {
+            outcome = Some(end);
+        }
+    }
+    if outcome.is_none() {
+        outcome = graph.run(true);
+    }
+    // The descriptors now live in the children.
+    drop(opened);
+    if outcome.is_none() {
+        if let Some(d) = daemon {
+            d.ready();
+        }
+        outcome = graph.run(false);
+    }
+    let end = outcome.unwrap_or(End::Exit(0));
+    graph.shutdown();
+    // The terminal is back to normal before the last words (the chardev may have left it raw if it died).
+    drop(terminal);
+    if let Some(msg) = supervise::end_message(&end) {
+        err_line(&format!("{prog}: {msg}"));
+    }
+    Ok(end.status())
+}

@@ -1,0 +1,258 @@
+//! The process graph a [`VmConfig`] needs, as data: which children, which host resources each one gets (in
+//! the order they are attached to its `Configure`, so [`FdIndex`] *i* is the child's *i*-th resource), and
+//! the configuration messages. Building a plan touches nothing on the host; `resources::open` opens what it
+//! lists, in order, and `spawn` starts the children.
+//!
+//! Graph: one `tessera-chardev` per chardev a serial port uses (one process can serve several front ends of
+//! a `mux=on` chardev), one `tessera-core`, and one socketpair per UART between them.
+
+use tessera_ipc::messages::{
+    Accel, BootConfig, BootFile, ChardevBackend, ChardevConfig, ChildConfig, CoreConfig, DebugExitConfig, FdIndex,
+    LogConfig, RamConfig, Role, SerialConfig,
+};
+
+use crate::config::{CharBackend, SocketAddr, VmConfig};
+
+/// Something the launcher opens (or creates) on a child's behalf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resource {
+    /// `-D`: the log file, truncated then appended to by every child (one shared open file).
+    LogFile(String),
+    /// The launcher's standard input / output (duplicated).
+    Stdin,
+    Stdout,
+    /// A chardev's output file (`file:path`, `-chardev file,path=`), created, truncated unless `append`.
+    OutputFile {
+        path: String,
+        append: bool,
+        location: String,
+    },
+    /// A chardev's `logfile=`.
+    ChardevLog {
+        path: String,
+        append: bool,
+        location: String,
+    },
+    /// A listening socket (`server=on`); `wait` means the first client is accepted before anything starts.
+    Listener {
+        addr: SocketAddr,
+        telnet: bool,
+        location: String,
+    },
+    /// The first client of the listener that is resource number `listener` (only with `wait=on`).
+    Accepted {
+        listener: usize,
+        location: String,
+    },
+    /// A client connection (`server=off`).
+    Connect {
+        addr: SocketAddr,
+        location: String,
+    },
+    /// The master side of a new pty; the launcher prints the slave's path as QEMU does.
+    PtyMaster {
+        label: String,
+    },
+    /// One end of serial link number `link` (between the core's UART and a chardev process).
+    SerialCore(usize),
+    SerialChardev(usize),
+    /// `-kernel` / `-initrd`, read-only.
+    Kernel(String),
+    Initrd(String),
+}
+
+/// One child process of the graph.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildPlan {
+    pub role: Role,
+    /// The executable's name (looked up next to the launcher or in `$TESSERA_LIBEXEC_DIR`).
+    pub binary: &'static str,
+    /// For messages: the binary's name (`tessera-chardev (pid 12) died: ...`).
+    pub label: String,
+    /// Resource numbers, in the order their descriptors are attached: `FdIndex(i)` is `fds[i]`.
+    pub fds: Vec<usize>,
+    /// The configuration, complete except for what only opening can tell (the pty's path, the accelerator
+    /// that initialised), which `resources` fills in.
+    pub config: ChildConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Everything to open, in the order it is opened (QEMU's: log file, chardevs, then kernel and initrd).
+    pub resources: Vec<Resource>,
+    /// Chardev processes, started first (so nothing the guest prints is lost), then the core.
+    pub chardevs: Vec<ChildPlan>,
+    pub core: ChildPlan,
+    /// Accelerators to try in order.
+    pub accels: Vec<crate::config::AccelKind>,
+}
+
+pub const CORE_BINARY: &str = "tessera-core";
+pub const CHARDEV_BINARY: &str = "tessera-chardev";
+
+struct Builder {
+    resources: Vec<Resource>,
+}
+
+impl Builder {
+    fn add(&mut self, r: Resource) -> usize {
+        self.resources.push(r);
+        self.resources.len() - 1
+    }
+}
+
+/// Attach resource `res` to a child's list and return its index there.
+fn attach(fds: &mut Vec<usize>, res: usize) -> FdIndex {
+    fds.push(res);
+    FdIndex((fds.len() - 1) as u32)
+}
+
+pub fn build(cfg: &VmConfig) -> Plan {
+    let mut b = Builder { resources: Vec::new() };
+    let log_file = cfg.log_file.as_ref().map(|p| b.add(Resource::LogFile(p.clone())));
+    let log_for =
+        |fds: &mut Vec<usize>| LogConfig { items: cfg.log_items.clone(), file: log_file.map(|r| attach(fds, r)) };
+
+    // Serial links: one per UART, in COM order.
+    let mut chardevs = Vec::new();
+    let links: Vec<(usize, &str)> = cfg.serials.iter().enumerate().map(|(i, id)| (i, id.as_str())).collect();
+    for spec in &cfg.chardevs {
+        let mut fds = Vec::new();
+        let backend = match &spec.backend {
+            CharBackend::Null => ChardevBackend::Null,
+            CharBackend::Stdio => {
+                let input = attach(&mut fds, b.add(Resource::Stdin));
+                let output = attach(&mut fds, b.add(Resource::Stdout));
+                // QEMU puts the terminal in raw mode for a stdio chardev; the chardev process does it.
+                ChardevBackend::Stdio { input, output, raw: true }
+            }
+            CharBackend::File { path, append } => {
+                let r = b.add(Resource::OutputFile {
+                    path: path.clone(),
+                    append: *append,
+                    location: spec.location.clone(),
+                });
+                ChardevBackend::File { output: attach(&mut fds, r), input: None }
+            }
+            CharBackend::Socket(s) if s.server => {
+                let l = b.add(Resource::Listener {
+                    addr: s.addr.clone(),
+                    telnet: s.telnet,
+                    location: spec.location.clone(),
+                });
+                let listener = attach(&mut fds, l);
+                let connected = s.wait.then(|| {
+                    attach(&mut fds, b.add(Resource::Accepted { listener: l, location: spec.location.clone() }))
+                });
+                ChardevBackend::SocketServer { listener, connected, telnet: s.telnet }
+            }
+            CharBackend::Socket(s) => {
+                let r = b.add(Resource::Connect { addr: s.addr.clone(), location: spec.location.clone() });
+                ChardevBackend::SocketClient { stream: attach(&mut fds, r) }
+            }
+            CharBackend::Pty => {
+                let r = b.add(Resource::PtyMaster { label: spec.id.clone() });
+                ChardevBackend::Pty { master: attach(&mut fds, r), path: String::new() }
+            }
+        };
+        let logfile = spec.logfile.as_ref().map(|p| {
+            let r = b.add(Resource::ChardevLog {
+                path: p.clone(),
+                append: spec.logappend,
+                location: spec.location.clone(),
+            });
+            attach(&mut fds, r)
+        });
+        let mut frontends = Vec::new();
+        for (link, _) in links.iter().filter(|(_, id)| *id == spec.id) {
+            frontends.push(attach(&mut fds, b.add(Resource::SerialChardev(*link))));
+        }
+        let log = log_for(&mut fds);
+        chardevs.push(ChildPlan {
+            role: Role::Chardev,
+            binary: CHARDEV_BINARY,
+            label: CHARDEV_BINARY.to_string(),
+            fds,
+            config: ChildConfig::Chardev(ChardevConfig {
+                id: spec.id.clone(),
+                backend,
+                frontends,
+                mux: spec.mux,
+                signal: spec.signal,
+                logfile,
+                log,
+            }),
+        });
+    }
+
+    let mut fds = Vec::new();
+    let serial = links
+        .iter()
+        .map(|(link, id)| SerialConfig {
+            channel: attach(&mut fds, b.add(Resource::SerialCore(*link))),
+            chardev_id: id.to_string(),
+        })
+        .collect();
+    let kernel = cfg
+        .kernel
+        .as_ref()
+        .map(|p| BootFile { fd: attach(&mut fds, b.add(Resource::Kernel(p.clone()))), path: p.clone() });
+    let initrd = cfg
+        .initrd
+        .as_ref()
+        .map(|p| BootFile { fd: attach(&mut fds, b.add(Resource::Initrd(p.clone()))), path: p.clone() });
+    let log = log_for(&mut fds);
+    let core = CoreConfig {
+        name: cfg.name.clone(),
+        // Settled when the accelerator initialises (resources::select_accel).
+        accel: match cfg.accels.first() {
+            Some(crate::config::AccelKind::Kvm) => Accel::Kvm,
+            _ => Accel::Tcg,
+        },
+        cpu_model: cfg.cpu_model.clone(),
+        smp: cfg.smp.cpus,
+        ram: RamConfig {
+            size: cfg.ram_size,
+            shared: cfg.memory_backend.as_ref().is_some_and(|m| m.share),
+            backend_id: cfg.memory_backend.as_ref().map(|m| m.id.clone()),
+        },
+        boot: BootConfig { kernel, initrd, cmdline: cfg.append.clone() },
+        serial,
+        debug_exit: cfg.debug_exit.as_ref().map(|d| DebugExitConfig { iobase: d.iobase, iosize: d.iosize }),
+        no_reboot: cfg.no_reboot,
+        no_shutdown: cfg.no_shutdown,
+        start_paused: cfg.start_paused,
+        log,
+    };
+    Plan {
+        resources: b.resources,
+        chardevs,
+        core: ChildPlan {
+            role: Role::Core,
+            binary: CORE_BINARY,
+            label: CORE_BINARY.to_string(),
+            fds,
+            config: ChildConfig::Core(core),
+        },
+        accels: cfg.accels.clone(),
+    }
+}
+
+impl Plan {
+    /// A readable listing, for `--tessera-dump-plan`.
+    pub fn dump(&self) -> String {
+        let mut s = String::from("resources:\n");
+        for (i, r) in self.resources.iter().enumerate() {
+            s.push_str(&format!("  #{i}: {r:?}\n"));
+        }
+        s.push_str(&format!("accelerators: {}\n", self.accels.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")));
+        for c in self.chardevs.iter().chain(std::iter::once(&self.core)) {
+            let id = match &c.config {
+                ChildConfig::Chardev(cc) => format!(" [{}]", cc.id),
+                ChildConfig::Core(_) => String::new(),
+            };
+            s.push_str(&format!("child {}{id}, fds {:?}:\n{:#?}\n", c.label, c.fds, c.config));
+        }
+        s
+    }
+}
