@@ -223,6 +223,7 @@ pub fn build(cfg: &VmConfig) -> Plan {
         no_shutdown: cfg.no_shutdown,
         start_paused: cfg.start_paused,
         log,
+        vhost_user_blk: Vec::new(),
     };
     Plan {
         resources: b.resources,

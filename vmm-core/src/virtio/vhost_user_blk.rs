@@ -105,9 +105,9 @@ impl VhostUserBlk {
         if backend_features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(Error::Config(format!("{name}: the vhost-user backend does not offer VIRTIO_F_VERSION_1")));
         }
-        // The protocol feature bit has to be acknowledged before protocol features are negotiated.
+        // Protocol features are negotiated right after GET_FEATURES, before any SET_FEATURES, as QEMU does
+        // (libvhost-user drops a front end that sets features first).
         let mut frontend = frontend;
-        frontend.set_features(pf).map_err(vu_err(&name, "SET_FEATURES"))?;
         let offered = frontend.get_protocol_features().map_err(vu_err(&name, "GET_PROTOCOL_FEATURES"))?;
         let protocol = offered & wanted_protocol_features();
         frontend.set_protocol_features(protocol).map_err(vu_err(&name, "SET_PROTOCOL_FEATURES"))?;
