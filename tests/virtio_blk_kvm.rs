@@ -236,9 +236,7 @@ cmp:
     let mut data = String::from("cfgbase: .long 0\nbar: .long 0\ncommon: .long 0\nnotify: .long 0\nmult: .long 0\n");
     data += "devcfg: .long 0\nqnotify: .long 0\n";
     data += &asm::string("ok", "virtio-blk: ok\n");
-    for f in
-        ["nodev", "caps", "features", "start", "capacity", "timeout", "status", "compare", "hostdata"]
-    {
+    for f in ["nodev", "caps", "features", "start", "capacity", "timeout", "status", "compare", "hostdata"] {
         code += &format!("fail_{f}:\n{}{}", asm::print(&format!("m_{f}")), asm::debug_exit(0x501, 0x3));
         data += &asm::string(&format!("m_{f}"), &format!("virtio-blk: FAILED: {f}\n"));
     }
@@ -298,8 +296,11 @@ fn qsd(img: &Path, sock: &Path, queues: u16) -> Option<Backend> {
 }
 
 fn tessera_blk(img: &Path, sock: &Path, queues: u16) -> Backend {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|d| d.parent()).unwrap().join("tessera-blk");
+    // TESSERA_BLK names another build (e.g. the blk branch's) while tessera-blk is not in this tree.
+    let bin = match std::env::var_os("TESSERA_BLK") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe().unwrap().parent().and_then(|d| d.parent()).unwrap().join("tessera-blk"),
+    };
     let c = Command::new(&bin)
         .arg("--socket-path")
         .arg(sock)

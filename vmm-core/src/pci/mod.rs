@@ -246,3 +246,43 @@ impl PciRoot {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg_read(root: &Arc<PciRoot>, addr: u32, lane: u64, len: usize) -> u32 {
+        ConfigAddressPort(root.clone()).write(0, &addr.to_le_bytes());
+        let mut d = [0u8; 4];
+        ConfigDataPort(root.clone()).read(lane, &mut d[..len]);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn mechanism_1_reaches_the_host_bridge_and_empty_slots_read_all_ones() {
+        let root = Arc::new(PciRoot::new());
+        assert_eq!(cfg_read(&root, 0x8000_0000, 0, 4), 0x1237_8086);
+        assert_eq!(cfg_read(&root, 0x8000_0008, 2, 2), 0x0600, "class: host bridge");
+        assert_eq!(cfg_read(&root, 0x8000_0800, 0, 4), 0xffff_ffff, "slot 1 is empty");
+        assert_eq!(cfg_read(&root, 0x0000_0000, 0, 4), 0xffff_ffff, "enable bit clear");
+        assert_eq!(cfg_read(&root, 0x8001_0000, 0, 4), 0xffff_ffff, "bus 1 does not exist");
+        // Linux's probe: the address register reads back what was written (reserved bits clear).
+        let mut d = [0u8; 4];
+        ConfigAddressPort(root.clone()).read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x8001_0000);
+        assert_eq!(root.free_slot(), Some(1));
+    }
+
+    #[test]
+    fn the_window_starts_above_low_ram_and_bars_are_aligned() {
+        let small = MmioWindow::for_layout(&RamLayout::pc(512 << 20));
+        assert_eq!(small, MmioWindow { start: 0xc000_0000, end: MMIO_WINDOW_END });
+        let mid = MmioWindow::for_layout(&RamLayout::pc(0xd800_0000));
+        assert_eq!(mid.start, 0xe000_0000);
+        let mut a = BarAllocator::new(small);
+        assert_eq!(a.alloc(0x1000, "x").unwrap(), 0xc000_0000);
+        assert_eq!(a.alloc(0x8000, "x").unwrap(), 0xc000_8000);
+        assert!(a.alloc(0x3000, "x").is_err());
+        assert!(a.alloc(1 << 31, "x").is_err());
+    }
+}

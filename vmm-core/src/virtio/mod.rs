@@ -75,9 +75,9 @@ pub fn add_pci_devices(
             let bar = bars.alloc(pci::BAR_SIZE, &d.origin)?;
             let slot = match d.slot {
                 Some(s) => s,
-                None => root
-                    .free_slot()
-                    .ok_or_else(|| crate::Error::Config(format!("{}: PCI bus 0 is full", d.origin)))?,
+                None => {
+                    root.free_slot().ok_or_else(|| crate::Error::Config(format!("{}: PCI bus 0 is full", d.origin)))?
+                }
             };
             let f = pci::VirtioPci::new(d.id.clone(), Box::new(dev), bar, router.clone(), log.clone())?;
             root.add(slot, f)?;
@@ -85,7 +85,12 @@ pub fn add_pci_devices(
     }
     let root = Arc::new(root);
     // Only the dword at 0xcf8 is the address register (0xcf9 is the chipset's reset control).
-    devices.pio.insert(0xcf8, 1, "the PCI configuration address register", Arc::new(ConfigAddressPort(root.clone())))?;
+    devices.pio.insert(
+        0xcf8,
+        1,
+        "the PCI configuration address register",
+        Arc::new(ConfigAddressPort(root.clone())),
+    )?;
     devices.pio.insert(0xcfc, 4, "the PCI configuration data window", Arc::new(ConfigDataPort(root.clone())))?;
     devices.pci = Some(root);
     Ok(())

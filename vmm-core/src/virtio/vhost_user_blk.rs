@@ -288,10 +288,11 @@ impl VirtioDevice for VhostUserBlk {
         if queues.is_empty() {
             return Err("no virtqueue was enabled".into());
         }
-        self.start(features, &queues).map_err(|err| {
+        let r = self.start(features, &queues);
+        if r.is_err() {
             self.stop();
-            err
-        })
+        }
+        r
     }
 
     fn reset(&mut self) {
