@@ -468,8 +468,11 @@ mod tests {
     use crate::pci::msi::{MsiMessage, ThreadedMsiRouter};
     use std::time::{Duration, Instant};
 
+    /// (features, queue index, size, descriptor table) per activated queue.
+    type Activated = Arc<Mutex<Vec<(u64, usize, u16, u64)>>>;
+
     struct FakeDev {
-        activated: Arc<Mutex<Vec<(u64, usize, u16, u64)>>>,
+        activated: Activated,
     }
 
     impl VirtioDevice for FakeDev {
