@@ -96,6 +96,21 @@ pub struct ChardevSpec {
     pub location: String,
 }
 
+/// `-device vhost-user-blk-pci,chardev=ID[,num-queues=N][,addr=SLOT][,id=]`: a block device served by a
+/// vhost-user backend the user started, reached through a `-chardev socket` client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostUserBlkSpec {
+    pub id: String,
+    /// The unix socket the backend listens on (the chardev's `path=`).
+    pub path: String,
+    pub num_queues: Option<u16>,
+    pub slot: Option<u8>,
+    /// The `-device` option, for messages.
+    pub location: String,
+    /// The `-chardev` option, for messages about connecting.
+    pub chardev_location: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DebugExit {
     pub iobase: u16,
@@ -119,6 +134,7 @@ pub struct VmConfig {
     /// The chardev id of each UART, COM1 first.
     pub serials: Vec<String>,
     pub debug_exit: Option<DebugExit>,
+    pub vhost_user_blk: Vec<VhostUserBlkSpec>,
     pub name: Option<String>,
     pub process_name: Option<String>,
     pub no_reboot: bool,
@@ -493,6 +509,8 @@ const MEMFD_UNSUPPORTED: &[&str] = &[
 #[derive(Default)]
 struct Raw {
     warnings: Vec<String>,
+    /// `-device vhost-user-blk-pci` options with their locations, resolved once every `-chardev` is known.
+    vhost_user_blk: Vec<(KeyVals, String)>,
     machine: KeyVals,
     machine_accel_set: bool,
     accel_opts: Vec<(String, String)>, // (accelerator name, location)
@@ -664,7 +682,13 @@ fn read_option(raw: &mut Raw, o: &ArgOpt, prog: &str) -> Result<Option<Command>>
         }
         Opt::Device => {
             let kv = parse_kv(o, raw);
-            if let Some(text) = device(raw, &kv)? {
+            if kv.get("driver") == Some("vhost-user-blk-pci") {
+                const KEYS: &[&str] = &["driver", "id", "chardev", "num-queues", "addr", "bus"];
+                if let Some(k) = kv.unknown_keys(KEYS).next() {
+                    return Err(Error::PropertyNotFound { owner: "vhost-user-blk-pci".into(), property: k.into() });
+                }
+                raw.vhost_user_blk.push((kv, o.location()));
+            } else if let Some(text) = device(raw, &kv)? {
                 return Ok(Some(Command::Print { text, code: 0 }));
             }
         }
@@ -929,6 +953,66 @@ fn device(raw: &mut Raw, kv: &KeyVals) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// Resolve a `-device vhost-user-blk-pci` against the `-chardev`s (QEMU hw/block/vhost-user-blk.c realize).
+fn vhost_user_blk(raw: &Raw, kv: &KeyVals) -> Result<VhostUserBlkSpec> {
+    let Some(chardev) = kv.get("chardev") else {
+        return Err(Error::Message("chardev is mandatory".into()));
+    };
+    let Some(spec) = raw.chardevs.iter().find(|c| c.id == chardev) else {
+        return Err(Error::Message(format!("Property 'vhost-user-blk-pci.chardev' can't find value '{chardev}'")));
+    };
+    let path = match &spec.backend {
+        CharBackend::Socket(SocketSpec { addr: SocketAddr::Unix(p), server: false, .. }) => p.clone(),
+        _ => {
+            return Err(Error::NotSupportedYet(format!(
+                "vhost-user over chardev '{chardev}': only a unix socket client (-chardev socket,path=...) is \
+                 supported"
+            )))
+        }
+    };
+    let num_queues = match kv.get("num-queues") {
+        None => None,
+        Some(v) => {
+            let n = parse_i128(v)
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| Error::Message("Parameter 'num-queues' expects uint16_t".into()))?;
+            if n == 0 {
+                return Err(Error::Message("num-queues property must be larger than 0".into()));
+            }
+            if n > 64 {
+                return Err(Error::NotSupportedYet("more than 64 queues on a vhost-user-blk device".into()));
+            }
+            Some(n)
+        }
+    };
+    if let Some(bus) = kv.get("bus") {
+        if bus != "pci.0" {
+            return Err(Error::Message(format!("Bus '{bus}' not found")));
+        }
+    }
+    let slot = match kv.get("addr") {
+        None => None,
+        Some(a) => {
+            // PCI address "slot[.function]" in hex; only function 0 exists here.
+            let (slot, func) = a.split_once('.').unwrap_or((a, "0"));
+            match (u8::from_str_radix(slot.trim_start_matches("0x"), 16), func) {
+                (Ok(s), "0") if (1..32).contains(&s) => Some(s),
+                _ => {
+                    return Err(Error::Message(format!("Property 'vhost-user-blk-pci.addr' doesn't take value '{a}'")))
+                }
+            }
+        }
+    };
+    Ok(VhostUserBlkSpec {
+        id: kv.get("id").unwrap_or(chardev).to_string(),
+        path,
+        num_queues,
+        slot,
+        location: String::new(),
+        chardev_location: spec.location.clone(),
+    })
+}
+
 fn parse_i128(v: &str) -> Option<i128> {
     let (neg, body) = match v.strip_prefix('-') {
         Some(b) => (true, b),
@@ -1190,6 +1274,16 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         return Err(Error::NotEnforcedYet("-chroot").at(loc.clone()));
     }
 
+    let vhost_user_blk = raw
+        .vhost_user_blk
+        .iter()
+        .map(|(kv, loc)| {
+            vhost_user_blk(raw, kv)
+                .map(|s| VhostUserBlkSpec { location: loc.clone(), ..s })
+                .map_err(|e| e.at(loc.clone()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+
     Ok(VmConfig {
         accels,
         cpu_model: model,
@@ -1202,6 +1296,7 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         chardevs,
         serials,
         debug_exit: raw.debug_exit.clone(),
+        vhost_user_blk,
         name: raw.name.clone(),
         process_name: raw.process_name.clone(),
         no_reboot: raw.no_reboot,

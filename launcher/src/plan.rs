@@ -8,7 +8,7 @@
 
 use tessera_ipc::messages::{
     Accel, BootConfig, BootFile, ChardevBackend, ChardevConfig, ChildConfig, CoreConfig, DebugExitConfig, FdIndex,
-    LogConfig, RamConfig, Role, SerialConfig,
+    LogConfig, RamConfig, Role, SerialConfig, VhostUserBlkConfig, VhostUserSocket,
 };
 
 use crate::config::{CharBackend, SocketAddr, VmConfig};
@@ -201,6 +201,25 @@ pub fn build(cfg: &VmConfig) -> Plan {
         .initrd
         .as_ref()
         .map(|p| BootFile { fd: attach(&mut fds, b.add(Resource::Initrd(p.clone()))), path: p.clone() });
+    // vhost-user backends the user started: the launcher connects (it opens host resources), the core gets the
+    // connected stream.
+    let vhost_user_blk = cfg
+        .vhost_user_blk
+        .iter()
+        .map(|d| {
+            let r = b.add(Resource::Connect {
+                addr: SocketAddr::Unix(d.path.clone()),
+                location: d.chardev_location.clone(),
+            });
+            VhostUserBlkConfig {
+                id: d.id.clone(),
+                socket: VhostUserSocket::Connected(attach(&mut fds, r)),
+                num_queues: d.num_queues,
+                slot: d.slot,
+                origin: d.location.clone(),
+            }
+        })
+        .collect();
     let log = log_for(&mut fds);
     let core = CoreConfig {
         name: cfg.name.clone(),
@@ -223,7 +242,7 @@ pub fn build(cfg: &VmConfig) -> Plan {
         no_shutdown: cfg.no_shutdown,
         start_paused: cfg.start_paused,
         log,
-        vhost_user_blk: Vec::new(),
+        vhost_user_blk,
     };
     Plan {
         resources: b.resources,
