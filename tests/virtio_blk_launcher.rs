@@ -130,3 +130,94 @@ fn device_errors_read_like_qemus() {
         assert!(stderr.contains(want), "{dev}: want {want:?}, got {stderr:?}");
     }
 }
+
+/// `TESSERA_BLK=path` runs the test with that tessera-blk (e.g. the blk branch's build) through a private
+/// libexec directory; otherwise the one built next to the launcher.
+fn libexec_with_blk(d: &Path) -> Option<PathBuf> {
+    let blk = std::env::var_os("TESSERA_BLK")?;
+    let lib = d.join("libexec");
+    std::fs::create_dir_all(&lib).unwrap();
+    let built = bins::launcher("tessera");
+    let built = built.parent().unwrap();
+    for b in ["tessera-core", "tessera-chardev"] {
+        std::os::unix::fs::symlink(built.join(b), lib.join(b)).unwrap();
+    }
+    std::os::unix::fs::symlink(blk, lib.join("tessera-blk")).unwrap();
+    Some(lib)
+}
+
+fn tessera_env(args: &[String], libexec: Option<&Path>) -> Output {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("60").arg(bins::launcher("tessera")).args(args);
+    if let Some(l) = libexec {
+        cmd.env("TESSERA_LIBEXEC_DIR", l);
+    }
+    let out = cmd.output().unwrap();
+    assert_ne!(out.status.code(), Some(124), "tessera hung; stdout {:?}", String::from_utf8_lossy(&out.stdout));
+    out
+}
+
+#[test]
+fn a_drive_is_served_by_a_tessera_blk_the_launcher_starts() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: /dev/kvm is absent");
+        return;
+    }
+    let d = dir("vbl-drive");
+    let libexec = libexec_with_blk(&d.0);
+    let kernel = guest(&d.0);
+    for (n, disk) in [
+        "file={img},if=virtio,format=raw,cache=none,discard=unmap",
+        "file={img},if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0,num-queues=1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = d.0.join(format!("disk{n}.img"));
+        std::fs::rename(image(&d.0), &img).unwrap();
+        let mut a: Vec<String> = ["-accel", "kvm", "-m", "64M", "-nographic", "-device", "isa-debug-exit"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(SHARED.iter().map(|s| s.to_string()));
+        a.extend(["-kernel".to_string(), kernel.display().to_string(), "-drive".to_string()]);
+        a.extend(disk.replace("{img}", &img.display().to_string()).split(' ').map(String::from));
+        let out = tessera_env(&a, libexec.as_deref());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stdout.contains("virtio-blk: ok"), "{disk}: stdout {stdout:?} stderr {stderr:?}");
+        assert_eq!(out.status.code(), Some(0x21), "{disk}: stderr {stderr:?}");
+        check_image(&img);
+    }
+}
+
+#[test]
+fn drive_errors_read_like_qemus() {
+    let d = dir("vbl-drive-err");
+    let k = d.0.join("k");
+    std::fs::write(&k, b"x").unwrap();
+    let missing = d.0.join("missing.img");
+    let libexec = libexec_with_blk(&d.0);
+    for (drive, want) in [
+        (
+            format!("file={},if=virtio", missing.display()),
+            format!("Could not open '{}': No such file or directory", missing.display()),
+        ),
+        (format!("file={},if=virtio,bogus=1", k.display()), "Invalid parameter 'bogus'".to_string()),
+        (format!("file={},if=virtio,format=xyz", k.display()), "'xyz' invalid format".to_string()),
+        (format!("file={},if=none,id=x -device virtio-blk-pci", k.display()), "drive property not set".into()),
+        (
+            format!("file={},if=none,id=x -device virtio-blk-pci,drive=y", k.display()),
+            "Property 'virtio-blk-pci.drive' can't find value 'y'".into(),
+        ),
+    ] {
+        let mut a: Vec<String> = ["-accel", "kvm", "-nographic"].iter().map(|s| s.to_string()).collect();
+        a.extend(SHARED.iter().map(|s| s.to_string()));
+        a.extend(["-kernel".to_string(), k.display().to_string(), "-drive".to_string()]);
+        a.extend(drive.split(' ').map(String::from));
+        let out = tessera_env(&a, libexec.as_deref());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{drive}: {stderr}");
+        assert!(stderr.contains(&want), "{drive}: want {want:?}, got {stderr:?}");
+    }
+}

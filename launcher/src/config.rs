@@ -111,6 +111,25 @@ pub struct VhostUserBlkSpec {
     pub chardev_location: String,
 }
 
+/// A disk served by a tessera-blk the launcher starts: `-drive if=virtio`, or `-drive if=none` used by
+/// `-device virtio-blk-pci,drive=`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlkDrive {
+    pub id: String,
+    pub file: String,
+    /// `raw` or `qcow2`; probed by tessera-blk when absent (as QEMU probes).
+    pub format: Option<String>,
+    pub read_only: bool,
+    /// `cache=none`/`directsync`: O_DIRECT.
+    pub direct: bool,
+    pub num_queues: Option<u16>,
+    pub slot: Option<u8>,
+    /// The `-drive` option, for messages about the image.
+    pub drive_location: String,
+    /// The option that made the device (`-drive ...,if=virtio` or `-device virtio-blk-pci,...`).
+    pub location: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DebugExit {
     pub iobase: u16,
@@ -135,6 +154,7 @@ pub struct VmConfig {
     pub serials: Vec<String>,
     pub debug_exit: Option<DebugExit>,
     pub vhost_user_blk: Vec<VhostUserBlkSpec>,
+    pub drives: Vec<BlkDrive>,
     pub name: Option<String>,
     pub process_name: Option<String>,
     pub no_reboot: bool,
@@ -511,6 +531,9 @@ struct Raw {
     warnings: Vec<String>,
     /// `-device vhost-user-blk-pci` options with their locations, resolved once every `-chardev` is known.
     vhost_user_blk: Vec<(KeyVals, String)>,
+    /// `-drive` options (checked as read), and `-device virtio-blk-pci` options, with locations.
+    drives: Vec<(BlkDrive, bool)>,
+    virtio_blk: Vec<(KeyVals, String)>,
     machine: KeyVals,
     machine_accel_set: bool,
     accel_opts: Vec<(String, String)>, // (accelerator name, location)
@@ -682,7 +705,13 @@ fn read_option(raw: &mut Raw, o: &ArgOpt, prog: &str) -> Result<Option<Command>>
         }
         Opt::Device => {
             let kv = parse_kv(o, raw);
-            if kv.get("driver") == Some("vhost-user-blk-pci") {
+            if kv.get("driver") == Some("virtio-blk-pci") {
+                const KEYS: &[&str] = &["driver", "id", "drive", "num-queues", "addr", "bus"];
+                if let Some(k) = kv.unknown_keys(KEYS).next() {
+                    return Err(Error::PropertyNotFound { owner: "virtio-blk-pci".into(), property: k.into() });
+                }
+                raw.virtio_blk.push((kv, o.location()));
+            } else if kv.get("driver") == Some("vhost-user-blk-pci") {
                 const KEYS: &[&str] = &["driver", "id", "chardev", "num-queues", "addr", "bus"];
                 if let Some(k) = kv.unknown_keys(KEYS).next() {
                     return Err(Error::PropertyNotFound { owner: "vhost-user-blk-pci".into(), property: k.into() });
@@ -691,6 +720,14 @@ fn read_option(raw: &mut Raw, o: &ArgOpt, prog: &str) -> Result<Option<Command>>
             } else if let Some(text) = device(raw, &kv)? {
                 return Ok(Some(Command::Print { text, code: 0 }));
             }
+        }
+        Opt::Drive => {
+            let kv = parse_kv(o, raw);
+            let (d, virtio) = drive(&kv, o.location())?;
+            if raw.drives.iter().any(|(x, _)| x.id == d.id) {
+                return Err(Error::Message(format!("Duplicate ID '{}' for drive", d.id)));
+            }
+            raw.drives.push((d, virtio));
         }
         Opt::Nographic => raw.nographic = true,
         Opt::Display => {
@@ -970,6 +1007,19 @@ fn vhost_user_blk(raw: &Raw, kv: &KeyVals) -> Result<VhostUserBlkSpec> {
             )))
         }
     };
+    let (num_queues, slot) = pci_props(kv, "vhost-user-blk-pci")?;
+    Ok(VhostUserBlkSpec {
+        id: kv.get("id").unwrap_or(chardev).to_string(),
+        path,
+        num_queues,
+        slot,
+        location: String::new(),
+        chardev_location: spec.location.clone(),
+    })
+}
+
+/// `num-queues=`, `bus=` and `addr=` of a virtio PCI block device.
+fn pci_props(kv: &KeyVals, driver: &str) -> Result<(Option<u16>, Option<u8>)> {
     let num_queues = match kv.get("num-queues") {
         None => None,
         Some(v) => {
@@ -980,7 +1030,7 @@ fn vhost_user_blk(raw: &Raw, kv: &KeyVals) -> Result<VhostUserBlkSpec> {
                 return Err(Error::Message("num-queues property must be larger than 0".into()));
             }
             if n > 64 {
-                return Err(Error::NotSupportedYet("more than 64 queues on a vhost-user-blk device".into()));
+                return Err(Error::NotSupportedYet(format!("more than 64 queues on a {driver} device")));
             }
             Some(n)
         }
@@ -997,20 +1047,90 @@ fn vhost_user_blk(raw: &Raw, kv: &KeyVals) -> Result<VhostUserBlkSpec> {
             let (slot, func) = a.split_once('.').unwrap_or((a, "0"));
             match (u8::from_str_radix(slot.trim_start_matches("0x"), 16), func) {
                 (Ok(s), "0") if (1..32).contains(&s) => Some(s),
-                _ => {
-                    return Err(Error::Message(format!("Property 'vhost-user-blk-pci.addr' doesn't take value '{a}'")))
-                }
+                _ => return Err(Error::Message(format!("Property '{driver}.addr' doesn't take value '{a}'"))),
             }
         }
     };
-    Ok(VhostUserBlkSpec {
-        id: kv.get("id").unwrap_or(chardev).to_string(),
-        path,
-        num_queues,
-        slot,
-        location: String::new(),
-        chardev_location: spec.location.clone(),
-    })
+    Ok((num_queues, slot))
+}
+
+/// `-drive`: the options tessera-blk can serve. Returns the drive and whether it is `if=virtio`.
+fn drive(kv: &KeyVals, location: String) -> Result<(BlkDrive, bool)> {
+    const QEMU_DRIVE_KEYS: &[&str] = &[
+        "bus",
+        "unit",
+        "index",
+        "media",
+        "snapshot",
+        "aio",
+        "werror",
+        "rerror",
+        "copy-on-read",
+        "bps",
+        "iops",
+        "throttling.bps-total",
+        "node-name",
+        "detect-zeroes",
+        "serial",
+        "addr",
+        "file.locking",
+        "auto-read-only",
+        "force-share",
+        "cache.direct",
+        "cache.no-flush",
+        "read-only",
+    ];
+    if let Some(k) = kv.unknown_keys(&["file", "if", "format", "readonly", "cache", "discard", "id"]).next() {
+        if QEMU_DRIVE_KEYS.contains(&k) {
+            return Err(Error::NotSupportedYet(format!("the -drive option '{k}'")));
+        }
+        return Err(Error::InvalidParameter(k.to_string()));
+    }
+    let virtio = match kv.get("if").unwrap_or("ide") {
+        "virtio" => true,
+        "none" => false,
+        i @ ("ide" | "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "xen") => {
+            return Err(Error::NotSupportedYet(format!("-drive if={i} (use if=virtio)")))
+        }
+        i => return Err(Error::Message(format!("unsupported bus type '{i}'"))),
+    };
+    let Some(file) = kv.get("file").filter(|f| !f.is_empty()) else {
+        return Err(Error::NotSupportedYet("a -drive without file= (empty drives)".into()));
+    };
+    let format = match kv.get("format") {
+        None => None,
+        Some(f @ ("raw" | "qcow2")) => Some(f.to_string()),
+        Some(f @ ("vmdk" | "vdi" | "vhdx" | "vpc" | "qed" | "luks" | "dmg" | "parallels" | "bochs" | "cloop")) => {
+            return Err(Error::NotSupportedYet(format!("the image format '{f}' (raw and qcow2 are)")))
+        }
+        Some(f) => return Err(Error::Message(format!("'{f}' invalid format"))),
+    };
+    let direct = match kv.get("cache").unwrap_or("writeback") {
+        "writeback" => false,
+        "none" | "directsync" => true,
+        c @ ("writethrough" | "unsafe") => return Err(Error::NotSupportedYet(format!("cache={c}"))),
+        c => return Err(Error::Message(format!("invalid cache option '{c}'"))),
+    };
+    match kv.get("discard").unwrap_or("ignore") {
+        "ignore" | "off" | "unmap" | "on" => {}
+        d => return Err(Error::Message(format!("Invalid discard option '{d}'"))),
+    }
+    let read_only = kv.get_bool("readonly")?.unwrap_or(false);
+    let id = kv.get("id").map(String::from).unwrap_or_else(|| format!("virtio-disk-{file}"));
+    Ok((
+        BlkDrive {
+            id,
+            file: file.to_string(),
+            format,
+            read_only,
+            direct,
+            num_queues: None,
+            slot: None,
+            drive_location: location.clone(),
+            location,
+        },
+        virtio,
+    ))
 }
 
 fn parse_i128(v: &str) -> Option<i128> {
@@ -1284,6 +1404,24 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         })
         .collect::<Result<Vec<_>>>()?;
 
+    // Disks: `if=virtio` drives are devices by themselves; `if=none` ones need a virtio-blk-pci.
+    let mut drives: Vec<BlkDrive> = raw.drives.iter().filter(|(_, v)| *v).map(|(d, _)| d.clone()).collect();
+    for (kv, loc) in &raw.virtio_blk {
+        let at = |e: Error| e.at(loc.clone());
+        let Some(id) = kv.get("drive") else { return Err(at(Error::Message("drive property not set".into()))) };
+        let Some((d, virtio)) = raw.drives.iter().find(|(d, _)| d.id == id) else {
+            return Err(at(Error::Message(format!("Property 'virtio-blk-pci.drive' can't find value '{id}'"))));
+        };
+        if *virtio || drives.iter().any(|x| x.id == id) {
+            return Err(at(Error::Message(format!(
+                "Drive '{id}' is already in use because it has been automatically connected to another device \
+                 (did you need 'if=none' in the drive options?)"
+            ))));
+        }
+        let (num_queues, slot) = pci_props(kv, "virtio-blk-pci").map_err(at)?;
+        drives.push(BlkDrive { num_queues, slot, location: loc.clone(), ..d.clone() });
+    }
+
     Ok(VmConfig {
         accels,
         cpu_model: model,
@@ -1297,6 +1435,7 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         serials,
         debug_exit: raw.debug_exit.clone(),
         vhost_user_blk,
+        drives,
         name: raw.name.clone(),
         process_name: raw.process_name.clone(),
         no_reboot: raw.no_reboot,
