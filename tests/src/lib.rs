@@ -1,6 +1,5 @@
-//! Helpers shared by the integration tests: locating the built binaries, building tiny guests.
-pub mod tiny_guest;
-
-pub mod chardev;
-
+//! Helpers shared by the integration tests: locating the built binaries, fake launchers, building guests.
 pub mod bins;
+pub mod chardev;
+pub mod linux_guest;
+pub mod tiny_guest;

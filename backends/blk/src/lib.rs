@@ -1,0 +1,20 @@
+//! tessera-blk: a virtio-blk device serving raw and qcow2 images.
+//!
+//! Code map:
+//! - [`request`]: parses and executes virtio-blk requests from a list of descriptors, over the
+//!   [`image::BlockIo`] host trait. Front-end independent; unit-tested on [`testing::MemDisk`].
+//! - [`image`]: the host side: raw files (`preadv`/`pwritev`, hole punching) and qcow2 (imago).
+//! - [`vhost_user`]: the vhost-user adapter on rust-vmm's vhost-user-backend, and the serve loop
+//!   that waits for the next front end after a disconnect.
+//! - [`config`]: command-line flags, validated into a [`config::BlkConfig`].
+
+pub mod config;
+pub mod error;
+pub mod image;
+pub(crate) mod ratelimit;
+pub mod request;
+pub mod signals;
+pub mod testing;
+pub mod vhost_user;
+
+pub use error::{Error, Result};
