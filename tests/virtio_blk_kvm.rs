@@ -12,7 +12,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{check_image, guest, image, qsd, tessera_blk};
+use common::{check_image, guest, guest_with, image, qsd, tessera_blk};
 use harness::{kvm_available, start, Setup, TempDir};
 use tessera_ipc::messages::{VhostUserBlkConfig, VhostUserSocket};
 
@@ -93,4 +93,30 @@ fn too_many_queues_for_the_backend_fail_with_qemus_message() {
         msg,
         "-device vhost-user-blk-pci,chardev=c0: The maximum number of queues supported by the backend is 1"
     );
+}
+
+#[test]
+fn the_device_is_reset_and_restarted_across_a_guest_reboot() {
+    if !kvm_available("the_device_is_reset_and_restarted_across_a_guest_reboot") {
+        return;
+    }
+    for backend in ["qsd", "tessera-blk"] {
+        let dir = TempDir::new("vblk-reboot");
+        let img = image(&dir.0);
+        let sock = dir.0.join("b.sock");
+        let _b = match backend {
+            "qsd" => match qsd(&img, &sock, 1) {
+                Some(b) => b,
+                None => continue,
+            },
+            _ => tessera_blk(&img, &sock, 1),
+        };
+        let mut s = setup(&dir, &sock, Some(1));
+        s.kernel = guest_with(&dir.0, true);
+        let mut core = start(&s);
+        core.expect_ready();
+        core.expect_exit(0x21);
+        assert_eq!(core.text(), "virtio-blk: first boot ok\nvirtio-blk: ok\n", "{backend}");
+        check_image(&img);
+    }
 }

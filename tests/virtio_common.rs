@@ -67,10 +67,22 @@ done{n}:
 }
 
 pub fn guest(dir: &Path) -> PathBuf {
+    guest_with(dir, false)
+}
+
+/// Where the rebooting guest keeps its "first boot done" flag: RAM survives a reboot, the kernel image is
+/// loaded again.
+const FLAG: u32 = 0x30_0000;
+
+/// With `reboot`, the guest does everything once, resets the machine through the i8042, and does it all again
+/// on the second boot (the device must have been reset and restarted in between).
+pub fn guest_with(dir: &Path, reboot: bool) -> PathBuf {
     let sectors = DISK_SIZE / 512;
     let mut code = String::from(
         r#"
     mov $0x90000, %esp
+    movl $0, USEDIDX
+    movl $0, AVAILIDX
     jmp main
 cfgrd:
     mov $0xcf8, %dx
@@ -225,6 +237,11 @@ cmp:
     jne fail_hostdata
 "#
     );
+    if reboot {
+        code += &format!("    cmpl $0x1234, {FLAG}\n    je final\n    movl $0x1234, {FLAG}\n");
+        code += &asm::print("first");
+        code += "    mov $0xfe, %al\n    outb %al, $0x64\n    jmp stop\nfinal:\n";
+    }
     code += &asm::print("ok");
     code += &asm::debug_exit(0x501, 0x10);
     // isa-debug-exit ends the VM from another thread: stop here until it does.
@@ -232,11 +249,14 @@ cmp:
     let mut data = String::from("cfgbase: .long 0\nbar: .long 0\ncommon: .long 0\nnotify: .long 0\nmult: .long 0\n");
     data += "devcfg: .long 0\nqnotify: .long 0\n";
     data += &asm::string("ok", "virtio-blk: ok\n");
+    data += &asm::string("first", "virtio-blk: first boot ok\n");
     for f in ["nodev", "caps", "features", "start", "capacity", "timeout", "status", "compare", "hostdata"] {
         code += &format!("fail_{f}:\n{}{}    jmp stop\n", asm::print(&format!("m_{f}")), asm::debug_exit(0x501, 0x3));
         data += &asm::string(&format!("m_{f}"), &format!("virtio-blk: FAILED: {f}\n"));
     }
-    pvh_guest(dir, "virtio_blk", &code, &data).unwrap()
+    // The rings' index words are cleared at start: on a second boot they still hold the first boot's values.
+    let code = code.replace("USEDIDX", &USED.to_string()).replace("AVAILIDX", &AVAIL.to_string());
+    pvh_guest(dir, if reboot { "virtio_blk_reboot" } else { "virtio_blk" }, &code, &data).unwrap()
 }
 
 pub fn image(dir: &Path) -> PathBuf {
