@@ -90,6 +90,13 @@ cfgrd:
     mov $0xcfc, %dx
     in %dx, %eax
     ret
+cfgwr:
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %dx
+    mov %ebx, %eax
+    out %eax, %dx
+    ret
 main:
     mov $1, %ebx
 vfind:
@@ -124,6 +131,18 @@ capl:
     or %esi, %eax
     call cfgrd
     mov %eax, %ecx
+    cmp $0x11, %cl
+    jne notmsix
+    mov %esi, msixcap
+    mov cfgbase, %eax
+    or %esi, %eax
+    add $4, %eax
+    call cfgrd
+    and $0xfffffff8, %eax
+    add bar, %eax
+    mov %eax, msixtable
+    jmp nextcap
+notmsix:
     cmp $0x09, %cl
     jne nextcap
     shr $24, %ecx
@@ -197,6 +216,25 @@ capsdone:
     add notify, %eax
     mov %eax, qnotify
     movw $1, 0x1c(%ebp)
+    movw $0, 0x1a(%ebp)
+    cmpw $0, 0x1a(%ebp)
+    jne fail_msix
+    mov msixtable, %ebx
+    test %ebx, %ebx
+    jz fail_msix
+    movl $0xfee00000, (%ebx)
+    movl $0, 4(%ebx)
+    movl $0x40, 8(%ebx)
+    movl $0, 12(%ebx)
+    mov cfgbase, %eax
+    or msixcap, %eax
+    call cfgrd
+    or $0x80000000, %eax
+    mov %eax, %ebx
+    mov cfgbase, %eax
+    or msixcap, %eax
+    call cfgwr
+    orl $0x100, 0xfee000f0
     movb $0xf, 0x14(%ebp)
     movb 0x14(%ebp), %al
     test $0x40, %al
@@ -231,6 +269,14 @@ cmp:
     inc %ecx
     cmp $512, %ecx
     jne cmp
+    mov $1000000, %ecx
+irrpoll:
+    testl $1, 0xfee00220
+    jnz irrok
+    dec %ecx
+    jnz irrpoll
+    jmp fail_msix
+irrok:
     cmpl $0x54534f48, {RBUF2}
     jne fail_hostdata
     cmpl $0x41544144, {RBUF2}+4
@@ -247,10 +293,10 @@ cmp:
     // isa-debug-exit ends the VM from another thread: stop here until it does.
     code += "stop:\n    cli\n    hlt\n    jmp stop\n";
     let mut data = String::from("cfgbase: .long 0\nbar: .long 0\ncommon: .long 0\nnotify: .long 0\nmult: .long 0\n");
-    data += "devcfg: .long 0\nqnotify: .long 0\n";
+    data += "devcfg: .long 0\nqnotify: .long 0\nmsixcap: .long 0\nmsixtable: .long 0\n";
     data += &asm::string("ok", "virtio-blk: ok\n");
     data += &asm::string("first", "virtio-blk: first boot ok\n");
-    for f in ["nodev", "caps", "features", "start", "capacity", "timeout", "status", "compare", "hostdata"] {
+    for f in ["nodev", "caps", "features", "start", "capacity", "timeout", "status", "compare", "hostdata", "msix"] {
         code += &format!("fail_{f}:\n{}{}    jmp stop\n", asm::print(&format!("m_{f}")), asm::debug_exit(0x501, 0x3));
         data += &asm::string(&format!("m_{f}"), &format!("virtio-blk: FAILED: {f}\n"));
     }
