@@ -120,3 +120,28 @@ fn the_device_is_reset_and_restarted_across_a_guest_reboot() {
         check_image(&img);
     }
 }
+
+#[test]
+fn a_backend_that_hangs_up_or_talks_nonsense_is_a_clear_error() {
+    if !kvm_available("a_backend_that_hangs_up_or_talks_nonsense_is_a_clear_error") {
+        return;
+    }
+    use std::io::{Read, Write};
+    for garbage in [None, Some(&b"this is not vhost-user at all"[..])] {
+        let dir = TempDir::new("vblk-bad");
+        let sock = dir.0.join("bad.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            if let Some(g) = garbage {
+                let mut buf = [0u8; 12];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(g);
+            }
+        });
+        let mut core = start(&setup(&dir, &sock, Some(1)));
+        let msg = core.expect_fatal();
+        assert!(msg.starts_with("-device vhost-user-blk-pci,chardev=c0: vhost-user backend: "), "{msg}");
+        peer.join().unwrap();
+    }
+}

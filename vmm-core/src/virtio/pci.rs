@@ -386,8 +386,9 @@ impl VirtioPci {
                     self.sync_routes(i);
                 }
             }
-            (o, Some(d), _) if (MSIX_PBA..MSIX_PBA + 8).contains(&o) => {
-                let mut bits = 0u64;
+            (o, Some(d), _) if (MSIX_PBA..MSIX_PBA + 16).contains(&o) => {
+                // Up to 65 vectors (64 queues + config): two qwords of pending bits.
+                let mut bits = 0u128;
                 for (q, r) in self.routes.iter().enumerate() {
                     let v = i.queues[q].vector;
                     if v != NO_VECTOR && r.pending() {
@@ -396,7 +397,7 @@ impl VirtioPci {
                 }
                 let b = bits.to_le_bytes();
                 let s = (o - MSIX_PBA) as usize;
-                let n = d.len().min(8 - s);
+                let n = d.len().min(16 - s);
                 d[..n].copy_from_slice(&b[s..s + n]);
             }
             (_, Some(d), _) => d.fill(0),

@@ -19,6 +19,9 @@ use super::{QueueConfig, VirtioDevice};
 use crate::memory::GuestRam;
 use crate::Error;
 
+/// How long the core waits for a vhost-user reply.
+const BACKEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// QEMU's default `queue-size` for vhost-user-blk.
 pub const QUEUE_SIZE: u16 = 128;
 /// `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding (virtio 1.2 §5.2.4), the size
@@ -88,12 +91,18 @@ impl VhostUserBlk {
         if num_queues == 0 || num_queues > 64 {
             return Err(Error::Config(format!("{name}: num-queues property must be between 1 and 64")));
         }
-        // QEMU's check (hw/virtio/vhost-user.c): the backend maps guest RAM, so it must be shared.
-        let frontend = match conn {
-            Connection::Path(p) => Frontend::connect(&p, u64::from(num_queues))
-                .map_err(|e| Error::Config(format!("{name}: Failed to connect to '{p}': {e}")))?,
-            Connection::Stream(s) => Frontend::from_stream(s, u64::from(num_queues)),
+        let stream = match conn {
+            Connection::Path(p) => UnixStream::connect(&p)
+                .map_err(|e| Error::Config(format!("{name}: Failed to connect to '{p}': {}", crate::strerror(&e))))?,
+            Connection::Stream(s) => s,
         };
+        // Every vhost-user request waits for its reply on a vCPU thread: a backend that stops answering must
+        // not hang the guest for ever. After this long the request fails and the device needs a reset.
+        stream
+            .set_read_timeout(Some(BACKEND_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(BACKEND_TIMEOUT)))
+            .map_err(|e| Error::Config(format!("{name}: vhost-user socket: {e}")))?;
+        let frontend = Frontend::from_stream(stream, u64::from(num_queues));
         frontend.set_owner().map_err(vu_err(&name, "SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(vu_err(&name, "GET_FEATURES"))?;
         let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
