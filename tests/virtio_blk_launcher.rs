@@ -221,3 +221,39 @@ fn drive_errors_read_like_qemus() {
         assert!(stderr.contains(&want), "{drive}: want {want:?}, got {stderr:?}");
     }
 }
+
+#[test]
+fn a_qcow2_drive_is_written_through_tessera_blk() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: /dev/kvm is absent");
+        return;
+    }
+    let d = dir("vbl-qcow2");
+    let libexec = libexec_with_blk(&d.0);
+    let raw = image(&d.0);
+    let qcow2 = d.0.join("disk.qcow2");
+    let st = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).status();
+    match st {
+        Ok(s) => assert!(s.success(), "qemu-img convert failed"),
+        Err(e) => {
+            eprintln!("SKIPPED: qemu-img cannot be run: {e}");
+            return;
+        }
+    }
+    let mut a: Vec<String> = ["-accel", "kvm", "-m", "64M", "-nographic", "-device", "isa-debug-exit"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(SHARED.iter().map(|s| s.to_string()));
+    a.extend(["-kernel".to_string(), guest(&d.0).display().to_string(), "-drive".to_string()]);
+    a.push(format!("file={},if=virtio", qcow2.display()));
+    let out = tessera_env(&a, libexec.as_deref());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("virtio-blk: ok"), "stderr {stderr:?}");
+    assert_eq!(out.status.code(), Some(0x21), "stderr {stderr:?}");
+    // The guest's sector is in the qcow2 (tessera-blk flushed its metadata when the launcher stopped it).
+    let back = d.0.join("back.raw");
+    let st = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&qcow2).arg(&back).status();
+    assert!(st.unwrap().success(), "qemu-img convert back failed");
+    check_image(&back);
+}
