@@ -487,7 +487,7 @@ mod tests {
             1 << VIRTIO_F_VERSION_1 | 1 << 9
         }
         fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8 + 0x10);
+            data.fill((offset as u8).wrapping_add(0x10));
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
         fn activate(&mut self, features: u64, queues: Vec<QueueConfig>) -> Result<(), String> {
@@ -507,6 +507,53 @@ mod tests {
         let mut b = [0u8; 8];
         d.bar_read(0, off, &mut b[..len]);
         u64::from_le_bytes(b)
+    }
+
+    #[test]
+    fn random_guest_accesses_never_panic() {
+        let router = ThreadedMsiRouter::new(Arc::new(|_| {})).unwrap();
+        let activated = Arc::new(Mutex::new(Vec::new()));
+        let d =
+            VirtioPci::new("t".into(), Box::new(FakeDev { activated }), 0xc000_0000, router, GuestLog::stderr(vec![]))
+                .unwrap();
+        // xorshift: deterministic, no extra crate.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200_000 {
+            let r = next();
+            let len = [1usize, 2, 4, 8][(r & 3) as usize];
+            let v = next().to_le_bytes();
+            let write = r & 4 != 0;
+            if r & 8 != 0 {
+                // Configuration space: dword-aligned registers, any lane that fits.
+                let off = ((r >> 8) & 0xff) as u16;
+                let len = len.min(4 - usize::from(off & 3));
+                if write {
+                    d.config_write(off, &v[..len]);
+                } else {
+                    let mut b = [0u8; 8];
+                    d.config_read(off, &mut b[..len]);
+                }
+            } else {
+                // Mostly the interesting low part of the BAR, sometimes anywhere in it.
+                let off = if r & 16 != 0 {
+                    (r >> 8) % BAR_SIZE
+                } else {
+                    (r >> 8) % 0x40 + [0, 0x4000, 0x5000][((r >> 40) % 3) as usize]
+                };
+                if write {
+                    d.bar_write(0, off, &v[..len]);
+                } else {
+                    let mut b = [0u8; 8];
+                    d.bar_read(0, off, &mut b[..len]);
+                }
+            }
+        }
     }
 
     #[test]
