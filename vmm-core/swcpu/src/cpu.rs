@@ -411,7 +411,7 @@ impl Exec<'_> {
                     // SAFETY: `host_ptr` checked the byte lies in a live RAM mapping.
                     *b = unsafe { p.read_volatile() };
                 } else {
-                    // Hand the whole remaining MMIO access to the device in one call where possible.
+                    // A range mixing RAM and MMIO (rare): the MMIO bytes go to the device one at a time.
                     self.io.mmio_read(a, std::slice::from_mut(b));
                 }
             }
@@ -661,6 +661,19 @@ impl Exec<'_> {
         } else {
             None
         }
+    }
+
+    /// Host pointer for `size` bytes at `la` (within one page) if the TLB already grants this access on RAM;
+    /// writes are never granted on pages holding decoded code.
+    #[inline]
+    pub fn host_range(&self, la: u64, size: usize, write: bool) -> Option<*mut u8> {
+        let need = match (write, self.user()) {
+            (false, false) => P_RS,
+            (false, true) => P_RU,
+            (true, false) => P_WS,
+            (true, true) => P_WU,
+        };
+        self.fast_ptr(la, size, need)
     }
 
     #[inline]

@@ -180,6 +180,8 @@ impl Exec<'_> {
 
     /// Host pointer for an aligned, writable RAM location (the atomic path), after checking permissions.
     fn atomic_ptr(&mut self, la: u64, sz: usize) -> Res<Option<*mut u8>> {
+        // Locked operations fault as writes even when the caller then falls back to a plain read + write.
+        self.probe_write(la, sz)?;
         if la & (sz as u64 - 1) != 0 {
             return Ok(None);
         }
@@ -873,10 +875,12 @@ impl Exec<'_> {
     }
 
     /// A shift or rotate whose masked count is 0: no flags change, but a 32-bit register destination is
-    /// still written (zero-extended) and a memory operand is still checked for access.
+    /// still written (zero-extended) and a memory operand is still checked for a write access.
     fn zero_count(&mut self, i: &Instruction, sz: usize) -> Res<()> {
         if i.op_kind(0) == OpKind::Memory {
+            // Still a read-modify-write access: a fault reports a write (as the host CPU does).
             let a = self.ea(i);
+            self.probe_write(a, sz)?;
             self.read(a, sz)?;
         } else if sz == 4 {
             let r = i.op0_register();
@@ -947,19 +951,26 @@ impl Exec<'_> {
             }
             let expect = (g[0] as u128) | ((g[2] as u128) << 64);
             let new = (g[3] as u128) | ((g[1] as u128) << 64);
-            self.probe_write(a, 16)?;
-            let mut b = [0u8; 16];
-            let user = self.user();
-            self.read_bytes(a, &mut b, user)?;
-            let old = u128::from_le_bytes(b);
-            // Single vCPU per guest-RAM writer for now: the 16-byte update is not atomic against other vCPU
-            // threads (no host 128-bit CAS on stable Rust); CPUID.CX16 is advertised because Linux then uses it
-            // only for SLUB's per-CPU freelists, which one vCPU does not race on.
-            if old == expect {
-                self.write_bytes(a, &new.to_le_bytes(), user)?;
+            let host = self.atomic_ptr(a, 16)?.filter(|p| (*p as usize) & 15 == 0);
+            let (eq, old) = match host {
+                // SAFETY: `p` points at 16 bytes of live guest RAM inside one page (from `atomic_ptr`, GuestRam
+                // contract), 16-byte aligned (checked above); the locked host instruction is the atomic access.
+                Some(p) => unsafe { host_cmpxchg16b(p as *mut u128, expect, new) },
+                None => {
+                    // Not atomic against other threads: only reached on a RAM mapping whose host address is not
+                    // 16-byte aligned, on MMIO, or on non-x86-64 hosts.
+                    let mut b = [0u8; 16];
+                    let user = self.user();
+                    self.read_bytes(a, &mut b, user)?;
+                    let old = u128::from_le_bytes(b);
+                    let eq = old == expect;
+                    self.write_bytes(a, &(if eq { new } else { old }).to_le_bytes(), user)?;
+                    (eq, old)
+                }
+            };
+            if eq {
                 self.c.rflags |= ZF;
             } else {
-                self.write_bytes(a, &b, user)?;
                 self.c.gpr[0] = old as u64;
                 self.c.gpr[2] = (old >> 64) as u64;
                 self.c.rflags &= !ZF;
@@ -1049,16 +1060,36 @@ impl Exec<'_> {
         // Bounded chunk per dispatch so interrupts and kicks are seen during long REP strings; RIP stays on
         // the instruction until RCX reaches 0 (SDM Vol. 2B "REP/REPE/REPZ/REPNE/REPNZ", interruptible).
         let mut budget = 8192u32;
+        let bulk = rep
+            && !a32
+            && self.c.rflags & DF == 0
+            && matches!(m, Movsb | Movsw | Movsd | Movsq | Stosb | Stosw | Stosd | Stosq);
         loop {
             if rep && self.c.gpr[1] & am == 0 {
                 return Ok(());
+            }
+            if bulk {
+                if let Some(n) = self.bulk_string(m, sz, src_base, dst_base) {
+                    let bytes = n * sz as u64;
+                    self.c.gpr[7] = self.c.gpr[7].wrapping_add(bytes);
+                    if !matches!(m, Stosb | Stosw | Stosd | Stosq) {
+                        self.c.gpr[6] = self.c.gpr[6].wrapping_add(bytes);
+                    }
+                    self.c.gpr[1] -= n;
+                    budget = budget.saturating_sub(1 + (n / 64) as u32);
+                    if self.c.gpr[1] != 0 && budget == 0 {
+                        self.c.rip = self.c.cur_ip;
+                        self.c.end_block = true;
+                        return Ok(());
+                    }
+                    continue;
+                }
             }
             let si = self.c.gpr[6] & am;
             let di = self.c.gpr[7] & am;
             let mut cmp_flags = None;
             match m {
                 Movsb | Movsw | Movsd | Movsq => {
-                    // Fast path: whole forward byte/qword copies inside one page each.
                     let v = self.read(src_base.wrapping_add(si), sz)?;
                     self.write(dst_base.wrapping_add(di), sz, v)?;
                     self.c.gpr[6] = (self.c.gpr[6] & !am) | (si.wrapping_add(step) & am);
@@ -1126,11 +1157,97 @@ impl Exec<'_> {
         }
     }
 
+    /// Forward REP MOVS/STOS over RAM pages the TLB already maps: copies or fills up to the end of the current
+    /// source/destination page in one host operation. Returns the number of elements done, or `None` to take
+    /// the element-by-element path (TLB miss, MMIO, code page, fewer than 2 elements, or an overlap where a
+    /// forward element copy differs from memmove).
+    fn bulk_string(&mut self, m: M, sz: usize, src_base: u64, dst_base: u64) -> Option<u64> {
+        let di = dst_base.wrapping_add(self.c.gpr[7]);
+        let mut n = self.c.gpr[1].min((0x1000 - (di & 0xfff)) / sz as u64);
+        let movs = matches!(m, M::Movsb | M::Movsw | M::Movsd | M::Movsq);
+        let si = src_base.wrapping_add(self.c.gpr[6]);
+        if movs {
+            n = n.min((0x1000 - (si & 0xfff)) / sz as u64);
+        }
+        if n < 2 {
+            return None;
+        }
+        let len = n as usize * sz;
+        let dst = self.host_range(di, len, true)?;
+        if movs {
+            let src = self.host_range(si, len, false)?;
+            let (s, d) = (src as usize, dst as usize);
+            if d > s && d < s + len {
+                return None;
+            }
+            // SAFETY: both ranges lie inside RAM pages the TLB maps (GuestRam contract keeps them mapped); with
+            // dst <= src or disjoint ranges, memmove equals the architectural forward element copy.
+            unsafe { std::ptr::copy(src, dst, len) };
+        } else {
+            let v = self.c.gpr[0];
+            // SAFETY: `[dst, dst + len)` is inside one mapped, writable RAM page (checked by `host_range`);
+            // unaligned raw writes, no references into guest memory.
+            unsafe {
+                match sz {
+                    1 => std::ptr::write_bytes(dst, v as u8, len),
+                    2 => (0..n as usize).for_each(|k| (dst.add(2 * k) as *mut u16).write_unaligned(v as u16)),
+                    4 => (0..n as usize).for_each(|k| (dst.add(4 * k) as *mut u32).write_unaligned(v as u32)),
+                    _ => (0..n as usize).for_each(|k| (dst.add(8 * k) as *mut u64).write_unaligned(v)),
+                }
+            }
+        }
+        Some(n)
+    }
+
     /// Logs an unimplemented instruction once per address and stops the vCPU with `Unsupported`.
     pub fn unimpl<T>(&mut self, i: &Instruction, what: &str) -> Res<T> {
         let msg = format!("unimplemented instruction `{i}` ({what}, {:?}) at RIP {:#x}", i.code(), self.c.cur_ip);
         log::error!("{msg}");
         Err(Fault::Exit(tessera_vcpu::VcpuExit::Unsupported(msg)))
+    }
+}
+
+/// `lock cmpxchg16b` on the host: returns (equal, old value). Stable Rust has no 128-bit atomic type.
+/// RBX cannot be named as an asm operand (LLVM reserves it), so the low half of `new` is swapped in and out.
+///
+/// # Safety
+/// `p` must be valid for reads and writes of 16 bytes and 16-byte aligned.
+#[cfg(target_arch = "x86_64")]
+unsafe fn host_cmpxchg16b(p: *mut u128, expect: u128, new: u128) -> (bool, u128) {
+    let (mut lo, mut hi) = (expect as u64, (expect >> 64) as u64);
+    let ok: u8;
+    // SAFETY: the caller guarantees `p`; RBX is restored before the asm block ends; no stack use.
+    unsafe {
+        std::arch::asm!(
+            "xchg {tmp}, rbx",
+            "lock cmpxchg16b xmmword ptr [{p}]",
+            "sete {ok}",
+            "xchg {tmp}, rbx",
+            p = in(reg) p,
+            tmp = inout(reg) new as u64 => _,
+            ok = out(reg_byte) ok,
+            in("rcx") (new >> 64) as u64,
+            inout("rax") lo,
+            inout("rdx") hi,
+            options(nostack),
+        );
+    }
+    (ok != 0, (lo as u128) | ((hi as u128) << 64))
+}
+
+/// Fallback for other hosts: not atomic against other threads.
+///
+/// # Safety
+/// `p` must be valid for reads and writes of 16 bytes.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn host_cmpxchg16b(p: *mut u128, expect: u128, new: u128) -> (bool, u128) {
+    // SAFETY: the caller guarantees `p`; unaligned raw accesses.
+    unsafe {
+        let old = p.read_unaligned();
+        if old == expect {
+            p.write_unaligned(new);
+        }
+        (old == expect, old)
     }
 }
 

@@ -65,6 +65,28 @@ fn d(v: u128, k: u32) -> f64 {
 fn s(v: u128, k: u32) -> f32 {
     f32::from_bits((v >> (32 * k)) as u32)
 }
+/// x86 NaN propagation for binary operations (SDM Vol. 1 "Floating-Point Exception Conditions", table
+/// "Rules for handling NaNs"): a NaN in the first operand wins, quieted; else a NaN in the second. Rust's
+/// float ops may commute operands, so NaN inputs are resolved here before the host operation runs.
+fn nan64(x: f64, y: f64, f: impl Fn(f64, f64) -> f64) -> f64 {
+    if x.is_nan() {
+        f64::from_bits(x.to_bits() | (1 << 51))
+    } else if y.is_nan() {
+        f64::from_bits(y.to_bits() | (1 << 51))
+    } else {
+        f(x, y)
+    }
+}
+fn nan32(x: f32, y: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    if x.is_nan() {
+        f32::from_bits(x.to_bits() | (1 << 22))
+    } else if y.is_nan() {
+        f32::from_bits(y.to_bits() | (1 << 22))
+    } else {
+        f(x, y)
+    }
+}
+
 fn pd(f: impl Fn(f64, f64) -> f64, a: u128, b: u128) -> u128 {
     (f(d(a, 0), d(b, 0)).to_bits() as u128) | ((f(d(a, 1), d(b, 1)).to_bits() as u128) << 64)
 }
@@ -571,34 +593,58 @@ impl Exec<'_> {
     fn sse_float(&mut self, i: &Instruction, a: u128, b: u128) -> Option<u128> {
         let m = i.mnemonic();
         let r = match m {
-            M::Addsd => sd(|x, y| x + y, a, b),
-            M::Subsd => sd(|x, y| x - y, a, b),
-            M::Mulsd => sd(|x, y| x * y, a, b),
-            M::Divsd => sd(|x, y| x / y, a, b),
+            M::Addsd => sd(|x, y| nan64(x, y, |x, y| x + y), a, b),
+            M::Subsd => sd(|x, y| nan64(x, y, |x, y| x - y), a, b),
+            M::Mulsd => sd(|x, y| nan64(x, y, |x, y| x * y), a, b),
+            M::Divsd => sd(|x, y| nan64(x, y, |x, y| x / y), a, b),
             M::Minsd => sd(min64, a, b),
             M::Maxsd => sd(max64, a, b),
             M::Sqrtsd => sd(|_, y| y.sqrt(), a, b),
-            M::Addss => ss(|x, y| x + y, a, b),
-            M::Subss => ss(|x, y| x - y, a, b),
-            M::Mulss => ss(|x, y| x * y, a, b),
-            M::Divss => ss(|x, y| x / y, a, b),
+            M::Addss => ss(|x, y| nan32(x, y, |x, y| x + y), a, b),
+            M::Subss => ss(|x, y| nan32(x, y, |x, y| x - y), a, b),
+            M::Mulss => ss(|x, y| nan32(x, y, |x, y| x * y), a, b),
+            M::Divss => ss(|x, y| nan32(x, y, |x, y| x / y), a, b),
             M::Minss => ss(min32, a, b),
             M::Maxss => ss(max32, a, b),
             M::Sqrtss => ss(|_, y| y.sqrt(), a, b),
-            M::Addpd => pd(|x, y| x + y, a, b),
-            M::Subpd => pd(|x, y| x - y, a, b),
-            M::Mulpd => pd(|x, y| x * y, a, b),
-            M::Divpd => pd(|x, y| x / y, a, b),
+            M::Addpd => pd(|x, y| nan64(x, y, |x, y| x + y), a, b),
+            M::Subpd => pd(|x, y| nan64(x, y, |x, y| x - y), a, b),
+            M::Mulpd => pd(|x, y| nan64(x, y, |x, y| x * y), a, b),
+            M::Divpd => pd(|x, y| nan64(x, y, |x, y| x / y), a, b),
             M::Minpd => pd(min64, a, b),
             M::Maxpd => pd(max64, a, b),
             M::Sqrtpd => pd(|_, y| y.sqrt(), a, b),
-            M::Addps => ps(|x, y| x + y, a, b),
-            M::Subps => ps(|x, y| x - y, a, b),
-            M::Mulps => ps(|x, y| x * y, a, b),
-            M::Divps => ps(|x, y| x / y, a, b),
+            M::Addps => ps(|x, y| nan32(x, y, |x, y| x + y), a, b),
+            M::Subps => ps(|x, y| nan32(x, y, |x, y| x - y), a, b),
+            M::Mulps => ps(|x, y| nan32(x, y, |x, y| x * y), a, b),
+            M::Divps => ps(|x, y| nan32(x, y, |x, y| x / y), a, b),
             M::Minps => ps(min32, a, b),
             M::Maxps => ps(max32, a, b),
             M::Sqrtps => ps(|_, y| y.sqrt(), a, b),
+            M::Cmpsd | M::Cmpss | M::Cmppd | M::Cmpps => {
+                // Predicates 0-7 (SDM Vol. 2A "CMPPD" table): EQ, LT, LE, UNORD, NEQ, NLT, NLE, ORD.
+                let p = i.immediate8() & 7;
+                let t = |x: f64, y: f64| -> bool {
+                    let r = match p & 3 {
+                        0 => x == y,
+                        1 => x < y,
+                        2 => x <= y,
+                        _ => x.is_nan() || y.is_nan(),
+                    };
+                    if p < 4 {
+                        r
+                    } else {
+                        !r
+                    }
+                };
+                match m {
+                    M::Cmpsd => (a & !LO64) | if t(d(a, 0), d(b, 0)) { LO64 } else { 0 },
+                    M::Cmpss => (a & !LO32) | if t(s(a, 0) as f64, s(b, 0) as f64) { LO32 } else { 0 },
+                    M::Cmppd => (0..2).fold(0u128, |r, k| r | if t(d(a, k), d(b, k)) { LO64 << (64 * k) } else { 0 }),
+                    _ => (0..4)
+                        .fold(0u128, |r, k| r | if t(s(a, k) as f64, s(b, k) as f64) { LO32 << (32 * k) } else { 0 }),
+                }
+            }
             M::Cvtsi2sd | M::Cvtsi2ss => {
                 let v = if self.op_size(i, 1) == 8 { b as u64 as i64 } else { b as u32 as i32 as i64 };
                 if m == M::Cvtsi2sd {
@@ -663,6 +709,15 @@ impl Exec<'_> {
             M::Paddusb => lanes(a, b, 1, |x, y| (x + y).min(0xff)),
             M::Paddusw => lanes(a, b, 2, |x, y| (x + y).min(0xffff)),
             M::Psubusb | M::Psubusw => lanes(a, b, if m == M::Psubusb { 1 } else { 2 }, |x, y| x.saturating_sub(y)),
+            M::Paddsb => lanes(a, b, 1, |x, y| sat_s(sx(x, 1) + sx(y, 1), 1)),
+            M::Paddsw => lanes(a, b, 2, |x, y| sat_s(sx(x, 2) + sx(y, 2), 2)),
+            M::Psubsb => lanes(a, b, 1, |x, y| sat_s(sx(x, 1) - sx(y, 1), 1)),
+            M::Psubsw => lanes(a, b, 2, |x, y| sat_s(sx(x, 2) - sx(y, 2), 2)),
+            M::Pmaddwd => lanes(a, b, 4, |x, y| {
+                let lo = sx(x & 0xffff, 2) * sx(y & 0xffff, 2);
+                let hi = sx(x >> 16, 2) * sx(y >> 16, 2);
+                (lo + hi) as u64
+            }),
             M::Pcmpeqb => lanes(a, b, 1, |x, y| if x == y { u64::MAX } else { 0 }),
             M::Pcmpeqw => lanes(a, b, 2, |x, y| if x == y { u64::MAX } else { 0 }),
             M::Pcmpeqd => lanes(a, b, 4, |x, y| if x == y { u64::MAX } else { 0 }),

@@ -10,8 +10,9 @@
 //!   SYSCALL/SYSRET/SWAPGS, MSRs, port I/O; `cpuid`: the advertised feature set.
 //! - `fpu`: x87 control, FXSAVE/FXRSTOR, the SSE/SSE2 integer/move subset.
 //!
-//! Modes: 64-bit long mode only for now (the core's loader enters the kernel in long mode). The decoder
-//! bitness, segment bases and event delivery already dispatch on the mode so real/protected mode can be added.
+//! Modes: 64-bit long mode, and enough 32-bit protected mode (flat segments, paging off, then into long mode)
+//! for Linux's PVH entry. Event delivery outside long mode, real mode and legacy 32-bit paging stop with
+//! `VcpuExit::Unsupported`; decoder bitness, segment bases and paging already dispatch on the mode.
 //!
 //! Interrupts: the platform implements [`InterruptSource`]. `run` checks it at block boundaries (blocks end
 //! at every branch, so the latency is a few instructions) honouring IF and the STI/MOV SS shadow.
@@ -256,10 +257,14 @@ impl SoftVcpu {
                 Err(Fault::Exit(x)) => return x,
             };
             blk.runs.set(blk.runs.get().wrapping_add(1));
-            log::trace!("block {:#x} ({} instructions)", ex.c.rip, blk.insns.len());
+            // `-d in_asm`-style tracing (target `swcpu::insn`), checked once per block to keep the loop cheap.
+            let trace = log::log_enabled!(target: "swcpu::insn", log::Level::Trace);
             ex.c.end_block = false;
             let n = if had_shadow { 1 } else { blk.insns.len() };
             for i in &blk.insns[..n] {
+                if trace {
+                    log::trace!(target: "swcpu::insn", "{:#x}: {i}", ex.c.rip);
+                }
                 ex.c.cur_ip = ex.c.rip;
                 ex.c.rip = i.next_ip();
                 match ex.step(i) {

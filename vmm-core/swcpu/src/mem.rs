@@ -18,6 +18,14 @@ struct Region {
 
 /// The guest RAM regions a [`crate::SoftVcpu`] reads and writes. Addresses outside every region are MMIO
 /// and go to the [`tessera_vcpu::IoHandler`].
+///
+/// From vm-memory (the core's RAM), one triple per region:
+///
+/// ```ignore
+/// let regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.as_ptr(), r.len() as usize)).collect();
+/// // SAFETY: `mem` (and so every mmap) is kept alive for as long as the vCPUs run.
+/// let ram = unsafe { GuestRam::new(&regions) }?;
+/// ```
 #[derive(Clone, Debug)]
 pub struct GuestRam {
     regions: Vec<Region>,

@@ -438,7 +438,7 @@ impl Exec<'_> {
         }
         if r0.is_dr() || r1.is_dr() {
             // DR8-DR15 (REX.R) do not exist.
-            if r0.number() > 7 || r1.number() > 7 {
+            if (r0.is_dr() && r0.number() > 7) || (r1.is_dr() && r1.number() > 7) {
                 return ud();
             }
             self.cpl0()?;

@@ -41,6 +41,7 @@ static SIG: AtomicI64 = AtomicI64::new(0);
 static TRAPNO: AtomicI64 = AtomicI64::new(0);
 static ERR: AtomicI64 = AtomicI64::new(0);
 static FAULT_RIP: AtomicI64 = AtomicI64::new(0);
+static CR2: AtomicI64 = AtomicI64::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers; we only read and patch registers.
@@ -51,6 +52,7 @@ extern "C" fn on_signal(sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut
         TRAPNO.store(g[libc::REG_TRAPNO as usize], Ordering::SeqCst);
         ERR.store(g[libc::REG_ERR as usize], Ordering::SeqCst);
         FAULT_RIP.store(g[libc::REG_RIP as usize], Ordering::SeqCst);
+        CR2.store(g[libc::REG_CR2 as usize], Ordering::SeqCst);
         g[libc::REG_RIP as usize] = RECOVER as i64;
     }
 }
@@ -373,6 +375,37 @@ fn wanted(i: &Instruction) -> bool {
             | Ucomisd
             | Comiss
             | Ucomiss
+            | Cmppd
+            | Cmpps
+            | Cmpss
+            | Paddsb
+            | Paddsw
+            | Psubsb
+            | Psubsw
+            | Pmaddwd
+            | Pminsw
+            | Pmaxsw
+            | Pmulhw
+            | Pmulhuw
+            | Paddusb
+            | Paddusw
+            | Psubusb
+            | Psubusw
+            | Pavgw
+            | Unpcklps
+            | Unpckhps
+            | Unpcklpd
+            | Unpckhpd
+            | Shufpd
+            | Movhlps
+            | Movlhps
+            | Movmskps
+            | Movmskpd
+            | Andnps
+            | Andpd
+            | Orpd
+            | Xorpd
+            | Andnpd
     )
 }
 
@@ -400,7 +433,8 @@ fn random_bytes(rng: &mut Rng) -> [u8; 16] {
             0xdb, 0xdf, 0x57, 0x54, 0x56, 0xfc, 0xfd, 0xfe, 0xd4, 0xf8, 0xf9, 0xfa, 0xfb, 0x70, 0x73, 0x72, 0x71, 0x60,
             0x61, 0x62, 0x6c, 0x68, 0x69, 0x6a, 0x6d, 0xd1, 0xd2, 0xd3, 0xe1, 0xe2, 0xf1, 0xf2, 0xf3, 0x67, 0x63, 0x6b,
             0xc6, 0xe0, 0xf6, 0xd5, 0xf4, 0xc5, 0xc4, 0x58, 0x59, 0x5c, 0x5e, 0x5d, 0x5f, 0x51, 0x2a, 0x2c, 0x2d, 0x2e,
-            0x2f, 0x5a, 0x5b, 0xe6,
+            0x2f, 0x5a, 0x5b, 0xe6, 0xc2, 0xe8, 0xe9, 0xec, 0xed, 0xf5, 0xea, 0xee, 0xe5, 0xe4, 0xdc, 0xdd, 0xd8, 0xd9,
+            0xe3, 0x14, 0x15, 0x50, 0x55,
         ];
         b[k + 1] = match rng.below(4) {
             // CMOVcc and SETcc over all 16 conditions.
@@ -465,6 +499,8 @@ fn undefined_flags(i: &Instruction, regs_in: &[u64; 17]) -> u64 {
 struct Outcome {
     /// None = completed normally, Some(vector, error code).
     fault: Option<(u8, u64)>,
+    /// CR2 after a #PF.
+    cr2: u64,
     regs: [u64; 17],
     xmm: [u128; 16],
     data: Vec<u8>,
@@ -505,7 +541,7 @@ fn run_host(m: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> Outcome {
     m.read(DATA - BASE, &mut data);
     let mut stack = vec![0u8; (STACK_TOP - RSP_VAL + 0x100) as usize];
     m.read(RSP_VAL - 0x100 - BASE, &mut stack);
-    Outcome { fault, regs: out, xmm: x, data, stack }
+    Outcome { fault, cr2: CR2.load(Ordering::SeqCst) as u64, regs: out, xmm: x, data, stack }
 }
 
 fn run_soft(m: &Mapping, sys: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> Result<Outcome, String> {
@@ -568,7 +604,8 @@ fn run_soft(m: &Mapping, sys: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> R
     m.read(DATA - BASE, &mut data);
     let mut stack = vec![0u8; (STACK_TOP - RSP_VAL + 0x100) as usize];
     m.read(RSP_VAL - 0x100 - BASE, &mut stack);
-    Ok(Outcome { fault, regs: out, xmm: x, data, stack })
+    let fault_cr2 = cpu.sregs().unwrap().cr2;
+    Ok(Outcome { fault, cr2: fault_cr2, regs: out, xmm: x, data, stack })
 }
 
 /// Builds one test case from random bytes: decode, filter, rewrite memory operands, re-encode.
@@ -669,6 +706,10 @@ fn differential_random_instructions() {
             *r = rng.value();
         }
         regs[3] = RBX_VAL;
+        // Sometimes point the memory operand at unmapped memory (on both sides) to compare #PF delivery.
+        if rng.below(16) == 0 {
+            regs[3] = BASE + 0x9000 + rng.below(0x1000);
+        }
         regs[4] = RSP_VAL;
         let strings = (0..insn.op_count()).any(|n| {
             matches!(
@@ -680,6 +721,12 @@ fn differential_random_instructions() {
             regs[6] = DATA + 0x400 + rng.below(0x200);
             regs[7] = DATA + 0x1000 + rng.below(0x200);
             regs[1] = rng.below(48);
+            // Overlapping copies (byte-replicating forward MOVS) and page-crossing destinations.
+            match rng.below(4) {
+                0 => regs[7] = regs[6] + rng.below(16),
+                1 => regs[7] = DATA + 0xfe0 + rng.below(0x20),
+                _ => {}
+            }
             regs[0] = if rng.below(2) == 0 { rng.value() } else { 0 };
         }
         // A register bit offset moves a memory operand by offset/8 bytes: keep it inside DATA so the
@@ -689,9 +736,11 @@ fn differential_random_instructions() {
             && insn.op_kind(1) == OpKind::Register
         {
             let idx = insn.op1_register().full_register() as usize - Register::RAX as usize;
-            if idx != 3 {
-                regs[idx] = (rng.below(8192) as i64 - 4096) as u64;
+            if idx == 3 {
+                // The offset register is the base register itself: the address would leave DATA.
+                continue;
             }
+            regs[idx] = (rng.below(8192) as i64 - 4096) as u64;
         }
         let df = if rng.below(4) == 0 { crate::cpu::DF } else { 0 };
         regs[16] = (rng.next() & crate::cpu::ARITH) | df | 0x202;
@@ -737,8 +786,16 @@ fn differential_random_instructions() {
         let mut why = Vec::new();
         if host.fault.map(|f| f.0) != soft.fault.map(|f| f.0) {
             why.push(format!("fault host {:?} soft {:?}", host.fault, soft.fault));
-        } else if host.fault.is_some() {
+        } else if let (Some((v, he)), Some((_, se))) = (host.fault, soft.fault) {
             faults += 1;
+            // #PF: error code (P/W/U/I-D; Linux adds nothing else for user faults) and CR2 must match.
+            if v == 14 && (he != se || host.cr2 != soft.cr2) {
+                why.push(format!("#PF host err {he:#x} cr2 {:#x}, soft err {se:#x} cr2 {:#x}", host.cr2, soft.cr2));
+            }
+            // #GP: the error code (a selector for segment loads, else 0).
+            if v == 13 && he != se {
+                why.push(format!("#GP host err {he:#x}, soft err {se:#x}"));
+            }
         } else {
             let names = [
                 "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14",

@@ -405,3 +405,31 @@ fn code_changed_by_dma_is_seen_after_a_tlb_flush() {
     assert_eq!(exit, VcpuExit::Halted);
     assert_eq!(g.serial(), b"AB", "the MOV CR3 flush made the CPU re-check the code page");
 }
+
+#[test]
+fn cmpxchg16b_success_and_failure() {
+    let mut a = asm();
+    let slot = CODE + 0x800;
+    a.mov(rsi, slot).unwrap();
+    // Memory holds 1:2. Compare with RDX:RAX = 2:1 -> equal, store RCX:RBX = 4:3.
+    a.mov(qword_ptr(rsi), 1i32).unwrap();
+    a.mov(qword_ptr(rsi + 8), 2i32).unwrap();
+    a.mov(eax, 1u32).unwrap();
+    a.mov(edx, 2u32).unwrap();
+    a.mov(ebx, 3u32).unwrap();
+    a.mov(ecx, 4u32).unwrap();
+    a.lock().cmpxchg16b(xmmword_ptr(rsi)).unwrap();
+    a.setz(r8b).unwrap();
+    // Now compare with 2:1 again -> not equal, RDX:RAX gets the current 4:3.
+    a.mov(eax, 1u32).unwrap();
+    a.mov(edx, 2u32).unwrap();
+    a.lock().cmpxchg16b(xmmword_ptr(rsi)).unwrap();
+    a.setz(r9b).unwrap();
+    a.hlt().unwrap();
+    let g = run(&mut a, 0, |_| {});
+    assert_eq!(g.exit, VcpuExit::Halted);
+    let r = g.cpu.regs().unwrap();
+    assert_eq!((r.r8 & 0xff, r.r9 & 0xff), (1, 0), "ZF after success, then after failure");
+    assert_eq!((r.rax, r.rdx), (3, 4), "failure loads the memory value into RDX:RAX");
+    assert_eq!((g.r64(slot), g.r64(slot + 8)), (3, 4));
+}
