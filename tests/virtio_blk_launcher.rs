@@ -167,8 +167,12 @@ fn a_drive_is_served_by_a_tessera_blk_the_launcher_starts() {
     let libexec = libexec_with_blk(&d.0);
     let kernel = guest(&d.0);
     for (n, disk) in [
-        "file={img},if=virtio,format=raw,cache=none,discard=unmap",
-        "file={img},if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0,num-queues=1",
+        "-drive file={img},if=virtio,format=raw,cache=none,discard=unmap",
+        "-drive file={img},if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0,num-queues=1",
+        "-blockdev driver=file,node-name=f,filename={img} -blockdev driver=raw,node-name=r,file=f \
+         -device virtio-blk-pci,drive=r",
+        "-blockdev driver=raw,node-name=r,file.driver=file,file.filename={img},file.cache.direct=on \
+         -device virtio-blk-pci,drive=r,addr=5",
     ]
     .iter()
     .enumerate()
@@ -180,8 +184,8 @@ fn a_drive_is_served_by_a_tessera_blk_the_launcher_starts() {
             .map(|s| s.to_string())
             .collect();
         a.extend(SHARED.iter().map(|s| s.to_string()));
-        a.extend(["-kernel".to_string(), kernel.display().to_string(), "-drive".to_string()]);
-        a.extend(disk.replace("{img}", &img.display().to_string()).split(' ').map(String::from));
+        a.extend(["-kernel".to_string(), kernel.display().to_string()]);
+        a.extend(disk.replace("{img}", &img.display().to_string()).split_whitespace().map(String::from));
         let out = tessera_env(&a, libexec.as_deref());
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);

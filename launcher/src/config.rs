@@ -534,6 +534,8 @@ struct Raw {
     /// `-drive` options (checked as read), and `-device virtio-blk-pci` options, with locations.
     drives: Vec<(BlkDrive, bool)>,
     virtio_blk: Vec<(KeyVals, String)>,
+    /// `-blockdev` nodes with their locations.
+    blockdevs: Vec<(KeyVals, String)>,
     machine: KeyVals,
     machine_accel_set: bool,
     accel_opts: Vec<(String, String)>, // (accelerator name, location)
@@ -720,6 +722,16 @@ fn read_option(raw: &mut Raw, o: &ArgOpt, prog: &str) -> Result<Option<Command>>
             } else if let Some(text) = device(raw, &kv)? {
                 return Ok(Some(Command::Print { text, code: 0 }));
             }
+        }
+        Opt::Blockdev => {
+            let kv = parse_kv(o, raw);
+            let Some(name) = kv.get("node-name").map(String::from) else {
+                return Err(Error::MissingParameter("node-name".into()));
+            };
+            if raw.blockdevs.iter().any(|(b, _)| b.get("node-name") == Some(name.as_str())) {
+                return Err(Error::Message(format!("Duplicate nodes with node-name='{name}'")));
+            }
+            raw.blockdevs.push((kv, o.location()));
         }
         Opt::Drive => {
             let kv = parse_kv(o, raw);
@@ -1052,6 +1064,74 @@ fn pci_props(kv: &KeyVals, driver: &str) -> Result<(Option<u16>, Option<u8>)> {
         }
     };
     Ok((num_queues, slot))
+}
+
+/// A `-blockdev` format node (`raw`, `qcow2`) over a `file` node, or a `file` node alone, as a drive.
+fn blockdev_drive(raw: &Raw, kv: &KeyVals, location: &str) -> Result<BlkDrive> {
+    const FILE_KEYS: &[&str] = &["driver", "node-name", "filename", "read-only", "cache.direct", "discard", "locking"];
+    let file_node = |f: &KeyVals| -> Result<(String, bool, bool)> {
+        match f.get("driver") {
+            Some("file" | "host_device") => {}
+            Some(d) => return Err(Error::NotSupportedYet(format!("the block driver '{d}' under a format node"))),
+            None => return Err(Error::MissingParameter("driver".into())),
+        }
+        if let Some(k) = f.unknown_keys(FILE_KEYS).next() {
+            return Err(Error::InvalidParameter(k.to_string()));
+        }
+        let name = f.get("filename").ok_or_else(|| Error::MissingParameter("filename".into()))?;
+        Ok((name.to_string(), f.get_bool("read-only")?.unwrap_or(false), f.get_bool("cache.direct")?.unwrap_or(false)))
+    };
+    let (file, format, ro, direct) = match kv.get("driver") {
+        Some("file" | "host_device") => {
+            let (f, ro, direct) = file_node(kv)?;
+            (f, "raw".to_string(), ro, direct)
+        }
+        Some(fmt @ ("raw" | "qcow2")) => {
+            // The protocol node: a reference (`file=NODE`) or inline (`file.driver=file,file.filename=...`).
+            let (f, ro, direct) = match kv.get("file") {
+                Some(child) => {
+                    let Some((c, _)) = raw.blockdevs.iter().find(|(b, _)| b.get("node-name") == Some(child)) else {
+                        return Err(Error::Message(format!("Cannot find device='' nor node-name='{child}'")));
+                    };
+                    file_node(c)?
+                }
+                None => {
+                    let inline = KeyVals {
+                        pairs: kv
+                            .pairs
+                            .iter()
+                            .filter_map(|(k, v)| k.strip_prefix("file.").map(|k| (k.to_string(), v.clone())))
+                            .collect(),
+                        ..KeyVals::default()
+                    };
+                    if inline.pairs.is_empty() {
+                        return Err(Error::MissingParameter("file".into()));
+                    }
+                    file_node(&inline)?
+                }
+            };
+            let own = kv.unknown_keys(&["driver", "node-name", "file", "read-only", "cache.direct", "discard"]);
+            if let Some(k) = own.filter(|k| !k.starts_with("file.")).next() {
+                return Err(Error::InvalidParameter(k.to_string()));
+            }
+            let ro = ro || kv.get_bool("read-only")?.unwrap_or(false);
+            let direct = direct || kv.get_bool("cache.direct")?.unwrap_or(false);
+            (f, fmt.to_string(), ro, direct)
+        }
+        Some(d) => return Err(Error::NotSupportedYet(format!("the block driver '{d}' (file, raw and qcow2 are)"))),
+        None => return Err(Error::MissingParameter("driver".into())),
+    };
+    Ok(BlkDrive {
+        id: kv.get("node-name").unwrap_or_default().to_string(),
+        file,
+        format: Some(format),
+        read_only: ro,
+        direct,
+        num_queues: None,
+        slot: None,
+        drive_location: location.to_string(),
+        location: location.to_string(),
+    })
 }
 
 /// `-drive`: the options tessera-blk can serve. Returns the drive and whether it is `if=virtio`.
@@ -1409,8 +1489,18 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
     for (kv, loc) in &raw.virtio_blk {
         let at = |e: Error| e.at(loc.clone());
         let Some(id) = kv.get("drive") else { return Err(at(Error::Message("drive property not set".into()))) };
-        let Some((d, virtio)) = raw.drives.iter().find(|(d, _)| d.id == id) else {
-            return Err(at(Error::Message(format!("Property 'virtio-blk-pci.drive' can't find value '{id}'"))));
+        let from_blockdev;
+        let (d, virtio) = match raw.drives.iter().find(|(d, _)| d.id == id) {
+            Some((d, v)) => (d, v),
+            None => match raw.blockdevs.iter().find(|(b, _)| b.get("node-name") == Some(id)) {
+                Some((b, bloc)) => {
+                    from_blockdev = blockdev_drive(raw, b, bloc).map_err(|e| e.at(bloc.clone()))?;
+                    (&from_blockdev, &false)
+                }
+                None => {
+                    return Err(at(Error::Message(format!("Property 'virtio-blk-pci.drive' can't find value '{id}'"))))
+                }
+            },
         };
         if *virtio || drives.iter().any(|x| x.id == id) {
             return Err(at(Error::Message(format!(
