@@ -1110,8 +1110,8 @@ fn blockdev_drive(raw: &Raw, kv: &KeyVals, location: &str) -> Result<BlkDrive> {
                     file_node(&inline)?
                 }
             };
-            let own = kv.unknown_keys(&["driver", "node-name", "file", "read-only", "cache.direct", "discard"]);
-            if let Some(k) = own.filter(|k| !k.starts_with("file.")).next() {
+            let mut own = kv.unknown_keys(&["driver", "node-name", "file", "read-only", "cache.direct", "discard"]);
+            if let Some(k) = own.find(|k| !k.starts_with("file.")) {
                 return Err(Error::InvalidParameter(k.to_string()));
             }
             let ro = ro || kv.get_bool("read-only")?.unwrap_or(false);
