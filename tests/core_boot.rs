@@ -5,7 +5,7 @@
 mod harness;
 
 use harness::{kvm_available, start, write_file, Setup, TempDir};
-use tessera_ipc::messages::{Accel, LauncherToChild};
+use tessera_ipc::messages::LauncherToChild;
 use tessera_tests::tiny_guest::{asm, pvh_guest};
 
 fn hello_guest(dir: &TempDir) -> std::path::PathBuf {
@@ -77,16 +77,6 @@ fn a_text_file_is_an_invalid_kernel_header() {
 fn an_elf_without_a_pvh_note_fails_as_in_qemu() {
     let mut core = start(&Setup::new(std::path::Path::new("/bin/true")));
     assert_eq!(core.expect_fatal(), "Error loading uncompressed kernel without PVH ELF Note");
-}
-
-#[test]
-fn tcg_says_the_software_cpu_is_not_there_yet() {
-    let dir = TempDir::new("tcg");
-    let mut setup = Setup::new(&hello_guest(&dir));
-    setup.accel = Accel::Tcg;
-    let mut core = start(&setup);
-    let msg = core.expect_fatal();
-    assert!(msg.contains("-accel tcg") && msg.contains("-accel kvm"), "{msg}");
 }
 
 #[test]

@@ -1,20 +1,30 @@
-//! Tessera's core process: guest RAM (a memfd), the vCPUs (KVM; the software CPU plugs in as another
-//! [`runloop::Engine`]), kernel boot, and the device front halves.
+//! Tessera's core process: guest RAM (a memfd), the vCPUs (KVM, or Tessera's software CPU for `-accel tcg`),
+//! kernel boot, and the device front halves.
 //!
 //! Modules: [`memory`] (RAM layout and memfd), [`boot`] (PVH ELF, bzImage, decompressed vmlinux), [`kvm`]
-//! (VM, vCPUs, CPUID), [`devices`] (bus, 16550A, isa-debug-exit, i8042), [`runloop`] (engine-neutral vCPU
-//! threads and VM events), [`vm`] (configuration → running VM, the control contract).
+//! (VM, vCPUs, CPUID), [`tcg`] (the software CPU with the userspace PC platform), [`devices`] (bus, 16550A,
+//! isa-debug-exit, i8042), [`runloop`] (engine-neutral vCPU threads and VM events), [`vm`] (configuration →
+//! running VM, the control contract).
 //!
-//! # Plugging in the software CPU
-//! * Implement [`runloop::Engine`]: `create_vcpus` returns fresh `Box<dyn tessera_vcpu::Vcpu>`s (index 0 is the
-//!   BSP) each with a [`runloop::VcpuKick`] that makes a running `run` return `VcpuExit::Interrupted` soon;
-//!   `irq_line(n)` returns the [`devices::serial::IrqLine`] a device pulses for ISA IRQ `n` (the userspace PIC).
-//! * Create it in [`vm::make_engine`] for `Accel::Tcg`, and remove the `TcgUnavailable` check in `Vm::new`;
-//!   [`vm::linux_entry_for`] already picks [`boot::LinuxEntry::Decompressed`] for Tcg, so a bzImage is unpacked
-//!   on the host ([`boot::elf64::load_decompressed`]) and the BSP starts at the vmlinux's `startup_64`.
-//! * The run loop applies the entry state through the `Vcpu` setters ([`boot::EntryState::apply`]) and serves
-//!   port/MMIO accesses through [`devices::Devices`] (the `IoHandler`). `VcpuExit::Halted` makes the vCPU thread
-//!   park until kicked (10 ms at most); an engine whose interrupts can wake a halted CPU should kick it then.
+//! # Engines
+//! An engine implements [`runloop::Engine`]: `create_vcpus` returns fresh `Box<dyn tessera_vcpu::Vcpu>`s (index
+//! 0 is the BSP), each with a [`runloop::VcpuKick`] that makes a running `run` return `VcpuExit::Interrupted`
+//! soon; `irq_line(n)` returns the [`devices::serial::IrqLine`] a device pulses for ISA IRQ `n`;
+//! `attach_devices` claims the engine's own ports on the core's bus; `acpi` says where its ACPI tables are.
+//! [`vm::make_engine`] picks one per `Accel`:
+//! * KVM ([`kvm::KvmEngine`]): in-kernel PIC/IOAPIC/PIT/LAPIC, the bzImage entered through the 64-bit boot
+//!   protocol.
+//! * The software CPU ([`tcg::TcgEngine`], QEMU's default accelerator): `tessera-swcpu` with `tessera-platform`
+//!   (PIC, PIT, RTC/CMOS, ACPI PM, HPET, IOAPIC, LAPIC, ACPI tables at 0xe0000), time from an
+//!   instruction-counting clock (see [`tcg`]), one vCPU. [`vm::linux_entry_for`] picks
+//!   [`boot::LinuxEntry::Decompressed`] for it: a bzImage is unpacked on the host
+//!   ([`boot::elf64::load_decompressed`]) and the BSP starts at the vmlinux's `startup_64`; a PVH ELF is entered
+//!   in 32-bit protected mode as on KVM.
+//!
+//! The run loop applies the entry state through the `Vcpu` setters ([`boot::EntryState::apply`]) and serves
+//! port/MMIO accesses through [`devices::Devices`] (the `IoHandler`; the software engine decodes the
+//! platform's MMIO windows in front of it). `VcpuExit::Halted` makes the vCPU thread park until kicked (10 ms at
+//! most); the software CPU idles inside `run` instead, woken by its platform's interrupts and timers.
 
 pub mod boot;
 pub mod devices;
@@ -24,6 +34,7 @@ pub mod memory;
 pub mod pci;
 pub mod runloop;
 pub mod virtio;
+pub mod tcg;
 pub mod vm;
 
 pub use vm::Vm;
@@ -70,8 +81,6 @@ pub enum Error {
     BootConfig(String),
     #[error("no -kernel given: booting from firmware or disks is not supported yet; use -kernel")]
     NoKernel,
-    #[error("-accel tcg: Tessera's software CPU is not available yet; use -accel kvm")]
-    TcgUnavailable,
     /// QEMU: "failed to initialize kvm: No such file or directory".
     #[error("failed to initialize kvm: {}", strerror(.0))]
     KvmInit(std::io::Error),

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use tessera_vcpu::{IoHandler, Vcpu, VcpuExit};
 
+use crate::boot::AcpiInfo;
 use crate::devices::serial::IrqLine;
+use crate::devices::Devices;
 use crate::Error;
 
 /// Something that happened that the run loop must act on.
@@ -52,6 +54,17 @@ pub trait Engine: Send {
     /// interrupt controller returns a [`crate::pci::msi::ThreadedMsiRouter`] that injects into it.
     fn msi_router(&mut self) -> Result<Arc<dyn crate::pci::msi::MsiRouter>, Error> {
         Err(Error::Config("PCI devices are not available with this accelerator yet (no MSI delivery)".into()))
+    }
+    /// Put the engine's own devices on the core's buses (the software CPU's platform ports), before the core
+    /// adds its optional devices, so that overlaps are refused. `events` is for what those devices report
+    /// (a power-off or reset request).
+    fn attach_devices(&mut self, devices: &mut Devices, events: &Sender<VmEvent>) -> Result<(), Error> {
+        let _ = (devices, events);
+        Ok(())
+    }
+    /// The ACPI tables the engine keeps in guest RAM, if any (the boot code points the kernel at them).
+    fn acpi(&self) -> Option<AcpiInfo> {
+        None
     }
 }
 

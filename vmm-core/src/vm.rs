@@ -22,6 +22,7 @@ use crate::kvm::cpuid::CpuModel;
 use crate::kvm::KvmEngine;
 use crate::memory::GuestRam;
 use crate::runloop::{Engine, Outcome, RunLoop, VmEvent};
+use crate::tcg::TcgEngine;
 use crate::Error;
 
 pub struct Vm {
@@ -40,12 +41,12 @@ pub fn linux_entry_for(accel: Accel) -> LinuxEntry {
     }
 }
 
-/// The engine for `accel`. The software CPU will be created here for [`Accel::Tcg`].
+/// The engine for `accel`: KVM, or Tessera's software CPU with the userspace platform ([`TcgEngine`]).
 pub fn make_engine(cfg: &CoreConfig, ram: Arc<GuestRam>) -> Result<Box<dyn Engine>, Error> {
     let model = CpuModel::parse(&cfg.cpu_model)?;
     match cfg.accel {
         Accel::Kvm => Ok(Box::new(KvmEngine::open(ram, cfg.smp, model)?)),
-        Accel::Tcg => Err(Error::TcgUnavailable),
+        Accel::Tcg => Ok(Box::new(TcgEngine::new(ram, cfg.smp, cfg.serial.len())?)),
     }
 }
 
@@ -81,16 +82,22 @@ impl Vm {
         };
 
         let ram = Arc::new(GuestRam::new(cfg.ram.size)?);
-        if cfg.accel == Accel::Tcg {
-            return Err(Error::TcgUnavailable);
-        }
         let linux_entry = linux_entry_for(cfg.accel);
-        // Load the kernel now so that a bad image is reported before anything runs.
-        let first_entry = boot::load(&ram, &mut src, linux_entry)?;
-        let mut engine = make_engine(&cfg, ram.clone())?;
+        // Load the kernel now so that a bad image is reported before anything runs. The software CPU's engine
+        // comes first: it owns the ACPI tables the boot code points the kernel at (and cannot fail on a
+        // hostile image); KVM is opened after the kernel was judged, as before.
+        let (first_entry, mut engine, acpi) = if cfg.accel == Accel::Tcg {
+            let engine = make_engine(&cfg, ram.clone())?;
+            let acpi = engine.acpi();
+            (boot::load_with_acpi(&ram, &mut src, linux_entry, acpi)?, engine, acpi)
+        } else {
+            let entry = boot::load(&ram, &mut src, linux_entry)?;
+            (entry, make_engine(&cfg, ram.clone())?, None)
+        };
 
         let (events_tx, events): (Sender<VmEvent>, Receiver<VmEvent>) = mpsc::channel();
         let mut devices = Devices::new(log.clone());
+        engine.attach_devices(&mut devices, &events_tx)?;
         for (i, s) in cfg.serial.iter().enumerate() {
             let (base, irq) = ISA_SERIAL_PORTS[i];
             let channel = Arc::new(Channel::from_fd(fds.take(s.channel)?));
@@ -133,7 +140,7 @@ impl Vm {
             // The first boot uses what `new` loaded; a reboot loads the images again, as QEMU does.
             let entry = match pending.take() {
                 Some(e) => e,
-                None => boot::load(&boot_ram, &mut src, linux_entry)?,
+                None => boot::load_with_acpi(&boot_ram, &mut src, linux_entry, acpi)?,
             };
             entry.apply(vcpu)
         });

@@ -11,7 +11,8 @@ use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Address, ByteValued, GuestAddress};
 
 use super::{
-    e820_map, load_initrd, long_mode_entry, BootSource, EntryState, CMDLINE_ADDR, HIGH_MEMORY, ZERO_PAGE_ADDR,
+    e820_map_with_acpi, load_initrd, long_mode_entry, AcpiInfo, BootSource, EntryState, CMDLINE_ADDR, HIGH_MEMORY,
+    ZERO_PAGE_ADDR,
 };
 use crate::memory::GuestRam;
 use crate::Error;
@@ -75,7 +76,7 @@ pub fn kernel_working_range(hdr: &setup_header) -> (u64, u64) {
     (start, start + u64::from(hdr.init_size))
 }
 
-pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
+pub fn load(ram: &GuestRam, src: &mut BootSource, acpi: Option<AcpiInfo>) -> Result<EntryState, Error> {
     let hdr = read_setup_header(src)?;
     let (_, work_end) = kernel_working_range(&hdr);
     check_ram_for_kernel(ram, src, work_end)?;
@@ -88,7 +89,7 @@ pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
         })?;
     let hdr = loaded.setup_header.unwrap_or(hdr);
     let floor = work_end.max(loaded.kernel_end);
-    write_zero_page(ram, src, hdr, floor)?;
+    write_zero_page(ram, src, hdr, floor, acpi)?;
     long_mode_entry(ram.memory(), loaded.kernel_load.raw_value() + ENTRY_64_OFFSET)
 }
 
@@ -107,6 +108,7 @@ pub(crate) fn write_zero_page(
     src: &mut BootSource,
     hdr: setup_header,
     floor: u64,
+    acpi: Option<AcpiInfo>,
 ) -> Result<(), Error> {
     let mem = ram.memory();
     let mut params = boot_params { hdr, ..Default::default() };
@@ -125,7 +127,11 @@ pub(crate) fn write_zero_page(
         params.hdr.ramdisk_size = size as u32;
     }
 
-    let map = e820_map(ram.layout());
+    let map = e820_map_with_acpi(ram.layout(), acpi);
+    if let Some(a) = acpi {
+        // zero-page.rst: acpi_rsdp_addr at 0x070 (boot protocol 2.14+ reads it; older kernels scan 0xe0000).
+        params.acpi_rsdp_addr = a.rsdp_addr;
+    }
     params.e820_entries = map.len() as u8;
     params.e820_table[..map.len()].copy_from_slice(&map);
     // `sentinel` stays 0: a non-zero value makes the kernel treat the zero page as stale (sanitize_boot_params).

@@ -11,7 +11,7 @@ use std::io::{Cursor, Read, Seek, SeekFrom};
 use linux_loader::loader::{Elf, KernelLoader};
 
 use super::bzimage::{check_ram_for_kernel, kernel_working_range, read_setup_header, write_zero_page};
-use super::{long_mode_entry, BootSource, EntryState};
+use super::{long_mode_entry, AcpiInfo, BootSource, EntryState};
 use crate::memory::GuestRam;
 use crate::Error;
 
@@ -80,7 +80,7 @@ fn unxz(input: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Load a bzImage for the software CPU: decompressed vmlinux at its physical addresses, zero page as for the
 /// 64-bit boot protocol, entry at `startup_64`.
-pub fn load_decompressed(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
+pub fn load_decompressed(ram: &GuestRam, src: &mut BootSource, acpi: Option<AcpiInfo>) -> Result<EntryState, Error> {
     let hdr = read_setup_header(src)?;
     let (_, work_end) = kernel_working_range(&hdr);
     let vmlinux = decompress_payload(src)?;
@@ -95,6 +95,6 @@ pub fn load_decompressed(ram: &GuestRam, src: &mut BootSource) -> Result<EntrySt
         }
         other => Error::UnsupportedKernel { path: src.kernel_path.clone(), reason: format!("vmlinux: {other}") },
     })?;
-    write_zero_page(ram, src, hdr, work_end.max(loaded.kernel_end))?;
+    write_zero_page(ram, src, hdr, work_end.max(loaded.kernel_end), acpi)?;
     long_mode_entry(ram.memory(), entry)
 }

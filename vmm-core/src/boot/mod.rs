@@ -72,6 +72,17 @@ pub struct BootSource {
     pub cmdline: String,
 }
 
+/// ACPI tables the engine keeps in guest RAM (the software CPU's platform; KVM guests have none yet): the boot
+/// code reserves their area in the memory map and tells the kernel where the RSDP is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcpiInfo {
+    /// Guest physical address of the RSDP (`boot_params.acpi_rsdp_addr`, PVH `rsdp_paddr`).
+    pub rsdp_addr: u64,
+    /// The area holding the tables, reported reserved in e820.
+    pub base: u64,
+    pub size: u64,
+}
+
 /// How a Linux bzImage is entered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinuxEntry {
@@ -137,13 +148,23 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Load `-kernel` (and `-initrd`, `-append`) into RAM and return the boot vCPU's entry state.
 pub fn load(ram: &GuestRam, src: &mut BootSource, linux: LinuxEntry) -> Result<EntryState, Error> {
+    load_with_acpi(ram, src, linux, None)
+}
+
+/// [`load`], for a machine with ACPI tables in RAM (see [`AcpiInfo`]).
+pub fn load_with_acpi(
+    ram: &GuestRam,
+    src: &mut BootSource,
+    linux: LinuxEntry,
+    acpi: Option<AcpiInfo>,
+) -> Result<EntryState, Error> {
     let format = detect(&mut src.kernel).map_err(|e| Error::ReadKernel { path: src.kernel_path.clone(), source: e })?;
     match format {
         KernelFormat::BzImage => match linux {
-            LinuxEntry::BootProtocol64 => bzimage::load(ram, src),
-            LinuxEntry::Decompressed => elf64::load_decompressed(ram, src),
+            LinuxEntry::BootProtocol64 => bzimage::load(ram, src, acpi),
+            LinuxEntry::Decompressed => elf64::load_decompressed(ram, src, acpi),
         },
-        KernelFormat::Elf => pvh::load(ram, src),
+        KernelFormat::Elf => pvh::load(ram, src, acpi),
         KernelFormat::Unknown => {
             let size = src.kernel.metadata().map(|m| m.len()).unwrap_or(0);
             // QEMU takes any other file for an old zImage and fails this way when it is too short for its setup
@@ -292,11 +313,20 @@ pub const E820_RESERVED: u32 = 2;
 /// The guest's memory map, in the order the firmware of QEMU's `pc` machine reports it (less the ACPI tables,
 /// which Tessera does not build yet).
 pub fn e820_map(layout: &RamLayout) -> Vec<boot_e820_entry> {
+    e820_map_with_acpi(layout, None)
+}
+
+/// [`e820_map`] with the ACPI tables' area reserved too (QEMU's firmware reports its tables' RAM reserved
+/// as well; Linux maps reserved areas for ACPI on demand).
+pub fn e820_map_with_acpi(layout: &RamLayout, acpi: Option<AcpiInfo>) -> Vec<boot_e820_entry> {
     let mut map = vec![
         boot_e820_entry { addr: 0, size: EBDA_START, r#type: E820_RAM },
         boot_e820_entry { addr: EBDA_START, size: 0xa0000 - EBDA_START, r#type: E820_RESERVED },
-        boot_e820_entry { addr: BIOS_START, size: HIGH_MEMORY - BIOS_START, r#type: E820_RESERVED },
     ];
+    if let Some(a) = acpi.filter(|a| a.base >= 0xa0000 && a.base + a.size <= BIOS_START) {
+        map.push(boot_e820_entry { addr: a.base, size: a.size, r#type: E820_RESERVED });
+    }
+    map.push(boot_e820_entry { addr: BIOS_START, size: HIGH_MEMORY - BIOS_START, r#type: E820_RESERVED });
     let low_end = layout.low_ram_end();
     if low_end > HIGH_MEMORY {
         map.push(boot_e820_entry { addr: HIGH_MEMORY, size: low_end - HIGH_MEMORY, r#type: E820_RAM });
@@ -367,5 +397,19 @@ mod tests {
         let m = e820_map(&RamLayout::pc(4 << 30));
         let ram: Vec<(u64, u64)> = m.iter().filter(|e| e.r#type == E820_RAM).map(|e| (e.addr, e.size)).collect();
         assert_eq!(ram, vec![(0, 0x9fc00), (0x10_0000, 0xc000_0000 - 0x10_0000), (1 << 32, (4 << 30) - 0xc000_0000)]);
+    }
+
+    #[test]
+    fn acpi_tables_are_reserved_in_e820_between_the_ebda_and_the_bios() {
+        let acpi = AcpiInfo { rsdp_addr: 0xe0000, base: 0xe0000, size: 0x10000 };
+        let m = e820_map_with_acpi(&RamLayout::pc(256 << 20), Some(acpi));
+        let entries: Vec<(u64, u64, u32)> = m.iter().map(|e| (e.addr, e.size, e.r#type)).collect();
+        assert_eq!(entries[2], (0xe0000, 0x10000, E820_RESERVED));
+        assert_eq!(entries[3], (BIOS_START, HIGH_MEMORY - BIOS_START, E820_RESERVED));
+        assert!(entries.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0), "sorted, no overlap: {entries:x?}");
+        // Without tables (KVM) the map is unchanged; an area outside the BIOS hole is not added.
+        assert_eq!(e820_map_with_acpi(&RamLayout::pc(256 << 20), None).len(), m.len() - 1);
+        let bad = AcpiInfo { rsdp_addr: 0x100000, base: 0x100000, size: 0x1000 };
+        assert_eq!(e820_map_with_acpi(&RamLayout::pc(256 << 20), Some(bad)).len(), m.len() - 1);
     }
 }

@@ -12,7 +12,10 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Address, GuestAddress};
 
-use super::{e820_map, load_initrd, protected_mode_entry, write, BootSource, EntryState, CMDLINE_ADDR, PVH_INFO_ADDR};
+use super::{
+    e820_map_with_acpi, load_initrd, protected_mode_entry, write, AcpiInfo, BootSource, EntryState, CMDLINE_ADDR,
+    PVH_INFO_ADDR,
+};
 use crate::memory::GuestRam;
 use crate::Error;
 
@@ -23,7 +26,7 @@ const MODLIST_ADDR: u64 = PVH_INFO_ADDR + 0x800;
 /// 2 KiB, COMMAND_LINE_SIZE on x86).
 pub const MAX_PVH_CMDLINE: usize = 64 * 1024;
 
-pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
+pub fn load(ram: &GuestRam, src: &mut BootSource, acpi: Option<AcpiInfo>) -> Result<EntryState, Error> {
     let mem = ram.memory();
     let mut ident = [0u8; 5];
     {
@@ -67,7 +70,7 @@ pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
     // The initrd goes as high as RAM below 4 GiB allows, above the kernel.
     let initrd = load_initrd(ram, &mut src.initrd, u64::from(u32::MAX) + 1, kernel_end)?;
 
-    let memmap: Vec<hvm_memmap_table_entry> = e820_map(ram.layout())
+    let memmap: Vec<hvm_memmap_table_entry> = e820_map_with_acpi(ram.layout(), acpi)
         .iter()
         .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.r#type, reserved: 0 })
         .collect();
@@ -77,6 +80,7 @@ pub fn load(ram: &GuestRam, src: &mut BootSource) -> Result<EntryState, Error> {
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: acpi.map_or(0, |a| a.rsdp_addr),
         ..Default::default()
     };
     let mut params;
@@ -320,7 +324,7 @@ mod tests {
         // Dirty the bss area first: the loader must zero it.
         ram.memory().write_slice(&[0xaa; 16], GuestAddress(0x200004)).unwrap();
         let mut src = source(&elf32(0x200000, &[0xf4, 0x90, 0x90, 0x90], 16, None));
-        let entry = load(&ram, &mut src).unwrap();
+        let entry = load(&ram, &mut src, None).unwrap();
         assert_eq!(entry.regs.rip, 0x200000);
         let mut got = [0u8; 20];
         ram.memory().read_slice(&mut got, GuestAddress(0x200000)).unwrap();
@@ -333,15 +337,15 @@ mod tests {
         let ram = GuestRam::new(16 << 20).unwrap();
         // A segment whose file bytes run past the end of the file.
         let mut src = source(&elf32(0x200000, &[0x90; 8], 0, Some(4096)));
-        assert!(matches!(load(&ram, &mut src), Err(Error::UnsupportedKernel { .. })), "past EOF");
+        assert!(matches!(load(&ram, &mut src, None), Err(Error::UnsupportedKernel { .. })), "past EOF");
         // A segment outside guest RAM.
         let mut src = source(&elf32(0xf000_0000, &[0x90; 8], 0, None));
-        assert!(matches!(load(&ram, &mut src), Err(Error::KernelDoesNotFit { .. })), "outside RAM");
+        assert!(matches!(load(&ram, &mut src, None), Err(Error::KernelDoesNotFit { .. })), "outside RAM");
         // Every truncation of a valid file is refused cleanly, never a panic.
         let good = elf32(0x200000, &[0x90; 8], 0, None);
         for n in 0..good.len() {
             let mut src = source(&good[..n]);
-            assert!(load(&ram, &mut src).is_err(), "truncated to {n} bytes");
+            assert!(load(&ram, &mut src, None).is_err(), "truncated to {n} bytes");
         }
     }
 }

@@ -226,6 +226,8 @@ pub(crate) struct Cpu {
     pub advertise_apic: bool,
     /// Host time at creation and TSC rate: the guest clock (see `crate::GuestClock`).
     pub clock: crate::GuestClock,
+    /// The machine's hooks (time, platform MSRs, idle), if any.
+    pub hooks: Option<std::sync::Arc<dyn crate::CpuHooks>>,
 }
 
 impl Cpu {
@@ -277,6 +279,7 @@ impl Cpu {
             logged: HashSet::default(),
             advertise_apic: true,
             clock: crate::GuestClock::new(1_000_000),
+            hooks: None,
         }
     }
 

@@ -23,19 +23,26 @@
 //!
 //! Time: [`GuestClock`] is host monotonic time since the vCPU was created, scaled to the TSC frequency; the
 //! TSC, and later the LAPIC timer and PIT, derive from it, so they agree with each other.
+//!
+//! Machine hooks ([`CpuHooks`], [`SoftVcpu::set_hooks`]): a machine with timers of its own supplies the TSC
+//! (given the retired-instruction count, for an instruction-counting clock), owns platform MSRs such as
+//! IA32_APIC_BASE, and does the HLT wait; [`VcpuHandle::retired_instructions`] lets its device code read the
+//! count as of the current block. Tessera's core uses them for `-accel tcg`.
 
 mod alu;
 mod cpu;
 mod cpuid;
 mod exec;
 mod fpu;
+mod hooks;
 pub mod mem;
 mod system;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub use hooks::CpuHooks;
 use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction};
 pub use mem::GuestRam;
 use tessera_vcpu::{FpuControl, IoHandler, Regs, SpecialRegs, Vcpu, VcpuError, VcpuExit};
@@ -83,7 +90,10 @@ impl GuestClock {
 }
 
 pub(crate) fn clock_tsc(c: &Cpu) -> u64 {
-    c.clock.tsc()
+    match c.hooks.as_ref().and_then(|h| h.tsc(c.instructions)) {
+        Some(t) => t,
+        None => c.clock.tsc(),
+    }
 }
 
 /// Construction options.
@@ -104,6 +114,8 @@ impl Default for SoftVcpuConfig {
 #[derive(Default)]
 struct Shared {
     kick: AtomicBool,
+    /// Instructions retired as of the start of the current block (for the machine's instruction clock).
+    retired: AtomicU64,
     wake: Mutex<bool>,
     cond: Condvar,
 }
@@ -123,6 +135,11 @@ impl VcpuHandle {
         let mut w = self.0.wake.lock().unwrap_or_else(|e| e.into_inner());
         *w = true;
         self.0.cond.notify_all();
+    }
+    /// Instructions retired by the vCPU as of the start of its current block (readable from device code the
+    /// vCPU calls, e.g. to advance an instruction-driven clock before a timer register is read).
+    pub fn retired_instructions(&self) -> u64 {
+        self.0.retired.load(Ordering::Relaxed)
     }
 }
 
@@ -176,6 +193,11 @@ impl SoftVcpu {
         self.irq = Some(src);
     }
 
+    /// Installs the machine's hooks (see [`CpuHooks`]).
+    pub fn set_hooks(&mut self, hooks: Arc<dyn CpuHooks>) {
+        self.cpu.hooks = Some(hooks);
+    }
+
     pub fn clock(&self) -> GuestClock {
         self.cpu.clock
     }
@@ -219,6 +241,7 @@ impl SoftVcpu {
             if budget.is_some_and(|b| ex.c.instructions >= b) {
                 return VcpuExit::Interrupted;
             }
+            shared.retired.store(ex.c.instructions, Ordering::Relaxed);
             let had_shadow = ex.c.shadow;
             if !had_shadow && ex.c.rflags & cpu::IF != 0 {
                 if let Some(src) = &irq {
@@ -237,6 +260,9 @@ impl SoftVcpu {
             if ex.c.halted {
                 if ex.c.rflags & cpu::IF == 0 || irq.is_none() {
                     return VcpuExit::Halted;
+                }
+                if ex.c.hooks.as_ref().is_some_and(|h| h.idle(ex.c.instructions)) {
+                    continue;
                 }
                 let mut w = shared.wake.lock().unwrap_or_else(|e| e.into_inner());
                 if !*w {

@@ -535,6 +535,9 @@ impl Exec<'_> {
     }
 
     pub fn rdmsr(&mut self, idx: u32) -> Res<u64> {
+        if let Some(v) = self.c.hooks.as_ref().and_then(|h| h.rdmsr(idx)) {
+            return Ok(v);
+        }
         let m = &self.c.msr;
         Ok(match idx {
             MSR_TSC => (self.clock_tsc() as i64).wrapping_add(m.tsc_offset) as u64,
@@ -568,6 +571,11 @@ impl Exec<'_> {
 
     pub fn wrmsr(&mut self, idx: u32, v: u64) -> Res<()> {
         let canon = |v: u64| ((v as i64) << 16 >> 16) as u64 == v;
+        match self.c.hooks.as_ref().and_then(|h| h.wrmsr(idx, v)) {
+            Some(true) => return Ok(()),
+            Some(false) => return gp0(),
+            None => {}
+        }
         match idx {
             MSR_TSC => {
                 let now = self.clock_tsc() as i64;
