@@ -33,8 +33,8 @@ pub mod kvm;
 pub mod memory;
 pub mod pci;
 pub mod runloop;
-pub mod virtio;
 pub mod tcg;
+pub mod virtio;
 pub mod vm;
 
 pub use vm::Vm;
