@@ -132,7 +132,7 @@ const BAD: &[Bad] = &[
     bad(&["-device", "isa-debug-exit,iobase=0x100000000"], "-device isa-debug-exit,iobase=0x100000000: Parameter 'iobase' expects uint32_t", Qemu::Same),
     bad(&["-device", "isa-debug-exit,bus=foo"], "-device isa-debug-exit,bus=foo: Bus 'foo' not found", Qemu::Same),
     bad(&["-device", "isa-debug-exit,iobase=0xffff,iosize=4"], "-device isa-debug-exit,iobase=0xffff,iosize=4: isa-debug-exit: ports 0xffff..+0x4 do not fit in the 64 KiB I/O port space", Qemu::Own),
-    bad(&["-device", "virtio-blk-pci"], "-device virtio-blk-pci: the device 'virtio-blk-pci' is not supported by tessera yet", Qemu::Own),
+    bad(&["-device", "virtio-scsi-pci"], "-device virtio-scsi-pci: the device 'virtio-scsi-pci' is not supported by tessera yet", Qemu::Own),
     // -object and the memory backend
     bad(&["-object", "foo,id=x"], "-object foo,id=x: Parameter 'qom-type' does not accept value 'foo'", Qemu::Same),
     bad(&["-object", "memory-backend-memfd,size=1G"], "-object memory-backend-memfd,size=1G: Parameter 'id' is missing", Qemu::Same),

@@ -16,7 +16,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tessera_ipc::fds::FdList;
 use tessera_ipc::messages::{
     Accel, BootConfig, BootFile, ChardevToCore, ChildConfig, ChildToLauncher, CoreConfig, CoreToChardev,
-    DebugExitConfig, LauncherToChild, LogConfig, RamConfig, Role, SerialConfig,
+    DebugExitConfig, LauncherToChild, LogConfig, RamConfig, Role, SerialConfig, VhostUserBlkConfig,
 };
 use tessera_ipc::{Channel, IpcError};
 
@@ -79,6 +79,10 @@ pub struct Setup {
     pub debug_exit: Option<DebugExitConfig>,
     pub no_reboot: bool,
     pub log_items: Vec<String>,
+    /// `share=on` of the memory backend (vhost-user needs it).
+    pub ram_shared: bool,
+    /// vhost-user-blk devices (socket paths: the core connects).
+    pub vhost_user_blk: Vec<VhostUserBlkConfig>,
 }
 
 impl Setup {
@@ -95,6 +99,8 @@ impl Setup {
             debug_exit: Some(DebugExitConfig { iobase: 0x501, iosize: 2 }),
             no_reboot: false,
             log_items: Vec::new(),
+            ram_shared: false,
+            vhost_user_blk: Vec::new(),
         }
     }
 }
@@ -156,7 +162,7 @@ pub fn start(setup: &Setup) -> Core {
         topology: None,
         cpu_model: setup.cpu_model.clone(),
         smp: setup.smp,
-        ram: RamConfig { size: setup.ram, shared: false, backend_id: None },
+        ram: RamConfig { size: setup.ram, shared: setup.ram_shared, backend_id: None },
         boot: BootConfig {
             kernel: Some(BootFile { fd: kfd, path: setup.kernel.display().to_string() }),
             initrd: ifd.map(|fd| BootFile { fd, path: setup.initrd.as_ref().unwrap().display().to_string() }),
@@ -168,6 +174,7 @@ pub fn start(setup: &Setup) -> Core {
         no_shutdown: false,
         start_paused: false,
         log: LogConfig { items: setup.log_items.clone(), file: None },
+        vhost_user_blk: setup.vhost_user_blk.clone(),
     };
     control.send(&LauncherToChild::Configure(ChildConfig::Core(cfg)), fds.as_slice()).expect("send Configure");
     drop(fds);

@@ -119,6 +119,33 @@ pub struct CoreConfig {
     /// `-S`: do not start the vCPUs until told to.
     pub start_paused: bool,
     pub log: LogConfig,
+    /// vhost-user block devices on PCI bus 0 (`-device vhost-user-blk-pci`, and `-drive if=virtio` /
+    /// `-device virtio-blk-pci` served by a tessera-blk the launcher started), in command-line order.
+    pub vhost_user_blk: Vec<VhostUserBlkConfig>,
+}
+
+/// One vhost-user-blk-pci device: the core is the vhost-user front end, the backend serves the disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostUserBlkConfig {
+    /// The device's `id=` (or the drive's), for messages.
+    pub id: String,
+    pub socket: VhostUserSocket,
+    /// `num-queues=`; `None` is QEMU's default, one queue per vCPU.
+    pub num_queues: Option<u16>,
+    /// `addr=` (PCI slot on bus 0); `None` takes the next free one.
+    pub slot: Option<u8>,
+    /// What the user wrote for this device (`-device vhost-user-blk-pci,chardev=c0`), QEMU's prefix for
+    /// errors about it.
+    pub origin: String,
+}
+
+/// How the core reaches a vhost-user backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VhostUserSocket {
+    /// The core connects to this unix socket path.
+    Path(String),
+    /// A stream the launcher connected (or one end of a socketpair whose other end the backend has).
+    Connected(FdIndex),
 }
 
 /// The guest's CPU topology (`-smp sockets=,dies=,cores=,threads=,maxcpus=`): `sockets * dies * cores *

@@ -96,6 +96,40 @@ pub struct ChardevSpec {
     pub location: String,
 }
 
+/// `-device vhost-user-blk-pci,chardev=ID[,num-queues=N][,addr=SLOT][,id=]`: a block device served by a
+/// vhost-user backend the user started, reached through a `-chardev socket` client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostUserBlkSpec {
+    pub id: String,
+    /// The unix socket the backend listens on (the chardev's `path=`).
+    pub path: String,
+    pub num_queues: Option<u16>,
+    pub slot: Option<u8>,
+    /// The `-device` option, for messages.
+    pub location: String,
+    /// The `-chardev` option, for messages about connecting.
+    pub chardev_location: String,
+}
+
+/// A disk served by a tessera-blk the launcher starts: `-drive if=virtio`, or `-drive if=none` used by
+/// `-device virtio-blk-pci,drive=`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlkDrive {
+    pub id: String,
+    pub file: String,
+    /// `raw` or `qcow2`; probed by tessera-blk when absent (as QEMU probes).
+    pub format: Option<String>,
+    pub read_only: bool,
+    /// `cache=none`/`directsync`: O_DIRECT.
+    pub direct: bool,
+    pub num_queues: Option<u16>,
+    pub slot: Option<u8>,
+    /// The `-drive` option, for messages about the image.
+    pub drive_location: String,
+    /// The option that made the device (`-drive ...,if=virtio` or `-device virtio-blk-pci,...`).
+    pub location: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DebugExit {
     pub iobase: u16,
@@ -119,6 +153,8 @@ pub struct VmConfig {
     /// The chardev id of each UART, COM1 first.
     pub serials: Vec<String>,
     pub debug_exit: Option<DebugExit>,
+    pub vhost_user_blk: Vec<VhostUserBlkSpec>,
+    pub drives: Vec<BlkDrive>,
     pub name: Option<String>,
     pub process_name: Option<String>,
     pub no_reboot: bool,
@@ -497,6 +533,13 @@ const MEMFD_UNSUPPORTED: &[&str] = &[
 #[derive(Default)]
 struct Raw {
     warnings: Vec<String>,
+    /// `-device vhost-user-blk-pci` options with their locations, resolved once every `-chardev` is known.
+    vhost_user_blk: Vec<(KeyVals, String)>,
+    /// `-drive` options (checked as read), and `-device virtio-blk-pci` options, with locations.
+    drives: Vec<(BlkDrive, bool)>,
+    virtio_blk: Vec<(KeyVals, String)>,
+    /// `-blockdev` nodes with their locations.
+    blockdevs: Vec<(KeyVals, String)>,
     machine: KeyVals,
     machine_accel_set: bool,
     accel_opts: Vec<(String, String)>, // (accelerator name, location)
@@ -673,9 +716,39 @@ fn read_option(raw: &mut Raw, o: &ArgOpt, prog: &str) -> Result<Option<Command>>
         }
         Opt::Device => {
             let kv = parse_kv(o, raw);
-            if let Some(text) = device(raw, &kv)? {
+            if kv.get("driver") == Some("virtio-blk-pci") {
+                const KEYS: &[&str] = &["driver", "id", "drive", "num-queues", "addr", "bus"];
+                if let Some(k) = kv.unknown_keys(KEYS).next() {
+                    return Err(Error::PropertyNotFound { owner: "virtio-blk-pci".into(), property: k.into() });
+                }
+                raw.virtio_blk.push((kv, o.location()));
+            } else if kv.get("driver") == Some("vhost-user-blk-pci") {
+                const KEYS: &[&str] = &["driver", "id", "chardev", "num-queues", "addr", "bus"];
+                if let Some(k) = kv.unknown_keys(KEYS).next() {
+                    return Err(Error::PropertyNotFound { owner: "vhost-user-blk-pci".into(), property: k.into() });
+                }
+                raw.vhost_user_blk.push((kv, o.location()));
+            } else if let Some(text) = device(raw, &kv)? {
                 return Ok(Some(Command::Print { text, code: 0 }));
             }
+        }
+        Opt::Blockdev => {
+            let kv = parse_kv(o, raw);
+            let Some(name) = kv.get("node-name").map(String::from) else {
+                return Err(Error::MissingParameter("node-name".into()));
+            };
+            if raw.blockdevs.iter().any(|(b, _)| b.get("node-name") == Some(name.as_str())) {
+                return Err(Error::Message(format!("Duplicate nodes with node-name='{name}'")));
+            }
+            raw.blockdevs.push((kv, o.location()));
+        }
+        Opt::Drive => {
+            let kv = parse_kv(o, raw);
+            let (d, virtio) = drive(&kv, o.location())?;
+            if raw.drives.iter().any(|(x, _)| x.id == d.id) {
+                return Err(Error::Message(format!("Duplicate ID '{}' for drive", d.id)));
+            }
+            raw.drives.push((d, virtio));
         }
         Opt::Nographic => raw.nographic = true,
         Opt::Display => {
@@ -960,6 +1033,217 @@ fn device(raw: &mut Raw, kv: &KeyVals) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// Resolve a `-device vhost-user-blk-pci` against the `-chardev`s (QEMU hw/block/vhost-user-blk.c realize).
+fn vhost_user_blk(raw: &Raw, kv: &KeyVals) -> Result<VhostUserBlkSpec> {
+    let Some(chardev) = kv.get("chardev") else {
+        return Err(Error::Message("chardev is mandatory".into()));
+    };
+    let Some(spec) = raw.chardevs.iter().find(|c| c.id == chardev) else {
+        return Err(Error::Message(format!("Property 'vhost-user-blk-pci.chardev' can't find value '{chardev}'")));
+    };
+    let path = match &spec.backend {
+        CharBackend::Socket(SocketSpec { addr: SocketAddr::Unix(p), server: false, .. }) => p.clone(),
+        _ => {
+            return Err(Error::NotSupportedYet(format!(
+                "vhost-user over chardev '{chardev}': only a unix socket client (-chardev socket,path=...) is \
+                 supported"
+            )))
+        }
+    };
+    let (num_queues, slot) = pci_props(kv, "vhost-user-blk-pci")?;
+    Ok(VhostUserBlkSpec {
+        id: kv.get("id").unwrap_or(chardev).to_string(),
+        path,
+        num_queues,
+        slot,
+        location: String::new(),
+        chardev_location: spec.location.clone(),
+    })
+}
+
+/// `num-queues=`, `bus=` and `addr=` of a virtio PCI block device.
+fn pci_props(kv: &KeyVals, driver: &str) -> Result<(Option<u16>, Option<u8>)> {
+    let num_queues = match kv.get("num-queues") {
+        None => None,
+        Some(v) => {
+            let n = parse_i128(v)
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| Error::Message("Parameter 'num-queues' expects uint16_t".into()))?;
+            if n == 0 {
+                return Err(Error::Message("num-queues property must be larger than 0".into()));
+            }
+            if n > 64 {
+                return Err(Error::NotSupportedYet(format!("more than 64 queues on a {driver} device")));
+            }
+            Some(n)
+        }
+    };
+    if let Some(bus) = kv.get("bus") {
+        if bus != "pci.0" {
+            return Err(Error::Message(format!("Bus '{bus}' not found")));
+        }
+    }
+    let slot = match kv.get("addr") {
+        None => None,
+        Some(a) => {
+            // PCI address "slot[.function]" in hex; only function 0 exists here.
+            let (slot, func) = a.split_once('.').unwrap_or((a, "0"));
+            match (u8::from_str_radix(slot.trim_start_matches("0x"), 16), func) {
+                (Ok(s), "0") if (1..32).contains(&s) => Some(s),
+                _ => return Err(Error::Message(format!("Property '{driver}.addr' doesn't take value '{a}'"))),
+            }
+        }
+    };
+    Ok((num_queues, slot))
+}
+
+/// A `-blockdev` format node (`raw`, `qcow2`) over a `file` node, or a `file` node alone, as a drive.
+fn blockdev_drive(raw: &Raw, kv: &KeyVals, location: &str) -> Result<BlkDrive> {
+    const FILE_KEYS: &[&str] = &["driver", "node-name", "filename", "read-only", "cache.direct", "discard", "locking"];
+    let file_node = |f: &KeyVals| -> Result<(String, bool, bool)> {
+        match f.get("driver") {
+            Some("file" | "host_device") => {}
+            Some(d) => return Err(Error::NotSupportedYet(format!("the block driver '{d}' under a format node"))),
+            None => return Err(Error::MissingParameter("driver".into())),
+        }
+        if let Some(k) = f.unknown_keys(FILE_KEYS).next() {
+            return Err(Error::InvalidParameter(k.to_string()));
+        }
+        let name = f.get("filename").ok_or_else(|| Error::MissingParameter("filename".into()))?;
+        Ok((name.to_string(), f.get_bool("read-only")?.unwrap_or(false), f.get_bool("cache.direct")?.unwrap_or(false)))
+    };
+    let (file, format, ro, direct) = match kv.get("driver") {
+        Some("file" | "host_device") => {
+            let (f, ro, direct) = file_node(kv)?;
+            (f, "raw".to_string(), ro, direct)
+        }
+        Some(fmt @ ("raw" | "qcow2")) => {
+            // The protocol node: a reference (`file=NODE`) or inline (`file.driver=file,file.filename=...`).
+            let (f, ro, direct) = match kv.get("file") {
+                Some(child) => {
+                    let Some((c, _)) = raw.blockdevs.iter().find(|(b, _)| b.get("node-name") == Some(child)) else {
+                        return Err(Error::Message(format!("Cannot find device='' nor node-name='{child}'")));
+                    };
+                    file_node(c)?
+                }
+                None => {
+                    let inline = KeyVals {
+                        pairs: kv
+                            .pairs
+                            .iter()
+                            .filter_map(|(k, v)| k.strip_prefix("file.").map(|k| (k.to_string(), v.clone())))
+                            .collect(),
+                        ..KeyVals::default()
+                    };
+                    if inline.pairs.is_empty() {
+                        return Err(Error::MissingParameter("file".into()));
+                    }
+                    file_node(&inline)?
+                }
+            };
+            let mut own = kv.unknown_keys(&["driver", "node-name", "file", "read-only", "cache.direct", "discard"]);
+            if let Some(k) = own.find(|k| !k.starts_with("file.")) {
+                return Err(Error::InvalidParameter(k.to_string()));
+            }
+            let ro = ro || kv.get_bool("read-only")?.unwrap_or(false);
+            let direct = direct || kv.get_bool("cache.direct")?.unwrap_or(false);
+            (f, fmt.to_string(), ro, direct)
+        }
+        Some(d) => return Err(Error::NotSupportedYet(format!("the block driver '{d}' (file, raw and qcow2 are)"))),
+        None => return Err(Error::MissingParameter("driver".into())),
+    };
+    Ok(BlkDrive {
+        id: kv.get("node-name").unwrap_or_default().to_string(),
+        file,
+        format: Some(format),
+        read_only: ro,
+        direct,
+        num_queues: None,
+        slot: None,
+        drive_location: location.to_string(),
+        location: location.to_string(),
+    })
+}
+
+/// `-drive`: the options tessera-blk can serve. Returns the drive and whether it is `if=virtio`.
+fn drive(kv: &KeyVals, location: String) -> Result<(BlkDrive, bool)> {
+    const QEMU_DRIVE_KEYS: &[&str] = &[
+        "bus",
+        "unit",
+        "index",
+        "media",
+        "snapshot",
+        "aio",
+        "werror",
+        "rerror",
+        "copy-on-read",
+        "bps",
+        "iops",
+        "throttling.bps-total",
+        "node-name",
+        "detect-zeroes",
+        "serial",
+        "addr",
+        "file.locking",
+        "auto-read-only",
+        "force-share",
+        "cache.direct",
+        "cache.no-flush",
+        "read-only",
+    ];
+    if let Some(k) = kv.unknown_keys(&["file", "if", "format", "readonly", "cache", "discard", "id"]).next() {
+        if QEMU_DRIVE_KEYS.contains(&k) {
+            return Err(Error::NotSupportedYet(format!("the -drive option '{k}'")));
+        }
+        return Err(Error::InvalidParameter(k.to_string()));
+    }
+    let virtio = match kv.get("if").unwrap_or("ide") {
+        "virtio" => true,
+        "none" => false,
+        i @ ("ide" | "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "xen") => {
+            return Err(Error::NotSupportedYet(format!("-drive if={i} (use if=virtio)")))
+        }
+        i => return Err(Error::Message(format!("unsupported bus type '{i}'"))),
+    };
+    let Some(file) = kv.get("file").filter(|f| !f.is_empty()) else {
+        return Err(Error::NotSupportedYet("a -drive without file= (empty drives)".into()));
+    };
+    let format = match kv.get("format") {
+        None => None,
+        Some(f @ ("raw" | "qcow2")) => Some(f.to_string()),
+        Some(f @ ("vmdk" | "vdi" | "vhdx" | "vpc" | "qed" | "luks" | "dmg" | "parallels" | "bochs" | "cloop")) => {
+            return Err(Error::NotSupportedYet(format!("the image format '{f}' (raw and qcow2 are)")))
+        }
+        Some(f) => return Err(Error::Message(format!("'{f}' invalid format"))),
+    };
+    let direct = match kv.get("cache").unwrap_or("writeback") {
+        "writeback" => false,
+        "none" | "directsync" => true,
+        c @ ("writethrough" | "unsafe") => return Err(Error::NotSupportedYet(format!("cache={c}"))),
+        c => return Err(Error::Message(format!("invalid cache option '{c}'"))),
+    };
+    match kv.get("discard").unwrap_or("ignore") {
+        "ignore" | "off" | "unmap" | "on" => {}
+        d => return Err(Error::Message(format!("Invalid discard option '{d}'"))),
+    }
+    let read_only = kv.get_bool("readonly")?.unwrap_or(false);
+    let id = kv.get("id").map(String::from).unwrap_or_else(|| format!("virtio-disk-{file}"));
+    Ok((
+        BlkDrive {
+            id,
+            file: file.to_string(),
+            format,
+            read_only,
+            direct,
+            num_queues: None,
+            slot: None,
+            drive_location: location.clone(),
+            location,
+        },
+        virtio,
+    ))
+}
+
 fn parse_i128(v: &str) -> Option<i128> {
     let (neg, body) = match v.strip_prefix('-') {
         Some(b) => (true, b),
@@ -1213,6 +1497,44 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         return Err(Error::NotSupportedYet("booting from firmware (give the guest with -kernel)".into()));
     }
 
+    let vhost_user_blk = raw
+        .vhost_user_blk
+        .iter()
+        .map(|(kv, loc)| {
+            vhost_user_blk(raw, kv)
+                .map(|s| VhostUserBlkSpec { location: loc.clone(), ..s })
+                .map_err(|e| e.at(loc.clone()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // Disks: `if=virtio` drives are devices by themselves; `if=none` ones need a virtio-blk-pci.
+    let mut drives: Vec<BlkDrive> = raw.drives.iter().filter(|(_, v)| *v).map(|(d, _)| d.clone()).collect();
+    for (kv, loc) in &raw.virtio_blk {
+        let at = |e: Error| e.at(loc.clone());
+        let Some(id) = kv.get("drive") else { return Err(at(Error::Message("drive property not set".into()))) };
+        let from_blockdev;
+        let (d, virtio) = match raw.drives.iter().find(|(d, _)| d.id == id) {
+            Some((d, v)) => (d, v),
+            None => match raw.blockdevs.iter().find(|(b, _)| b.get("node-name") == Some(id)) {
+                Some((b, bloc)) => {
+                    from_blockdev = blockdev_drive(raw, b, bloc).map_err(|e| e.at(bloc.clone()))?;
+                    (&from_blockdev, &false)
+                }
+                None => {
+                    return Err(at(Error::Message(format!("Property 'virtio-blk-pci.drive' can't find value '{id}'"))))
+                }
+            },
+        };
+        if *virtio || drives.iter().any(|x| x.id == id) {
+            return Err(at(Error::Message(format!(
+                "Drive '{id}' is already in use because it has been automatically connected to another device \
+                 (did you need 'if=none' in the drive options?)"
+            ))));
+        }
+        let (num_queues, slot) = pci_props(kv, "virtio-blk-pci").map_err(at)?;
+        drives.push(BlkDrive { num_queues, slot, location: loc.clone(), ..d.clone() });
+    }
+
     Ok(VmConfig {
         accels,
         cpu_model: model,
@@ -1225,6 +1547,8 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         chardevs,
         serials,
         debug_exit: raw.debug_exit.clone(),
+        vhost_user_blk,
+        drives,
         name: raw.name.clone(),
         process_name: raw.process_name.clone(),
         no_reboot: raw.no_reboot,

@@ -114,6 +114,7 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     let core_path = spawn::find_binary(&dir, plan::CORE_BINARY)?;
     let chardev_path =
         if plan.chardevs.is_empty() { None } else { Some(spawn::find_binary(&dir, plan::CHARDEV_BINARY)?) };
+    let blk_path = if plan.backends.is_empty() { None } else { Some(spawn::find_binary(&dir, plan::BLK_BINARY)?) };
 
     // -runas needs root in the launcher; say so before anything starts (the children would each fail).
     cfg.sandbox.check_launcher().map_err(|e| Error::Sandbox(e.to_string()))?;
@@ -179,6 +180,24 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
         if let Err(end) = start(&mut graph, c, path) {
             outcome = Some(end);
             break;
+        }
+    }
+    // Block backends: they take flags, not a configuration message, and are ready once started (their
+    // listening socket exists already; the core's connection waits in its backlog).
+    if outcome.is_none() {
+        for (b, path) in plan.backends.iter().zip(blk_path.iter().cycle()) {
+            let fds: Vec<BorrowedFd<'_>> = b.fds.iter().map(|&r| opened.fd(r)).collect();
+            match spawn::start_plain(path, b.binary, &b.args, &fds, cfg.daemonize) {
+                Ok(started) => {
+                    let mut child = Child::new(b.role, b.label.clone(), started.pid, started.control);
+                    child.ready = true;
+                    graph.children.push(child);
+                }
+                Err(e) => {
+                    outcome = Some(End::Failed(e.to_string()));
+                    break;
+                }
+            }
         }
     }
     if outcome.is_none() {

@@ -8,7 +8,7 @@
 
 use tessera_ipc::messages::{
     Accel, BootConfig, BootFile, ChardevBackend, ChardevConfig, ChildConfig, CoreConfig, DebugExitConfig, FdIndex,
-    LogConfig, RamConfig, Role, SerialConfig,
+    LogConfig, RamConfig, Role, SerialConfig, VhostUserBlkConfig, VhostUserSocket,
 };
 
 use crate::config::{CharBackend, SocketAddr, VmConfig};
@@ -56,9 +56,30 @@ pub enum Resource {
     /// One end of serial link number `link` (between the core's UART and a chardev process).
     SerialCore(usize),
     SerialChardev(usize),
+    /// A `-drive` image, opened read-write (read-only with `readonly=on`) for tessera-blk.
+    Image {
+        path: String,
+        read_only: bool,
+        location: String,
+    },
+    /// The listening vhost-user socket of tessera-blk number `n` (an abstract unix address private to this
+    /// launcher), and the core's connection to it (made before tessera-blk runs: the backlog holds it).
+    BlkListener(usize),
+    BlkConnect(usize),
     /// `-kernel` / `-initrd`, read-only.
     Kernel(String),
     Initrd(String),
+}
+
+/// A backend started with command-line flags instead of the control protocol (tessera-blk): `fds[i]` is at
+/// descriptor `3 + i` in the child.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendPlan {
+    pub role: Role,
+    pub binary: &'static str,
+    pub label: String,
+    pub fds: Vec<usize>,
+    pub args: Vec<String>,
 }
 
 /// One child process of the graph.
@@ -82,6 +103,8 @@ pub struct Plan {
     pub resources: Vec<Resource>,
     /// Chardev processes, started first (so nothing the guest prints is lost), then the core.
     pub chardevs: Vec<ChildPlan>,
+    /// Block backends, started after the chardevs and before the core.
+    pub backends: Vec<BackendPlan>,
     pub core: ChildPlan,
     /// Accelerators to try in order.
     pub accels: Vec<crate::config::AccelKind>,
@@ -89,6 +112,7 @@ pub struct Plan {
 
 pub const CORE_BINARY: &str = "tessera-core";
 pub const CHARDEV_BINARY: &str = "tessera-chardev";
+pub const BLK_BINARY: &str = "tessera-blk";
 
 struct Builder {
     resources: Vec<Resource>,
@@ -201,6 +225,61 @@ pub fn build(cfg: &VmConfig) -> Plan {
         .initrd
         .as_ref()
         .map(|p| BootFile { fd: attach(&mut fds, b.add(Resource::Initrd(p.clone()))), path: p.clone() });
+    // vhost-user backends the user started: the launcher connects (it opens host resources), the core gets the
+    // connected stream.
+    let vhost_user_blk: Vec<VhostUserBlkConfig> = cfg
+        .vhost_user_blk
+        .iter()
+        .map(|d| {
+            let r = b.add(Resource::Connect {
+                addr: SocketAddr::Unix(d.path.clone()),
+                location: d.chardev_location.clone(),
+            });
+            VhostUserBlkConfig {
+                id: d.id.clone(),
+                socket: VhostUserSocket::Connected(attach(&mut fds, r)),
+                num_queues: d.num_queues,
+                slot: d.slot,
+                origin: d.location.clone(),
+            }
+        })
+        .collect();
+    // Drives: one tessera-blk each, given the image and a listening socket; the core gets a connection to it.
+    let mut backends = Vec::new();
+    let mut vhost_user_blk = vhost_user_blk;
+    for (n, d) in cfg.drives.iter().enumerate() {
+        let image =
+            b.add(Resource::Image { path: d.file.clone(), read_only: d.read_only, location: d.drive_location.clone() });
+        let listener = b.add(Resource::BlkListener(n));
+        let conn = b.add(Resource::BlkConnect(n));
+        let num_queues = d.num_queues.unwrap_or(cfg.smp.cpus.clamp(1, 64) as u16);
+        let mut args: Vec<String> =
+            ["--socket-fd", "3", "--image-fd", "4", "--num-queues"].iter().map(|s| s.to_string()).collect();
+        args.push(num_queues.to_string());
+        if let Some(f) = &d.format {
+            args.extend(["--format".to_string(), f.clone()]);
+        }
+        if d.read_only {
+            args.push("--read-only".into());
+        }
+        if d.direct {
+            args.push("--direct".into());
+        }
+        backends.push(BackendPlan {
+            role: Role::Block,
+            binary: BLK_BINARY,
+            label: format!("{BLK_BINARY} ({})", d.id),
+            fds: vec![listener, image],
+            args,
+        });
+        vhost_user_blk.push(VhostUserBlkConfig {
+            id: d.id.clone(),
+            socket: VhostUserSocket::Connected(attach(&mut fds, conn)),
+            num_queues: Some(num_queues),
+            slot: d.slot,
+            origin: d.location.clone(),
+        });
+    }
     let log = log_for(&mut fds);
     let core = CoreConfig {
         name: cfg.name.clone(),
@@ -232,10 +311,12 @@ pub fn build(cfg: &VmConfig) -> Plan {
         no_shutdown: cfg.no_shutdown,
         start_paused: cfg.start_paused,
         log,
+        vhost_user_blk,
     };
     Plan {
         resources: b.resources,
         chardevs,
+        backends,
         core: ChildPlan {
             role: Role::Core,
             binary: CORE_BINARY,
@@ -261,6 +342,9 @@ impl Plan {
                 ChildConfig::Core(_) => String::new(),
             };
             s.push_str(&format!("child {}{id}, fds {:?}:\n{:#?}\n", c.label, c.fds, c.config));
+        }
+        for b in &self.backends {
+            s.push_str(&format!("child {}, fds {:?} at 3..: {} {}\n", b.label, b.fds, b.binary, b.args.join(" ")));
         }
         s
     }

@@ -164,6 +164,23 @@ pub fn open_all(plan: &Plan, prog: &str, interrupt: Interrupt<'_>) -> Result<Ope
                     }
                 }
             }
+            Resource::Image { path, read_only, location } => OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+                .map(OwnedFd::from)
+                // QEMU block/file-posix.c wording.
+                .map_err(|e| {
+                    Error::Message(format!("Could not open '{path}': {}", crate::error::strerror(&os_error(e))))
+                        .at(location.clone())
+                })?,
+            Resource::BlkListener(n) => UnixListener::bind_addr(&blk_socket_addr(*n)?)
+                .map(OwnedFd::from)
+                .map_err(|e| Error::host("binding the vhost-user socket of tessera-blk", os_error(e)))?,
+            Resource::BlkConnect(n) => UnixStream::connect_addr(&blk_socket_addr(*n)?)
+                .map(OwnedFd::from)
+                .map_err(|e| Error::host("connecting to the vhost-user socket of tessera-blk", os_error(e)))?,
             Resource::Kernel(path) => {
                 let f = File::open(path).map_err(|e| Error::KernelOpen { path: path.clone(), source: os_error(e) })?;
                 if f.metadata().is_ok_and(|m| m.is_dir()) {
@@ -223,6 +240,14 @@ pub fn child_fds<'a>(
         }
     }
     out
+}
+
+/// The abstract unix address of tessera-blk number `n`: private to this launcher (its pid), nothing on disk.
+fn blk_socket_addr(n: usize) -> Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("tessera-{}-blk{n}", std::process::id());
+    std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| Error::host("naming the vhost-user socket of tessera-blk", os_error(e)))
 }
 
 fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {

@@ -108,6 +108,68 @@ pub fn start(
     Ok(Started { pid, control: Channel::new(ours) })
 }
 
+/// Start a backend that takes command-line flags (tessera-blk): `fds[i]` becomes its descriptor `3 + i`, and
+/// one more descriptor after them is its end of a liveness link: the launcher watches the other end like a
+/// control channel, so the backend's death is noticed the same way (the backend never reads or writes it).
+pub fn start_plain(
+    path: &Path,
+    binary: &'static str,
+    args: &[String],
+    fds: &[BorrowedFd<'_>],
+    detached: bool,
+) -> Result<Started> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| Error::host("socketpair", os_error(e)))?;
+    let mut sources: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    sources.push(theirs.as_raw_fd());
+    let launcher = nix::unistd::getpid();
+    let mut cmd = Command::new(path);
+    cmd.arg0(binary).args(args).stdin(Stdio::null());
+    if detached {
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    }
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe system calls
+    // (fcntl, dup2, close, prctl, getppid, sigprocmask, signal); `sources` was allocated before the fork and
+    // is only read and written in place.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move every source above the targets first, so that no dup2 overwrites a source not yet moved.
+            for s in sources.iter_mut() {
+                let high = libc::fcntl(*s, libc::F_DUPFD_CLOEXEC, 64);
+                if high < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                *s = high;
+            }
+            for (i, s) in sources.iter().enumerate() {
+                // dup2 clears close-on-exec on the target.
+                if libc::dup2(*s, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(*s);
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != launcher.as_raw() {
+                libc::_exit(1);
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| Error::Spawn { binary, source: os_error(e) })?;
+    drop(theirs);
+    let pid = Pid::from_raw(child.id() as i32);
+    drop(child);
+    let control = Channel::new(ours);
+    control.set_nonblocking(true).map_err(|e| Error::Child(e.to_string()))?;
+    Ok(Started { pid, control })
+}
+
 /// Greet the child (it must answer as `role` within [`HANDSHAKE_TIMEOUT`]) and send its configuration with
 /// its descriptors attached.
 pub fn configure(started: &Started, role: Role, config: &ChildConfig, fds: &[BorrowedFd<'_>]) -> Result<()> {

@@ -330,7 +330,10 @@ impl Graph {
                 any = true;
                 // A child that closed its channel is on its way out (a chardev flushes first): it gets the same
                 // grace period, then SIGKILL like the others.
-                if c.channel_open {
+                if c.role == Role::Block {
+                    // tessera-blk takes no messages: SIGTERM makes it flush the image and exit 0.
+                    let _ = nix::sys::signal::kill(c.pid, Signal::SIGTERM);
+                } else if c.channel_open {
                     let _ = c.control.send(&LauncherToChild::Shutdown, &[]);
                 }
             }

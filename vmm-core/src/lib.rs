@@ -31,8 +31,10 @@ pub mod devices;
 pub mod guestlog;
 pub mod kvm;
 pub mod memory;
+pub mod pci;
 pub mod runloop;
 pub mod tcg;
+pub mod virtio;
 pub mod vm;
 
 pub use vm::Vm;

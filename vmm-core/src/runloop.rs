@@ -50,6 +50,11 @@ pub trait Engine: Send {
     fn create_vcpus(&mut self) -> Result<Vec<VcpuHandle>, Error>;
     /// The ISA interrupt line `irq` (0–15), for a device to raise. Lines stay valid across reboots.
     fn irq_line(&mut self, irq: u32) -> Result<Arc<dyn IrqLine>, Error>;
+    /// MSI delivery and doorbells for PCI devices (see [`crate::pci::msi`]). An engine with a userspace
+    /// interrupt controller returns a [`crate::pci::msi::ThreadedMsiRouter`] that injects into it.
+    fn msi_router(&mut self) -> Result<Arc<dyn crate::pci::msi::MsiRouter>, Error> {
+        Err(Error::Config("PCI devices are not available with this accelerator yet (no MSI delivery)".into()))
+    }
     /// Put the engine's own devices on the core's buses (the software CPU's platform ports), before the core
     /// adds its optional devices, so that overlaps are refused. `events` is for what those devices report
     /// (a power-off or reset request).

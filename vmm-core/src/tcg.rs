@@ -37,7 +37,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tessera_platform::acpi::{write_tables, AcpiConfig};
+use tessera_platform::acpi::{write_tables_with_pci, AcpiConfig, PciRootWindow};
 use tessera_platform::platform::{HPET_MMIO, IOAPIC_MMIO, PORT_RANGES};
 use tessera_platform::{GuestClock, InterruptSignal, IsaIrq, Platform, PlatformConfig, SystemRequest};
 use tessera_swcpu::{CpuHooks, InterruptSource, SoftVcpu, SoftVcpuConfig, VcpuHandle as SwHandle};
@@ -404,7 +404,13 @@ impl TcgEngine {
         };
         let mut acpi = vec![0u8; ACPI_SIZE as usize];
         let l =
-            write_tables(&acpi_cfg, &mut acpi, ACPI_BASE).map_err(|e| Error::Config(format!("ACPI tables: {e}")))?;
+            // PCI0 in the DSDT: with ACPI, Linux scans only the root bridges it declares (docs/virtio-pci.md).
+            {
+                let w = crate::pci::MmioWindow::for_layout(layout);
+                let pci = PciRootWindow { mmio_start: w.start as u32, mmio_end: w.end as u32 };
+                write_tables_with_pci(&acpi_cfg, Some(&pci), &mut acpi, ACPI_BASE)
+            }
+            .map_err(|e| Error::Config(format!("ACPI tables: {e}")))?;
         acpi.truncate(l.len);
         Ok(TcgEngine {
             ram,
@@ -438,6 +444,15 @@ impl TcgEngine {
 }
 
 impl Engine for TcgEngine {
+    /// MSIs of PCI devices go into the platform's LAPICs from a thread watching the devices' eventfds.
+    fn msi_router(&mut self) -> Result<Arc<dyn crate::pci::msi::MsiRouter>, Error> {
+        let platform = self.platform.clone();
+        let router = crate::pci::msi::ThreadedMsiRouter::new(Arc::new(move |m: crate::pci::msi::MsiMessage| {
+            platform.lock().unwrap_or_else(|e| e.into_inner()).deliver_msi(m.address, m.data);
+        }))?;
+        Ok(router)
+    }
+
     fn create_vcpus(&mut self) -> Result<Vec<VcpuHandle>, Error> {
         let mut p = self.platform.lock().unwrap_or_else(|e| e.into_inner());
         if self.boots > 0 {

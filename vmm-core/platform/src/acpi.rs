@@ -119,7 +119,41 @@ fn build_hpet() -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
-fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
+/// PCI bus 0 for the DSDT: with ACPI tables, Linux scans only the PCI root bridges the DSDT declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciRootWindow {
+    /// The 32-bit MMIO window BARs live in, `[start, end)`.
+    pub mmio_start: u32,
+    pub mmio_end: u32,
+}
+
+/// `Device (PCI0)`: a PCI host bridge (`PNP0A03`, segment 0, bus 0) whose `_CRS` hands out bus numbers 0-0xff,
+/// the configuration ports 0xcf8-0xcff, the rest of the port space and the MMIO window (ACPI 6.5 §6.4.3.5).
+/// No `_PRT`: the core's PCI functions interrupt with MSI-X only.
+fn pci_root(w: &PciRootWindow) -> Vec<u8> {
+    let hid = aml::EISAName::new("PNP0A03");
+    let zero = aml::ZERO;
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0xffu16);
+    let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = aml::AddressSpace::new_io(0u16, 0xcf7u16, None);
+    let io_high = aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None);
+    let mem = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        w.mmio_start,
+        w.mmio_end.saturating_sub(1),
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_low, &io_high, &mem]);
+    let hid = aml::Name::new("_HID".into(), &hid);
+    let seg = aml::Name::new("_SEG".into(), &zero);
+    let bbn = aml::Name::new("_BBN".into(), &zero);
+    let uid = aml::Name::new("_UID".into(), &zero);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    bytes_of(&aml::Device::new("PCI0".into(), vec![&hid, &seg, &bbn, &uid, &crs]))
+}
+
+fn build_dsdt(cfg: &AcpiConfig, pci: Option<&PciRootWindow>) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     // \_S5: PM1a_CNT.SLP_TYP, PM1b_CNT.SLP_TYP, two reserved. Linux reads element 0 and writes
     // it into SLP_TYP with SLP_EN; acpi_pm turns exactly that into a power-off.
@@ -127,8 +161,11 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let zero = 0u8;
     let pkg = aml::Package::new(vec![&s5_typ, &zero, &zero, &zero]);
     dsdt.append_slice(&bytes_of(&aml::Name::new("_S5_".into(), &pkg)));
-    if !cfg.serial_ports.is_empty() {
-        let mut devices = Vec::new();
+    let mut devices = Vec::new();
+    if let Some(w) = pci {
+        devices.push(pci_root(w));
+    }
+    if !cfg.serial_ports.is_empty() || !devices.is_empty() {
         for (i, &(base, irq)) in cfg.serial_ports.iter().enumerate() {
             let hid = aml::EISAName::new("PNP0501");
             let uid = (i + 1) as u8;
@@ -204,6 +241,16 @@ fn align(x: usize, a: usize) -> usize {
 /// guest physical address `guest_addr` (16-byte aligned, everything below 4 GiB for the RSDT's
 /// 32-bit pointers). Put it at 0xe0000 and Linux also finds the RSDP by its BIOS-area scan.
 pub fn write_tables(cfg: &AcpiConfig, buf: &mut [u8], guest_addr: u64) -> Result<AcpiLayout, PlatformError> {
+    write_tables_with_pci(cfg, None, buf, guest_addr)
+}
+
+/// [`write_tables`] with a PCI host bridge in the DSDT (for a machine with the core's PCI bus 0).
+pub fn write_tables_with_pci(
+    cfg: &AcpiConfig,
+    pci: Option<&PciRootWindow>,
+    buf: &mut [u8],
+    guest_addr: u64,
+) -> Result<AcpiLayout, PlatformError> {
     if guest_addr & 0xf != 0 {
         return Err(PlatformError::InvalidConfig(format!(
             "ACPI tables at {guest_addr:#x}: the RSDP must be 16-byte aligned"
@@ -221,7 +268,7 @@ pub fn write_tables(cfg: &AcpiConfig, buf: &mut [u8], guest_addr: u64) -> Result
     let rsdp_off = 0usize;
     let facs_off = align(rsdp_off + Rsdp::len(), 64); // FACS must be 64-byte aligned
     let dsdt_off = align(facs_off + FACS::len(), 8);
-    let dsdt = build_dsdt(cfg);
+    let dsdt = build_dsdt(cfg, pci);
     let fadt_off = align(dsdt_off + dsdt.len(), 8);
     let addr = |off: usize| guest_addr + off as u64;
     let fadt = build_fadt(cfg, addr(facs_off) as u32, addr(dsdt_off));
@@ -319,6 +366,30 @@ mod tests {
             hpet: false,
             serial_ports: vec![(0x3f8, 4), (0x2f8, 3)],
         }
+    }
+
+    #[test]
+    fn a_pci_root_bridge_is_declared_only_when_asked_for() {
+        let dsdt_of = |pci: Option<&PciRootWindow>| {
+            let mut buf = vec![0u8; 0x2000];
+            write_tables_with_pci(&config(), pci, &mut buf, BASE).unwrap();
+            // The FADT (found through the XSDT's first entry) points at the DSDT.
+            let xsdt = u64_at(&buf, 24) - BASE;
+            let fadt = (u64_at(&buf, xsdt as usize + 36) - BASE) as usize;
+            let dsdt = (u64_at(&buf, fadt + 140) - BASE) as usize;
+            let len = u32_at(&buf, dsdt + 4) as usize;
+            assert_eq!(buf[dsdt..dsdt + len].iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "DSDT checksum");
+            buf[dsdt..dsdt + len].to_vec()
+        };
+        let has = |d: &[u8], n: &[u8]| d.windows(n.len()).any(|w| w == n);
+        let w = PciRootWindow { mmio_start: 0xc000_0000, mmio_end: 0xfec0_0000 };
+        let with = dsdt_of(Some(&w));
+        assert!(has(&with, b"PCI0"));
+        // PNP0A03 as a compressed EISA ID, and the window's last byte address in the DWord memory descriptor.
+        assert!(has(&with, &[0x41, 0xd0, 0x0a, 0x03]));
+        assert!(has(&with, &0xfebf_ffffu32.to_le_bytes()));
+        assert!(has(&with, b"COM1"), "the serial ports stay");
+        assert!(!has(&dsdt_of(None), b"PCI0"));
     }
 
     fn build(cfg: &AcpiConfig) -> (Vec<u8>, AcpiLayout) {
@@ -504,7 +575,8 @@ mod iasl {
         };
         let mut buf = vec![0u8; 0x2000];
         let base = 0xe0000u64;
-        write_tables(&cfg, &mut buf, base).unwrap();
+        let pci = PciRootWindow { mmio_start: 0xc000_0000, mmio_end: 0xfec0_0000 };
+        write_tables_with_pci(&cfg, Some(&pci), &mut buf, base).unwrap();
         let dir = std::env::temp_dir().join(format!("tessera-acpi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let at = |addr: u64| &buf[(addr - base) as usize..];

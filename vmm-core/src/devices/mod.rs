@@ -20,6 +20,8 @@ pub struct Devices {
     pub mmio: Bus,
     pub serials: Vec<Arc<serial::SerialPort>>,
     pub i8042: Option<Arc<i8042::I8042>>,
+    /// PCI bus 0: its BARs are looked up on MMIO accesses no fixed device claims.
+    pub pci: Option<Arc<crate::pci::PciRoot>>,
     log: Arc<GuestLog>,
     /// (is MMIO, address) of unhandled accesses already logged: `-d unimp` logs each once.
     unimp_seen: Mutex<HashSet<(bool, u64)>>,
@@ -32,6 +34,7 @@ impl Devices {
             mmio: Bus::new("MMIO"),
             serials: Vec::new(),
             i8042: None,
+            pci: None,
             log,
             unimp_seen: Mutex::new(HashSet::new()),
         }
@@ -77,14 +80,14 @@ impl IoHandler for Devices {
     }
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        if !self.mmio.read(addr, data) {
+        if !self.mmio.read(addr, data) && !self.pci.as_ref().is_some_and(|p| p.mmio_read(addr, data)) {
             data.fill(0xff);
             self.unhandled(true, false, addr, data.len());
         }
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
-        if !self.mmio.write(addr, data) {
+        if !self.mmio.write(addr, data) && !self.pci.as_ref().is_some_and(|p| p.mmio_write(addr, data)) {
             self.unhandled(true, true, addr, data.len());
         }
     }
@@ -97,6 +100,9 @@ impl ResettableIo for Devices {
         }
         if let Some(k) = &self.i8042 {
             k.reset();
+        }
+        if let Some(p) = &self.pci {
+            p.reset();
         }
     }
 }

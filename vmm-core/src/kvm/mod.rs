@@ -2,6 +2,7 @@
 //! vCPUs behind [`tessera_vcpu::Vcpu`].
 
 pub mod cpuid;
+pub mod msi;
 pub mod vcpu;
 pub mod vm;
 

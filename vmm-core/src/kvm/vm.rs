@@ -1,13 +1,14 @@
 //! The KVM VM: created anew for each boot (a guest reboot gets fresh vCPUs, LAPICs, IOAPIC, PIC and PIT, all in
 //! power-on state), with the same guest RAM and the same interrupt lines.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::cpuid::{self, CpuModel};
+use super::msi::{KvmIrqState, KvmMsiRouter};
 use super::vcpu::{install_kick_handler, KvmVcpu};
 use crate::devices::serial::IrqLine;
 use crate::memory::GuestRam;
@@ -36,7 +37,9 @@ pub struct KvmEngine {
     model: CpuModel,
     supported: CpuId,
     irqs: Vec<(Arc<EventFd>, u32)>,
-    vm: Option<VmFd>,
+    vm: Option<Arc<VmFd>>,
+    /// MSI routes and doorbells of PCI devices, replayed on each new VM.
+    msi: Arc<Mutex<KvmIrqState>>,
 }
 
 /// The `/dev/kvm` descriptor the launcher passed in `CoreConfig::kvm`: a sandboxed core cannot open the device
@@ -93,7 +96,7 @@ impl KvmEngine {
             kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         install_kick_handler()
             .map_err(|e| Error::Kvm { what: "installing the vCPU kick signal handler", source: e })?;
-        Ok(KvmEngine { kvm, ram, smp, model, supported, irqs: Vec::new(), vm: None })
+        Ok(KvmEngine { kvm, ram, smp, model, supported, irqs: Vec::new(), vm: None, msi: Default::default() })
     }
 
     fn create_vm(&self) -> Result<VmFd, Error> {
@@ -127,7 +130,9 @@ impl Engine for KvmEngine {
     fn create_vcpus(&mut self) -> Result<Vec<VcpuHandle>, Error> {
         // The previous VM (if any) goes first: its vCPU threads have ended.
         self.vm = None;
-        let vm = self.create_vm()?;
+        crate::pci::lock(&self.msi).clear_vm();
+        let vm = Arc::new(self.create_vm()?);
+        crate::pci::lock(&self.msi).apply(vm.clone())?;
         let mut out = Vec::new();
         for index in 0..self.smp {
             let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -158,5 +163,12 @@ impl Engine for KvmEngine {
         }
         self.irqs.push((evt.clone(), irq));
         Ok(Arc::new(IrqFd(evt)))
+    }
+
+    fn msi_router(&mut self) -> Result<Arc<dyn crate::pci::msi::MsiRouter>, Error> {
+        if !self.kvm.check_extension(Cap::IrqRouting) || !self.kvm.check_extension(Cap::Ioeventfd) {
+            return Err(Error::KvmMissing("KVM_CAP_IRQ_ROUTING and KVM_CAP_IOEVENTFD (needed for PCI devices)"));
+        }
+        Ok(Arc::new(KvmMsiRouter(self.msi.clone())))
     }
 }
