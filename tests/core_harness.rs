@@ -150,6 +150,23 @@ pub fn start(setup: &Setup) -> Core {
     let mut fds = FdList::new();
     let kfd = fds.push(kernel.as_fd());
     let ifd = initrd.as_ref().map(|f| fds.push(f.as_fd()));
+    // As the launcher does: vhost-user sockets are connected here and passed, since the sandboxed core may not
+    // create sockets. A path that cannot be connected stays a path (the core then reports the failure).
+    let mut vhost_streams = Vec::new();
+    let mut vhost_user_blk = setup.vhost_user_blk.clone();
+    for dev in &mut vhost_user_blk {
+        if let tessera_ipc::messages::VhostUserSocket::Path(p) = &dev.socket {
+            if let Ok(stream) = std::os::unix::net::UnixStream::connect(p) {
+                vhost_streams.push((dev.id.clone(), stream));
+            }
+        }
+    }
+    for (id, stream) in &vhost_streams {
+        let index = fds.push(stream.as_fd());
+        for dev in vhost_user_blk.iter_mut().filter(|d| &d.id == id) {
+            dev.socket = tessera_ipc::messages::VhostUserSocket::Connected(index);
+        }
+    }
     let serial = serial_pairs
         .iter()
         .enumerate()
@@ -174,7 +191,7 @@ pub fn start(setup: &Setup) -> Core {
         no_shutdown: false,
         start_paused: false,
         log: LogConfig { items: setup.log_items.clone(), file: None },
-        vhost_user_blk: setup.vhost_user_blk.clone(),
+        vhost_user_blk,
     };
     control.send(&LauncherToChild::Configure(ChildConfig::Core(cfg)), fds.as_slice()).expect("send Configure");
     drop(fds);
