@@ -8,6 +8,8 @@
 //! - [`tap`]: a tap descriptor as the host side.
 //! - [`netloop`]: the network thread moving frames between the host side and the queues.
 //! - [`vhost_user`]: the adapter to rust-vmm's vhost-user-backend and the serve loop.
+//! - [`relay`]: passes vhost-user messages between the front end and the daemon, absorbing
+//!   QEMU's SET_VRING_ENABLE sent before feature negotiation.
 //! - [`config`]: command-line flags and QEMU's `-netdev user` sub-options.
 
 pub mod config;
@@ -15,6 +17,7 @@ pub mod error;
 pub mod frame;
 pub mod netloop;
 pub(crate) mod ratelimit;
+pub mod relay;
 pub mod slirp;
 pub mod tap;
 pub mod testing;

@@ -47,6 +47,7 @@ impl NetShared {
     }
 
     pub fn set_vrings(&self, vrings: &[VringRwLock]) {
+        log::trace!("kick");
         let mut a = self.lock();
         if a.vrings.is_none() {
             a.vrings = Some(vrings.to_vec());
@@ -289,7 +290,10 @@ fn transmit(vring: &VringRwLock, mem: &GuestMemoryMmap, host: &mut Host) {
     loop {
         let q = st.get_queue_mut();
         let _ = q.disable_notification(mem);
-        match process_tx(q, mem, |f| host.send(f)) {
+        match process_tx(q, mem, |f| {
+            log::trace!("TX frame of {} bytes", f.len());
+            host.send(f)
+        }) {
             Ok(n) => done += n,
             Err(e) => {
                 crate::ratelimit::guest_error(format_args!("TX queue unusable: {e}"));
@@ -326,7 +330,9 @@ fn receive(vring: &VringRwLock, mem: &GuestMemoryMmap, backlog: &mut VecDeque<Ve
     loop {
         let q = st.get_queue_mut();
         while let Some(f) = backlog.front() {
-            match deliver_rx(q, mem, f, mergeable) {
+            let outcome = deliver_rx(q, mem, f, mergeable);
+            log::trace!("RX frame of {} bytes: {outcome:?}", f.len());
+            match outcome {
                 RxOutcome::Delivered(_) => used += 1,
                 RxOutcome::Dropped => {}
                 RxOutcome::NoBuffers => break,

@@ -2,6 +2,8 @@
 //! in the network thread ([`crate::netloop`]); the worker thread here only forwards kicks.
 
 use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -35,6 +37,8 @@ pub const MTU: u16 = 1500;
 impl NetDevice {
     /// virtio-net feature bits (virtio 1.2 §5.1.3). No checksum or segmentation offloads: the
     /// host side (libslirp, a tap opened without IFF_VNET_HDR) takes and gives complete frames.
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` is required by QEMU's vhost-user-net (see [`crate::relay`]
+    /// for what that takes with rust-vmm's vhost).
     pub fn features(&self) -> u64 {
         (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -95,8 +99,9 @@ impl VhostUserBackend for VhostNet {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
+        // CONFIG is not offered: QEMU's virtio-net keeps its own config space (mac= etc.) and
+        // warns about a backend offering it; a front end of ours takes the MAC from the launcher.
+        VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
@@ -156,14 +161,45 @@ impl VhostUserBackend for VhostNet {
 }
 
 /// Serves `dev` on the vhost-user socket at `path`, one front end at a time, forever (bound
-/// once; after a disconnect the next connection is accepted). Returns only if the socket
-/// cannot be listened on.
+/// once; after a disconnect the next connection is accepted). Each connection goes through
+/// [`crate::relay`] to the daemon, which listens on a private abstract socket. Returns only if
+/// a socket cannot be listened on.
 pub fn serve(path: &Path, dev: Arc<NetDevice>) -> Result<()> {
-    let mut listener =
-        Listener::new(path, true).map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
+    let listen_err = |e: io::Error| Error::Listen { path: path.to_owned(), reason: e.to_string() };
+    if path.exists() {
+        let _ = std::fs::remove_file(path);
+    }
+    let public = UnixListener::bind(path).map_err(listen_err)?;
+    // Abstract names are limited to 107 bytes: name it by process, not by the (long) path.
+    let name = format!("tessera-net-{}", std::process::id());
+    let private_addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(listen_err)?;
+    let mut private: Listener = UnixListener::bind_addr(&private_addr).map_err(listen_err)?.into();
     loop {
-        if !serve_connection(&mut listener, path, dev.clone())? {
-            std::thread::sleep(std::time::Duration::from_millis(100));
+        info!("waiting for a vhost-user front end on {}", path.display());
+        let front = match public.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                error!("cannot accept a connection on {}: {e}", path.display());
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        let back = match UnixStream::connect_addr(&private_addr) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot connect the relay to the daemon: {e}");
+                continue;
+            }
+        };
+        let relay =
+            std::thread::Builder::new().name("vu-relay-in".into()).spawn(move || crate::relay::run(front, back));
+        if let Err(e) = relay {
+            error!("cannot start the vhost-user relay: {e}");
+            continue;
+        }
+        serve_connection(&mut private, path, dev.clone())?;
+        if let Ok(h) = relay {
+            let _ = h.join();
         }
     }
 }
@@ -174,7 +210,6 @@ pub fn serve_connection(listener: &mut Listener, path: &Path, dev: Arc<NetDevice
     let mut daemon =
         VhostUserDaemon::new("tessera-net".to_owned(), backend, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
             .map_err(|e| Error::Daemon { path: path.to_owned(), reason: e.to_string() })?;
-    info!("waiting for a vhost-user front end on {}", path.display());
     if let Err(e) = daemon.start(listener) {
         error!("cannot accept a connection on {}: {e}", path.display());
         return Ok(false);
