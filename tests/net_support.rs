@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -418,4 +418,87 @@ pub fn built_binary(name: &str) -> io::Result<PathBuf> {
     } else {
         Err(io::Error::new(io::ErrorKind::NotFound, format!("{} not found after building it", bin.display())))
     }
+}
+
+// ---- tessera-net specifics shared by the net_* tests ----
+
+/// Modules a busybox guest needs for virtio-net.
+pub const NET_MODULES: &[&str] = &["virtio_pci", "failover", "net_failover", "virtio_net"];
+
+/// The tessera-net process; killed on drop.
+pub struct Backend {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Backend {
+    pub fn start(dir: &Path, args: &[&str]) -> (Self, PathBuf) {
+        Self::start_with(dir, &[], args)
+    }
+
+    /// Runs tessera-net under `wrapper` (e.g. `ip netns exec NS`).
+    pub fn start_with(dir: &Path, wrapper: &[&str], args: &[&str]) -> (Self, PathBuf) {
+        let sock = dir.join("net.sock");
+        let log = dir.join("tessera-net.log");
+        let bin = built_binary("tessera-net").expect("tessera-net binary");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
+            .arg("--socket-path")
+            .arg(&sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut b = Backend { child, log };
+        let start = Instant::now();
+        while !sock.exists() {
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!("tessera-net did not create {}: {}", sock.display(), b.logs());
+            }
+            if let Ok(Some(s)) = b.child.try_wait() {
+                panic!("tessera-net exited early ({s}): {}", b.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (b, sock)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// QEMU (TCG, 256 MiB of shared memfd memory) booting Debian's kernel with `initrd`, its one
+/// NIC a virtio-net-pci on the vhost-user socket `sock`.
+pub fn qemu(sock: &Path, initrd: &Path) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-m", "256M", "-nodefaults"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,id=c,path={}", sock.display()))
+        // vectors=0 (INTx): Debian's QEMU 7.2 under TCG segfaults in msix_set_vector_notifiers
+        // when starting vhost-user-net with MSI-X (see docs/net.md).
+        .args(["-netdev", "vhost-user,id=n0,chardev=c", "-device", "virtio-net-pci,netdev=n0,vectors=0"])
+        .args(direct_boot_args(&kernel().expect("kernel"), initrd));
+    cmd
 }

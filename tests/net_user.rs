@@ -13,16 +13,14 @@ mod net_support;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use net_support::{built_binary, direct_boot_args, ensure_debian_packages, kernel, run_guest, Initramfs, TempDir};
+use net_support::{ensure_debian_packages, qemu, run_guest, Backend, Initramfs, TempDir, NET_MODULES};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
 const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "linux-image-amd64", "cpio"];
-const MODULES: &[&str] = &["virtio_pci", "failover", "net_failover", "virtio_net"];
 
 /// busybox udhcpc calls this with the lease in its environment.
 const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
@@ -55,56 +53,6 @@ echo "TESSERA-STEP lease ok"
 const FULL_LEASE: &str = "EXPECTED_LEASE='ip=10.0.2.15 subnet=255.255.255.0 router=10.0.2.2 dns=10.0.2.3'";
 /// With restrict=on libslirp (like QEMU) offers neither a gateway nor a DNS server.
 const RESTRICTED_LEASE: &str = "EXPECTED_LEASE='ip=10.0.2.15 subnet=255.255.255.0 router= dns='";
-
-/// The tessera-net process; killed on drop.
-struct Backend {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Backend {
-    fn start(dir: &Path, args: &[&str]) -> (Self, PathBuf) {
-        let sock = dir.join("net.sock");
-        let log = dir.join("tessera-net.log");
-        let bin = built_binary("tessera-net").expect("tessera-net binary");
-        let child = Command::new(&bin)
-            .arg("--socket-path")
-            .arg(&sock)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut b = Backend { child, log };
-        let start = Instant::now();
-        while !sock.exists() {
-            if start.elapsed() > Duration::from_secs(20) {
-                panic!("tessera-net did not create {}: {}", sock.display(), b.logs());
-            }
-            if let Ok(Some(s)) = b.child.try_wait() {
-                panic!("tessera-net exited early ({s}): {}", b.logs());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        (b, sock)
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A tiny HTTP server on 127.0.0.1 answering every GET with `body`, counting requests.
 fn http_server(body: String) -> (u16, Arc<AtomicUsize>) {
@@ -151,22 +99,12 @@ fn http_get(port: u16) -> std::io::Result<String> {
     Ok(out)
 }
 
-fn qemu(dir: &Path, sock: &Path, script: &str) -> Command {
-    let initrd = Initramfs::new(script)
-        .modules(MODULES)
+fn initrd(dir: &Path, script: &str) -> PathBuf {
+    Initramfs::new(script)
+        .modules(NET_MODULES)
         .file("/udhcpc.sh", UDHCPC_SCRIPT.as_bytes().to_vec())
         .build(&dir.join("initrd.gz"))
-        .expect("build initramfs");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-m", "256M", "-nodefaults"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"])
-        .arg("-chardev")
-        .arg(format!("socket,id=c,path={}", sock.display()))
-        // vectors=0 (INTx): Debian's QEMU 7.2 under TCG segfaults in msix_set_vector_notifiers
-        // when starting vhost-user-net with MSI-X (see docs/net.md).
-        .args(["-netdev", "vhost-user,id=n0,chardev=c", "-device", "virtio-net-pci,netdev=n0,vectors=0"])
-        .args(direct_boot_args(&kernel().expect("kernel"), &initrd));
-    cmd
+        .expect("build initramfs")
 }
 
 fn setup(name: &str) -> TempDir {
@@ -208,7 +146,7 @@ fn dhcp_fetch_from_host_and_hostfwd() {
          echo TESSERA-STEP fetched from host\n{}",
         guest_httpd(&guest_page)
     );
-    let cmd = qemu(dir.path(), &sock, &script);
+    let cmd = qemu(&sock, &initrd(dir.path(), &script));
     let mut fetched: Option<std::io::Result<String>> = None;
     let run = run_guest(cmd, GUEST_TIMEOUT, |out| {
         if out.contains("TESSERA-RESULT FAIL") {
@@ -250,7 +188,7 @@ fn restrict_on_isolates_the_guest_but_hostfwd_works() {
          echo TESSERA-STEP host unreachable\n{}",
         guest_httpd(&guest_page)
     );
-    let cmd = qemu(dir.path(), &sock, &script);
+    let cmd = qemu(&sock, &initrd(dir.path(), &script));
     let mut fetched: Option<std::io::Result<String>> = None;
     let run = run_guest(cmd, GUEST_TIMEOUT, |out| {
         if out.contains("TESSERA-RESULT FAIL") {
