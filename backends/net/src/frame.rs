@@ -210,24 +210,23 @@ pub fn deliver_rx(queue: &mut Queue, mem: &GuestMemoryMmap, frame: &[u8], mergea
     let mut hdr = [0u8; VNET_HDR_LEN];
     let nbuf = chains.len() as u16;
     hdr[10..12].copy_from_slice(&nbuf.to_le_bytes());
-    let mut src = hdr.iter().chain(frame.iter()).copied();
-    let mut left = need;
-    let mut scratch = Vec::with_capacity(need);
+    let mut data = Vec::with_capacity(need);
+    data.extend_from_slice(&hdr);
+    data.extend_from_slice(frame);
+    let mut off = 0usize;
     for (head, pieces) in &chains {
         let mut used = 0usize;
         for &(addr, len) in pieces.iter().flatten() {
-            if left == 0 {
+            if off == need {
                 break;
             }
-            let n = len.min(left);
-            scratch.clear();
-            scratch.extend(src.by_ref().take(n));
+            let n = len.min(need - off);
             // Checked above; a failure here means the memory map changed under us.
-            if mem.write_slice(&scratch, addr).is_err() {
+            if mem.write_slice(&data[off..off + n], addr).is_err() {
                 guest_error(format_args!("RX write to {:#x} failed", addr.0));
             }
             used += n;
-            left -= n;
+            off += n;
         }
         if let Err(e) = queue.add_used(mem, *head, used as u32) {
             guest_error(format_args!("cannot add to the RX used ring: {e}"));
