@@ -6,6 +6,8 @@ set -euo pipefail
 
 packages=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio xz-utils e2fsprogs binutils tmux
     liblzma-dev pkg-config acpica-tools)
+# tessera-net: libslirp (user-mode networking), iproute2 for the tap tests
+packages+=(libslirp-dev libglib2.0-dev iproute2)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,356 @@
+//! The network thread: the one thread that owns the host side (libslirp or a tap) and moves
+//! frames between it and the guest's queues. Worker threads of vhost-user-backend only wake it
+//! (queue kicks); it outlives vhost-user connections, so user-mode connections and hostfwd
+//! listeners survive a front-end reconnect.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{HostSide, UserConfig};
+use crate::frame::{deliver_rx, process_tx, RxOutcome};
+use crate::slirp::Slirp;
+use crate::tap::Tap;
+use crate::{Error, Result};
+
+/// Frames for the guest waiting for RX buffers: above this, host sockets (or the tap) are not
+/// read until the guest takes some, which is what pushes back on the host-side TCP senders.
+const BACKLOG_HIGH: usize = 256;
+
+/// What the vhost-user side hands the network thread for the current connection.
+#[derive(Default)]
+struct Attachment {
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    vrings: Option<Vec<VringRwLock>>,
+    mergeable: bool,
+}
+
+/// Shared between the vhost-user adapter and the network thread.
+pub struct NetShared {
+    att: Mutex<Attachment>,
+    wake: EventFd,
+}
+
+impl NetShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Attachment> {
+        self.att.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
+        self.lock().mem = Some(mem);
+        self.kick();
+    }
+
+    pub fn set_vrings(&self, vrings: &[VringRwLock]) {
+        log::trace!("kick");
+        let mut a = self.lock();
+        if a.vrings.is_none() {
+            a.vrings = Some(vrings.to_vec());
+        }
+    }
+
+    pub fn set_mergeable(&self, on: bool) {
+        self.lock().mergeable = on;
+    }
+
+    /// Forgets the connection: frames for the guest are dropped until the next one.
+    pub fn detach(&self) {
+        *self.lock() = Attachment::default();
+    }
+
+    /// Wakes the network thread (a queue was kicked, or the connection changed).
+    pub fn kick(&self) {
+        if let Err(e) = self.wake.write(1) {
+            warn!("cannot wake the network thread: {e}");
+        }
+    }
+}
+
+/// The host side of the device.
+enum Host {
+    User(Box<Slirp>),
+    Tap { tap: Tap, tx_blocked: bool, out: VecDeque<Vec<u8>>, buf: Box<[u8; 65536]> },
+}
+
+impl Host {
+    fn send(&mut self, frame: &[u8]) -> bool {
+        match self {
+            Host::User(s) => {
+                s.input(frame);
+                true
+            }
+            Host::Tap { tap, tx_blocked, .. } => {
+                let ok = tap.send(frame);
+                *tx_blocked = !ok;
+                ok
+            }
+        }
+    }
+
+    fn tx_blocked(&self) -> bool {
+        matches!(self, Host::Tap { tx_blocked: true, .. })
+    }
+
+    fn take_output(&mut self, backlog: &mut VecDeque<Vec<u8>>) {
+        match self {
+            Host::User(s) => {
+                let (frames, dropped) = s.take_output();
+                if dropped > 0 {
+                    warn!("{dropped} frames for the guest dropped: too many waiting for RX buffers");
+                }
+                backlog.extend(frames);
+            }
+            Host::Tap { out, .. } => backlog.append(out),
+        }
+    }
+
+    /// Adds the host side's descriptors; returns the index of the first.
+    fn fill(&mut self, fds: &mut Vec<libc::pollfd>, timeout_ms: &mut u32, want_input: bool) -> usize {
+        match self {
+            Host::User(s) => {
+                if want_input {
+                    s.fill_pollfds(fds, timeout_ms)
+                } else {
+                    fds.len()
+                }
+            }
+            Host::Tap { tap, tx_blocked, .. } => {
+                let mut events = 0;
+                if want_input {
+                    events |= libc::POLLIN;
+                }
+                if *tx_blocked {
+                    events |= libc::POLLOUT;
+                }
+                fds.push(libc::pollfd { fd: tap.fd(), events, revents: 0 });
+                fds.len() - 1
+            }
+        }
+    }
+
+    fn handle(&mut self, fds: &[libc::pollfd], first: usize, polled_input: bool, failed: bool) {
+        match self {
+            Host::User(s) => {
+                if polled_input {
+                    s.handle_pollfds(fds, first, failed);
+                }
+                s.run_timers();
+            }
+            Host::Tap { tap, tx_blocked, out, buf } => {
+                let Some(p) = fds.get(first) else {
+                    return;
+                };
+                if p.revents & libc::POLLOUT != 0 {
+                    *tx_blocked = false;
+                }
+                if p.revents & libc::POLLIN != 0 {
+                    while out.len() < BACKLOG_HIGH {
+                        match tap.recv(buf) {
+                            Some(0) => continue,
+                            Some(n) => out.push_back(buf[..n].to_vec()),
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts the network thread for `host`; returns once the host side is set up (or failed).
+pub fn start(host: HostSide) -> Result<Arc<NetShared>> {
+    let shared = Arc::new(NetShared {
+        att: Mutex::new(Attachment::default()),
+        wake: EventFd::new(EFD_NONBLOCK).map_err(Error::NetThread)?,
+    });
+    let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+    let thread_shared = shared.clone();
+    std::thread::Builder::new()
+        .name("net".into())
+        .spawn(move || {
+            // libslirp is not Send: it is created on, and never leaves, this thread.
+            let host = match host {
+                HostSide::User(c) => user(&c).map(|s| Host::User(Box::new(s))),
+                HostSide::Tap(name) => Tap::open(&name).map(new_tap),
+                HostSide::TapFd(fd) => Tap::from_fd(fd).map(new_tap),
+            };
+            match host {
+                Ok(h) => {
+                    let _ = tx.send(Ok(()));
+                    run(h, &thread_shared);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        })
+        .map_err(Error::NetThread)?;
+    rx.recv().map_err(|_| Error::NetThread(std::io::Error::other("the network thread died while starting")))??;
+    Ok(shared)
+}
+
+fn new_tap(tap: Tap) -> Host {
+    Host::Tap { tap, tx_blocked: false, out: VecDeque::new(), buf: Box::new([0; 65536]) }
+}
+
+fn user(c: &UserConfig) -> Result<Slirp> {
+    let s = Slirp::new(c)?;
+    info!(
+        "user networking (libslirp {}): network {}/{}, host {}, DNS {}, first DHCP address {}{}",
+        Slirp::version(),
+        c.net,
+        c.mask,
+        c.host,
+        c.dns,
+        c.dhcp_start,
+        if c.restrict { ", restricted" } else { "" }
+    );
+    for f in &c.hostfwd {
+        info!(
+            "hostfwd {} {}:{} -> {}:{}",
+            if f.udp { "udp" } else { "tcp" },
+            f.host_addr,
+            f.host_port,
+            f.guest_addr.unwrap_or(c.dhcp_start),
+            f.guest_port
+        );
+    }
+    Ok(s)
+}
+
+/// Whether a vring may be used now: set up by the front end and not stopped. Checked under
+/// the vring's lock, which GET_VRING_BASE takes to clear `ready`, so a stopped queue is never
+/// touched after the front end read its state.
+fn usable(st: &vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> bool {
+    st.get_queue().ready() && st.is_enabled()
+}
+
+fn run(mut host: Host, shared: &NetShared) {
+    let mut backlog: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    loop {
+        let (mem, vrings, mergeable) = {
+            let a = shared.lock();
+            (a.mem.clone(), a.vrings.clone(), a.mergeable)
+        };
+        match (mem, vrings) {
+            (Some(mem), Some(vrings)) if vrings.len() >= 2 => {
+                let mem = mem.memory();
+                // TX first: what the guest sent may produce answers (ARP, ACKs) to deliver.
+                transmit(&vrings[1], &mem, &mut host);
+                host.take_output(&mut backlog);
+                receive(&vrings[0], &mem, &mut backlog, mergeable);
+            }
+            _ => {
+                // No guest attached: nothing can take frames.
+                host.take_output(&mut backlog);
+                backlog.clear();
+            }
+        }
+
+        fds.clear();
+        fds.push(libc::pollfd { fd: shared.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        let mut timeout_ms: u32 = 1000;
+        let want_input = backlog.len() < BACKLOG_HIGH;
+        let first = host.fill(&mut fds, &mut timeout_ms, want_input);
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms as libc::c_int) };
+        let failed = n < 0;
+        if failed {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                warn!("poll failed: {e}");
+            }
+            for f in fds.iter_mut() {
+                f.revents = 0;
+            }
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            let _ = shared.wake.read();
+        }
+        host.handle(&fds, first, want_input, failed);
+    }
+}
+
+use std::os::fd::AsRawFd;
+
+/// Sends every frame the guest made available on TX, re-checking after re-enabling
+/// notifications so a frame added in between is not left waiting (virtio 1.2 §2.7.10).
+fn transmit(vring: &VringRwLock, mem: &GuestMemoryMmap, host: &mut Host) {
+    let mut st = vring.get_mut();
+    if !usable(&st) {
+        return;
+    }
+    let mut done = 0;
+    loop {
+        let q = st.get_queue_mut();
+        let _ = q.disable_notification(mem);
+        match process_tx(q, mem, |f| {
+            log::trace!("TX frame of {} bytes", f.len());
+            host.send(f)
+        }) {
+            Ok(n) => done += n,
+            Err(e) => {
+                crate::ratelimit::guest_error(format_args!("TX queue unusable: {e}"));
+                break;
+            }
+        }
+        if host.tx_blocked() {
+            // Resumed when the host side is writable again; no kick needed meanwhile.
+            break;
+        }
+        match q.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    if done > 0 && st.get_queue_mut().needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = st.signal_used_queue() {
+            warn!("cannot signal the TX queue: {e}");
+        }
+    }
+}
+
+/// Delivers waiting frames into RX buffers. When buffers run out, notifications are enabled so
+/// the driver's next kick (after it adds buffers) wakes us.
+fn receive(vring: &VringRwLock, mem: &GuestMemoryMmap, backlog: &mut VecDeque<Vec<u8>>, mergeable: bool) {
+    if backlog.is_empty() {
+        return;
+    }
+    let mut st = vring.get_mut();
+    if !usable(&st) {
+        return;
+    }
+    let mut used = 0usize;
+    loop {
+        let q = st.get_queue_mut();
+        while let Some(f) = backlog.front() {
+            let outcome = deliver_rx(q, mem, f, mergeable);
+            log::trace!("RX frame of {} bytes: {outcome:?}", f.len());
+            match outcome {
+                RxOutcome::Delivered(_) => used += 1,
+                RxOutcome::Dropped => {}
+                RxOutcome::NoBuffers => break,
+            }
+            backlog.pop_front();
+        }
+        if backlog.is_empty() {
+            let _ = q.disable_notification(mem);
+            break;
+        }
+        match q.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    if used > 0 && st.get_queue_mut().needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = st.signal_used_queue() {
+            warn!("cannot signal the RX queue: {e}");
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The vhost-user adapter: features, config space, and the serve loop. Queue processing lives
+//! in the network thread ([`crate::netloop`]); the worker thread here only forwards kicks.
+
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use log::{error, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::netloop::NetShared;
+use crate::{Error, Result};
+
+/// The device as it outlives any one connection.
+pub struct NetDevice {
+    pub mac: [u8; 6],
+    pub queue_pairs: u16,
+    pub queue_size: u16,
+    pub net: Arc<NetShared>,
+}
+
+/// MTU advertised with VIRTIO_NET_F_MTU: what libslirp and a default tap carry.
+pub const MTU: u16 = 1500;
+
+impl NetDevice {
+    /// virtio-net feature bits (virtio 1.2 §5.1.3). No checksum or segmentation offloads: the
+    /// host side (libslirp, a tap opened without IFF_VNET_HDR) takes and gives complete frames.
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` is required by QEMU's vhost-user-net (see [`crate::relay`]
+    /// for what that takes with rust-vmm's vhost).
+    pub fn features(&self) -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_MTU)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    /// `struct virtio_net_config` (§5.1.4): mac, status, max_virtqueue_pairs, mtu.
+    pub fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 12];
+        c[0..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[8..10].copy_from_slice(&self.queue_pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&MTU.to_le_bytes());
+        c
+    }
+}
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// One connection's backend.
+pub struct VhostNet {
+    dev: Arc<NetDevice>,
+    config: Vec<u8>,
+}
+
+impl VhostNet {
+    pub fn new(dev: Arc<NetDevice>) -> Self {
+        let config = dev.config_space();
+        VhostNet { dev, config }
+    }
+}
+
+impl VhostUserBackend for VhostNet {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        // RX and TX per pair (§5.1.2); the control queue, when a front end needs one, is
+        // QEMU's own (it handles VIRTIO_NET_F_CTRL_VQ itself for vhost-user).
+        2 * usize::from(self.dev.queue_pairs)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.dev.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.dev.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.dev.net.set_mergeable(features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // CONFIG is not offered: QEMU's virtio-net keeps its own config space (mac= etc.) and
+        // warns about a backend offering it; a front end of ours takes the MAC from the launcher.
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // vhost-user-backend sets it on the queues; the network thread just uses them.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(self.config.len());
+        let end = (offset as usize).saturating_add(size as usize).min(self.config.len());
+        out[..end - start].copy_from_slice(&self.config[start..end]);
+        out
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // virtio-net's config space is read-only to the driver (§5.1.4).
+        Err(io::Error::new(io::ErrorKind::PermissionDenied, "virtio-net config space is read-only"))
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        self.dev.net.set_memory(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread: it only forwards kicks to the network thread.
+        vec![(1u64 << self.num_queues()) - 1]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("unexpected event set {evset:?} on queue event {device_event}");
+            return Ok(());
+        }
+        self.dev.net.set_vrings(vrings);
+        self.dev.net.kick();
+        Ok(())
+    }
+}
+
+/// Serves `dev` on the vhost-user socket at `path`, one front end at a time, forever (bound
+/// once; after a disconnect the next connection is accepted). Each connection goes through
+/// [`crate::relay`] to the daemon, which listens on a private abstract socket. Returns only if
+/// a socket cannot be listened on.
+pub fn serve(path: &Path, dev: Arc<NetDevice>) -> Result<()> {
+    let listen_err = |e: io::Error| Error::Listen { path: path.to_owned(), reason: e.to_string() };
+    if path.exists() {
+        let _ = std::fs::remove_file(path);
+    }
+    let public = UnixListener::bind(path).map_err(listen_err)?;
+    // Abstract names are limited to 107 bytes: name it by process, not by the (long) path.
+    let name = format!("tessera-net-{}", std::process::id());
+    let private_addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(listen_err)?;
+    let mut private: Listener = UnixListener::bind_addr(&private_addr).map_err(listen_err)?.into();
+    loop {
+        info!("waiting for a vhost-user front end on {}", path.display());
+        let front = match public.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                error!("cannot accept a connection on {}: {e}", path.display());
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        let back = match UnixStream::connect_addr(&private_addr) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot connect the relay to the daemon: {e}");
+                continue;
+            }
+        };
+        let relay =
+            std::thread::Builder::new().name("vu-relay-in".into()).spawn(move || crate::relay::run(front, back));
+        if let Err(e) = relay {
+            error!("cannot start the vhost-user relay: {e}");
+            continue;
+        }
+        serve_connection(&mut private, path, dev.clone())?;
+        if let Ok(h) = relay {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Accepts one connection and serves it until it ends. Ok(false) when none could be accepted.
+pub fn serve_connection(listener: &mut Listener, path: &Path, dev: Arc<NetDevice>) -> Result<bool> {
+    let backend = Arc::new(VhostNet::new(dev.clone()));
+    let mut daemon =
+        VhostUserDaemon::new("tessera-net".to_owned(), backend, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+            .map_err(|e| Error::Daemon { path: path.to_owned(), reason: e.to_string() })?;
+    if let Err(e) = daemon.start(listener) {
+        error!("cannot accept a connection on {}: {e}", path.display());
+        return Ok(false);
+    }
+    info!("front end connected on {}", path.display());
+    let result = daemon.wait();
+    dev.net.detach();
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => info!("front end disconnected from {}", path.display()),
+        Err(e) => error!("closing the vhost-user connection on {}: {e}; waiting for the next one", path.display()),
+    }
+    Ok(true)
+}
