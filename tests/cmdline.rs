@@ -599,7 +599,10 @@ fn dump_plan_starts_nothing() {
 /// kernel for it to load.
 #[test]
 fn qemu_accepts_the_good_lines_too() {
-    const VMLINUZ: &str = "/boot/vmlinuz-6.1.0-56-amd64";
+    // The installed kernel, shared by the QEMU threads below for the whole test.
+    let vmlinuz: &'static str = Box::leak(
+        tessera_tests::linux_guest::kernel().map(|p| p.display().to_string()).unwrap_or_default().into_boxed_str(),
+    );
     #[rustfmt::skip]
     const GOOD: &[&[&str]] = &[
         &["-m", "512"], &["-m", "1.5G"], &["-m", "size=2G,size=256M"], &["--m", "262144k"], &["-m", "1G,maxmem=2G"],
@@ -616,8 +619,8 @@ fn qemu_accepts_the_good_lines_too() {
         &["-no-reboot", "-no-shutdown"], &["-d", "int,guest_errors"], &["-monitor", "none"], &["-nodefaults"],
         &["-append", "console=ttyS0 a,b"],
     ];
-    if !Path::new(QEMU).exists() || !Path::new(VMLINUZ).exists() {
-        eprintln!("note: {QEMU} or {VMLINUZ} is missing: the comparison is skipped (Tessera's side is tested above)");
+    if !Path::new(QEMU).exists() || !Path::new(vmlinuz).exists() {
+        eprintln!("note: {QEMU} or {vmlinuz} is missing: the comparison is skipped (Tessera's side is tested above)");
         return;
     }
     // Tessera accepts every line (checked before any QEMU starts, so a failure here leaves nothing running).
@@ -631,7 +634,7 @@ fn qemu_accepts_the_good_lines_too() {
             std::thread::spawn(move || {
                 let dir = tempfile::tempdir().unwrap();
                 let mut child = Command::new(QEMU)
-                    .args(["-display", "none", "-S", "-kernel", VMLINUZ])
+                    .args(["-display", "none", "-S", "-kernel", vmlinuz])
                     .args(&args)
                     .current_dir(dir.path())
                     .stdin(Stdio::null())

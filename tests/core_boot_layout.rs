@@ -13,14 +13,19 @@ use tessera_core::memory::GuestRam;
 use tessera_core::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-const KERNEL: &str = "/boot/vmlinuz-6.1.0-56-amd64";
+/// The installed Debian kernel (`linux-image-amd64`; the newest `/boot/vmlinuz-*`).
+static KERNEL_PATH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    tessera_tests::linux_guest::kernel()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "/boot/vmlinuz-(none installed)".into())
+});
 const CMDLINE: &str = "console=ttyS0 nokaslr panic=-1";
 
 fn kernel_bytes() -> Option<Vec<u8>> {
-    match std::fs::read(KERNEL) {
+    match std::fs::read(KERNEL_PATH.as_str()) {
         Ok(b) => Some(b),
         Err(e) => {
-            eprintln!("SKIPPED: {KERNEL} cannot be read ({e}); install linux-image-amd64");
+            eprintln!("SKIPPED: {} cannot be read ({e}); install linux-image-amd64", KERNEL_PATH.as_str());
             None
         }
     }
@@ -37,7 +42,12 @@ fn temp_file(name: &str, contents: &[u8], len: Option<u64>) -> (std::path::PathB
 }
 
 fn source(initrd: Option<(File, String)>) -> BootSource {
-    BootSource { kernel: File::open(KERNEL).unwrap(), kernel_path: KERNEL.into(), initrd, cmdline: CMDLINE.into() }
+    BootSource {
+        kernel: File::open(KERNEL_PATH.as_str()).unwrap(),
+        kernel_path: KERNEL_PATH.as_str().into(),
+        initrd,
+        cmdline: CMDLINE.into(),
+    }
 }
 
 fn u16_at(b: &[u8], off: usize) -> u16 {
@@ -271,7 +281,7 @@ fn a_command_line_longer_than_the_kernel_accepts_is_refused() {
     src.cmdline = "x".repeat(4000);
     let err = boot::load(&ram, &mut src, LinuxEntry::BootProtocol64).unwrap_err();
     assert!(err.to_string().starts_with("-append:"), "{err}");
-    let _ = Path::new(KERNEL);
+    let _ = Path::new(KERNEL_PATH.as_str());
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,12 @@ use std::time::{Duration, Instant};
 
 use tessera_tests::bins;
 
-const KERNEL: &str = "/boot/vmlinuz-6.1.0-56-amd64";
+/// The installed Debian kernel (`linux-image-amd64`; the newest `/boot/vmlinuz-*`).
+static KERNEL_PATH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    tessera_tests::linux_guest::kernel()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "/boot/vmlinuz-(none installed)".into())
+});
 const STEP: Duration = Duration::from_secs(180);
 
 const INIT: &str = "#!/bin/sh\nmount -t proc proc /proc\necho TESSERA-LAUNCHER-SHELL\nexec setsid cttyhack sh\n";
@@ -25,7 +30,7 @@ fn text(out: &Mutex<Vec<u8>>) -> String {
 
 #[test]
 fn linux_shell_through_the_launcher_and_reboot_with_no_reboot() {
-    for p in [KERNEL, "/bin/busybox"] {
+    for p in [KERNEL_PATH.as_str(), "/bin/busybox"] {
         if !Path::new(p).exists() {
             eprintln!("SKIPPED: {p} is absent (scripts/install-deps.sh installs linux-image-amd64, busybox-static)");
             return;
@@ -43,7 +48,7 @@ fn linux_shell_through_the_launcher_and_reboot_with_no_reboot() {
     bins::binary("tessera-chardev", "tessera-chardev");
     let mut child = Command::new(bins::launcher("qemu-system-x86_64"))
         .env_remove("TESSERA_LIBEXEC_DIR")
-        .args(["-m", "512M", "-kernel", KERNEL, "-initrd"])
+        .args(["-m", "512M", "-kernel", KERNEL_PATH.as_str(), "-initrd"])
         .arg(&initrd)
         .args(["-append", "console=ttyS0", "-serial", "stdio", "-display", "none", "-no-reboot"])
         .stdin(Stdio::piped())

@@ -25,7 +25,12 @@ use std::os::fd::AsFd;
 use tessera_ipc::messages::{Accel, ChildToLauncher, CoreToChardev};
 use tessera_ipc::IpcError;
 
-const KERNEL: &str = "/boot/vmlinuz-6.1.0-56-amd64";
+/// The installed Debian kernel (`linux-image-amd64`; the newest `/boot/vmlinuz-*`).
+static KERNEL_PATH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    tessera_tests::linux_guest::kernel()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "/boot/vmlinuz-(none installed)".into())
+});
 /// How long one step (boot to the prompt, one command, power-off) may take.
 const STEP: Duration = Duration::from_secs(180);
 
@@ -43,7 +48,7 @@ exec setsid cttyhack sh
 
 /// Whether the kernel and busybox are here; prints why not otherwise.
 fn prerequisites(test: &str) -> bool {
-    for p in [KERNEL, "/bin/busybox"] {
+    for p in [KERNEL_PATH.as_str(), "/bin/busybox"] {
         if !Path::new(p).exists() {
             eprintln!("SKIPPED {test}: {p} is absent (linux-image-amd64, busybox-static)");
             return false;
@@ -62,7 +67,7 @@ fn initramfs(dir: &TempDir) -> PathBuf {
 }
 
 fn setup(dir: &TempDir) -> Setup {
-    let mut s = Setup::new(Path::new(KERNEL));
+    let mut s = Setup::new(Path::new(KERNEL_PATH.as_str()));
     s.initrd = Some(initramfs(dir));
     s.cmdline = "console=ttyS0".into();
     s.ram = 512 << 20;

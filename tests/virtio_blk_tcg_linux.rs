@@ -16,8 +16,18 @@ use std::process::Command;
 
 use tessera_tests::bins;
 
-const KERNEL: &str = "/boot/vmlinuz-6.1.0-56-amd64";
-const MODULES: &str = "/lib/modules/6.1.0-56-amd64/kernel/drivers";
+/// The installed Debian kernel (`linux-image-amd64`; the newest `/boot/vmlinuz-*`).
+static KERNEL_PATH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    tessera_tests::linux_guest::kernel()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "/boot/vmlinuz-(none installed)".into())
+});
+/// The driver modules of that kernel.
+static MODULES_PATH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let release =
+        tessera_tests::linux_guest::kernel_release(std::path::Path::new(KERNEL_PATH.as_str())).unwrap_or_default();
+    format!("/lib/modules/{release}/kernel/drivers")
+});
 /// In dependency order.
 const VIRTIO_MODULES: &[&str] = &[
     "virtio/virtio_ring.ko",
@@ -52,7 +62,7 @@ impl Drop for Dir {
 }
 
 fn prerequisites() -> bool {
-    for p in [KERNEL, "/bin/busybox", MODULES] {
+    for p in [KERNEL_PATH.as_str(), "/bin/busybox", MODULES_PATH.as_str()] {
         if !Path::new(p).exists() {
             eprintln!("SKIPPED: {p} is absent (linux-image-amd64, busybox-static)");
             return false;
@@ -72,7 +82,7 @@ fn initramfs(dir: &Path) -> PathBuf {
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
     for (i, m) in VIRTIO_MODULES.iter().enumerate() {
         let name = Path::new(m).file_name().unwrap().to_string_lossy().to_string();
-        std::fs::copy(Path::new(MODULES).join(m), root.join(format!("mods/{i}-{name}"))).unwrap();
+        std::fs::copy(Path::new(MODULES_PATH.as_str()).join(m), root.join(format!("mods/{i}-{name}"))).unwrap();
     }
     std::fs::write(root.join("init"), INIT).unwrap();
     let out = dir.join("initrd.gz");
@@ -90,7 +100,17 @@ fn initramfs(dir: &Path) -> PathBuf {
 fn run(dir: &Path, initrd: &Path, extra: &[String]) -> (i32, String) {
     let mut cmd = Command::new("timeout");
     cmd.arg("240").arg(bins::launcher("tessera"));
-    cmd.args(["-accel", "tcg", "-m", "256M", "-nographic", "-kernel", KERNEL, "-append", "console=ttyS0"]);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-m",
+        "256M",
+        "-nographic",
+        "-kernel",
+        KERNEL_PATH.as_str(),
+        "-append",
+        "console=ttyS0",
+    ]);
     cmd.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"]);
     cmd.arg("-initrd").arg(initrd).args(extra).current_dir(dir);
     let out = cmd.output().unwrap();
