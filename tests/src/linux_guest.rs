@@ -363,10 +363,24 @@ pub fn run_guest(cmd: Command, timeout: Duration, done_marker: Option<&str>) -> 
 /// [`run_guest`], calling `watch` with the whole output so far whenever more arrives, so a test
 /// can act on the host when the guest reaches a point (restart a backend, ...).
 pub fn run_guest_watching(
-    mut cmd: Command,
+    cmd: Command,
     timeout: Duration,
     done_marker: Option<&str>,
     mut watch: impl FnMut(&str),
+) -> io::Result<GuestRun> {
+    run_guest_until(cmd, timeout, done_marker, |out| {
+        watch(out);
+        false
+    })
+}
+
+/// [`run_guest_watching`] where `watch` may also end the run: when it returns true, QEMU is killed at once
+/// (the test has seen what it needed; not a time-out).
+pub fn run_guest_until(
+    mut cmd: Command,
+    timeout: Duration,
+    done_marker: Option<&str>,
+    mut watch: impl FnMut(&str) -> bool,
 ) -> io::Result<GuestRun> {
     let start = Instant::now();
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
@@ -402,7 +416,11 @@ pub fn run_guest_watching(
         let now = out.lock().map(|o| String::from_utf8_lossy(&o).into_owned()).unwrap_or_default();
         if now.len() != seen_len {
             seen_len = now.len();
-            watch(&now);
+            if watch(&now) {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                break (status, false);
+            }
         }
         if marker_seen_at.is_none() {
             if let Some(m) = done_marker {
