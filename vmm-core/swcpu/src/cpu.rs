@@ -111,6 +111,8 @@ pub(crate) const TLB_SIZE: usize = 1024;
 /// stores its compiled code next to `insns` (`code` is the slot for that); invalidation stays the same.
 pub(crate) struct Block {
     pub insns: Box<[Instruction]>,
+    /// Pre-decoded fast form of each instruction of `insns` (same length; see `fast`).
+    pub ops: Box<[crate::fast::Op]>,
     /// Guest physical address and the bytes the block was decoded from: writes this CPU does not see (device
     /// DMA through vhost-user, other vCPUs) are caught by comparing them when the page is next mapped for
     /// execution (see `Cpu::validate_code_page`).

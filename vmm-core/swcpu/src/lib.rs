@@ -33,6 +33,7 @@ mod alu;
 mod cpu;
 mod cpuid;
 mod exec;
+mod fast;
 mod fpu;
 mod hooks;
 pub mod mem;
@@ -287,13 +288,13 @@ impl SoftVcpu {
             let trace = log::log_enabled!(target: "swcpu::insn", log::Level::Trace);
             ex.c.end_block = false;
             let n = if had_shadow { 1 } else { blk.insns.len() };
-            for i in &blk.insns[..n] {
+            for (i, &op) in blk.insns[..n].iter().zip(&blk.ops[..n]) {
                 if trace {
                     log::trace!(target: "swcpu::insn", "{:#x}: {i}", ex.c.rip);
                 }
                 ex.c.cur_ip = ex.c.rip;
                 ex.c.rip = i.next_ip();
-                match ex.step(i) {
+                match ex.step_op(op, i) {
                     Ok(()) => ex.c.instructions += 1,
                     Err(Fault::Exc(v, e)) => {
                         ex.c.rip = ex.c.cur_ip;
@@ -397,7 +398,9 @@ impl Exec<'_> {
         }
         let page = gpa & !0xfff;
         let used = (dec.position()).min(avail);
+        let ops = insns.iter().map(|i| fast::classify(i, bits)).collect();
         let b = Arc::new(Block {
+            ops,
             insns: insns.into_boxed_slice(),
             gpa,
             bytes: buf[..used].to_vec().into_boxed_slice(),
@@ -426,7 +429,13 @@ impl Exec<'_> {
         }
         let mut dec = Decoder::with_ip(bits, &b, rip, DecoderOptions::NONE);
         let i = dec.decode();
-        Ok(Arc::new(Block { insns: vec![i].into_boxed_slice(), gpa, bytes: Box::new([]), runs: Default::default() }))
+        Ok(Arc::new(Block {
+            ops: Box::new([fast::classify(&i, bits)]),
+            insns: vec![i].into_boxed_slice(),
+            gpa,
+            bytes: Box::new([]),
+            runs: Default::default(),
+        }))
     }
 }
 

@@ -1,0 +1,273 @@
+//! Pre-decoded fast paths: the most frequent instruction forms (GPR moves, loads and stores, register ALU
+//! operations, INC/DEC, Jcc, PUSH/POP/CALL/RET in 64-bit code) get an [`Op`] chosen once when the block is
+//! decoded, so executing them skips the generic `Exec::step` match on iced's mnemonic and operand kinds.
+//!
+//! Only 32- and 64-bit general-purpose register operands qualify (no AH..BH merging, no 8/16-bit partial
+//! writes), and nothing with a LOCK prefix; everything else is `Op::Generic` and runs through `step`. The
+//! semantics are those of the corresponding arms of `step` (checked by the differential test, which runs
+//! through the same loop).
+
+use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
+
+use crate::alu::{self, cond, mask};
+use crate::cpu::{Exec, Res, ARITH, CF, SEG_SS};
+use crate::exec::gpr_info;
+
+/// ALU operation of `AluRR`/`AluRI`.
+const ADD: u8 = 0;
+const SUB: u8 = 1;
+const AND: u8 = 2;
+const OR: u8 = 3;
+const XOR: u8 = 4;
+const CMP: u8 = 5;
+const TEST: u8 = 6;
+
+/// A pre-decoded instruction form. Register numbers are GPR indices (0 = RAX .. 15 = R15); `sz` is 4 or 8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    Generic,
+    MovRR {
+        d: u8,
+        s: u8,
+        sz: u8,
+    },
+    MovRI {
+        d: u8,
+        sz: u8,
+    },
+    /// Load: register <- memory operand.
+    MovRM {
+        d: u8,
+        sz: u8,
+    },
+    /// Store: memory operand <- register.
+    MovMR {
+        s: u8,
+        sz: u8,
+    },
+    AluRR {
+        op: u8,
+        d: u8,
+        s: u8,
+        sz: u8,
+    },
+    AluRI {
+        op: u8,
+        d: u8,
+        sz: u8,
+    },
+    IncDec {
+        d: u8,
+        sz: u8,
+        dec: bool,
+    },
+    Jcc {
+        cc: u8,
+    },
+    /// 64-bit mode only (8-byte stack slots, SS base ignored).
+    Push64 {
+        r: u8,
+    },
+    Pop64 {
+        r: u8,
+    },
+    CallRel64,
+    Ret64,
+}
+
+/// A 32/64-bit GPR operand: (index, size).
+fn reg32_64(i: &Instruction, n: u32) -> Option<(u8, u8)> {
+    if i.op_kind(n) != OpKind::Register {
+        return None;
+    }
+    match gpr_info(i.op_register(n)) {
+        Some((idx, sz @ (4 | 8), false)) => Some((idx as u8, sz as u8)),
+        _ => None,
+    }
+}
+
+fn is_imm(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
+
+/// Chooses the fast form of `i` (decoded with `bits`), or `Op::Generic`.
+pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
+    if i.has_lock_prefix() || i.is_invalid() {
+        return Op::Generic;
+    }
+    let long = bits == 64;
+    match i.mnemonic() {
+        M::Mov if i.op_count() == 2 => {
+            let (k0, k1) = (i.op_kind(0), i.op_kind(1));
+            match (reg32_64(i, 0), reg32_64(i, 1)) {
+                (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::MovRR { d, s, sz },
+                (Some((d, sz)), None) if is_imm(k1) => Op::MovRI { d, sz },
+                (Some((d, sz)), None) if k1 == OpKind::Memory && i.memory_size().size() == sz as usize => {
+                    Op::MovRM { d, sz }
+                }
+                (None, Some((s, sz))) if k0 == OpKind::Memory && i.memory_size().size() == sz as usize => {
+                    Op::MovMR { s, sz }
+                }
+                _ => Op::Generic,
+            }
+        }
+        m @ (M::Add | M::Sub | M::And | M::Or | M::Xor | M::Cmp | M::Test) if i.op_count() == 2 => {
+            let op = match m {
+                M::Add => ADD,
+                M::Sub => SUB,
+                M::And => AND,
+                M::Or => OR,
+                M::Xor => XOR,
+                M::Cmp => CMP,
+                _ => TEST,
+            };
+            match (reg32_64(i, 0), reg32_64(i, 1)) {
+                (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::AluRR { op, d, s, sz },
+                (Some((d, sz)), None) if is_imm(i.op_kind(1)) => Op::AluRI { op, d, sz },
+                _ => Op::Generic,
+            }
+        }
+        m @ (M::Inc | M::Dec) => match reg32_64(i, 0) {
+            Some((d, sz)) => Op::IncDec { d, sz, dec: m == M::Dec },
+            None => Op::Generic,
+        },
+        M::Jo
+        | M::Jno
+        | M::Jb
+        | M::Jae
+        | M::Je
+        | M::Jne
+        | M::Jbe
+        | M::Ja
+        | M::Js
+        | M::Jns
+        | M::Jp
+        | M::Jnp
+        | M::Jl
+        | M::Jge
+        | M::Jle
+        | M::Jg => Op::Jcc { cc: (i.condition_code() as u8).wrapping_sub(1) },
+        _ if !long => Op::Generic,
+        _ => match i.code() {
+            Code::Push_r64 => reg32_64(i, 0).map_or(Op::Generic, |(r, _)| Op::Push64 { r }),
+            Code::Pop_r64 => reg32_64(i, 0).map_or(Op::Generic, |(r, _)| Op::Pop64 { r }),
+            Code::Call_rel32_64 => Op::CallRel64,
+            Code::Retnq => Op::Ret64,
+            _ => Op::Generic,
+        },
+    }
+}
+
+impl Exec<'_> {
+    #[inline(always)]
+    fn put(&mut self, r: u8, sz: u8, v: u64) {
+        // 32-bit writes zero the upper half (SDM Vol. 1 3.4.1.1).
+        self.c.gpr[r as usize & 15] = if sz == 8 { v } else { v & 0xffff_ffff };
+    }
+
+    #[inline(always)]
+    fn get(&self, r: u8, sz: u8) -> u64 {
+        self.c.gpr[r as usize & 15] & mask(sz as usize)
+    }
+
+    #[inline(always)]
+    fn alu(&mut self, op: u8, d: u8, sz: u8, a: u64, b: u64) {
+        let s = sz as usize;
+        let (r, f) = match op {
+            ADD => alu::add(a, b, 0, s),
+            SUB | CMP => alu::sub(a, b, 0, s),
+            AND | TEST => (a & b, alu::logic(a & b, s)),
+            OR => (a | b, alu::logic(a | b, s)),
+            _ => (a ^ b, alu::logic(a ^ b, s)),
+        };
+        if op != CMP && op != TEST {
+            self.put(d, sz, r);
+        }
+        self.c.rflags = (self.c.rflags & !ARITH) | f;
+    }
+
+    /// Executes `i` through its pre-decoded form `op` (`Op::Generic` goes to `step`).
+    #[inline(always)]
+    pub fn step_op(&mut self, op: Op, i: &Instruction) -> Res<()> {
+        match op {
+            Op::Generic => self.step(i),
+            Op::MovRR { d, s, sz } => {
+                let v = self.c.gpr[s as usize & 15];
+                self.put(d, sz, v);
+                Ok(())
+            }
+            Op::MovRI { d, sz } => {
+                self.put(d, sz, i.immediate(1));
+                Ok(())
+            }
+            Op::MovRM { d, sz } => {
+                let a = self.ea(i);
+                let v = self.read(a, sz as usize)?;
+                self.put(d, sz, v);
+                Ok(())
+            }
+            Op::MovMR { s, sz } => {
+                let a = self.ea(i);
+                let v = self.c.gpr[s as usize & 15];
+                self.write(a, sz as usize, v)
+            }
+            Op::AluRR { op, d, s, sz } => {
+                let (a, b) = (self.get(d, sz), self.get(s, sz));
+                self.alu(op, d, sz, a, b);
+                Ok(())
+            }
+            Op::AluRI { op, d, sz } => {
+                let a = self.get(d, sz);
+                let b = i.immediate(1) & mask(sz as usize);
+                self.alu(op, d, sz, a, b);
+                Ok(())
+            }
+            Op::IncDec { d, sz, dec } => {
+                let a = self.get(d, sz);
+                let (r, f) = if dec { alu::sub(a, 1, 0, sz as usize) } else { alu::add(a, 1, 0, sz as usize) };
+                self.put(d, sz, r);
+                // INC/DEC leave CF alone.
+                self.c.rflags = (self.c.rflags & !(ARITH & !CF)) | (f & !CF);
+                Ok(())
+            }
+            Op::Jcc { cc } => {
+                if cond(cc, self.c.rflags) {
+                    self.c.rip = i.near_branch_target();
+                }
+                Ok(())
+            }
+            Op::Push64 { r } => {
+                let v = self.c.gpr[r as usize & 15];
+                self.push(8, v)
+            }
+            Op::Pop64 { r } => {
+                let sp = self.c.gpr[4];
+                let v = self.read(sp.wrapping_add(self.seg_base(SEG_SS)), 8)?;
+                self.c.gpr[4] = sp.wrapping_add(8);
+                self.c.gpr[r as usize & 15] = v;
+                Ok(())
+            }
+            Op::CallRel64 => {
+                let ret = self.c.rip;
+                self.push(8, ret)?;
+                self.c.rip = i.near_branch_target();
+                Ok(())
+            }
+            Op::Ret64 => {
+                let t = self.pop(8)?;
+                self.c.rip = t;
+                Ok(())
+            }
+        }
+    }
+}
