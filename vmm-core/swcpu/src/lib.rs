@@ -273,7 +273,10 @@ impl SoftVcpu {
                 continue;
             }
             let blk = match ex.fetch_block() {
-                Ok(b) => b,
+                // SAFETY: `fetch_block` keeps the block alive (in the cache or `cache.retired`) until its next
+                // call, which comes after the last use of `blk` in this iteration; blocks are only read
+                // through shared references (`runs` is a `Cell`).
+                Ok(b) => unsafe { &*b },
                 Err(Fault::Exc(v, e)) => {
                     ex.c.cur_ip = ex.c.rip;
                     if let Some(exit) = ex.raise(v, e, Event::Exception) {
@@ -345,7 +348,12 @@ impl Exec<'_> {
         Some(VcpuExit::Reset)
     }
 
-    fn fetch_block(&mut self) -> Res<Arc<Block>> {
+    /// The block at RIP. The pointer stays valid until the next call: the block is owned by the cache or, if
+    /// removed from it (or never cached), by `cache.retired`, which only this function empties.
+    fn fetch_block(&mut self) -> Res<*const Block> {
+        if !self.c.cache.retired.is_empty() {
+            self.c.cache.retired.clear();
+        }
         let rip = self.c.rip;
         let user = self.user();
         let gpa = self.la_to_gpa(rip, Access::Exec, user)?;
@@ -354,18 +362,21 @@ impl Exec<'_> {
         let slot = (rip as usize ^ (rip >> 12) as usize) & (cpu::FAST_BLOCKS - 1);
         if let Some((k, b)) = &self.c.cache.fast[slot] {
             if *k == key {
-                return Ok(b.clone());
+                return Ok(Arc::as_ptr(b));
             }
         }
         let b = match self.c.cache.map.get(&key) {
             Some(b) => b.clone(),
             None => self.decode_block(rip, gpa, bits, key)?,
         };
+        let p = Arc::as_ptr(&b);
         // Blocks spanning two pages (decoded per use) are not cached anywhere.
         if self.c.cache.map.contains_key(&key) {
-            self.c.cache.fast[slot] = Some((key, b.clone()));
+            self.c.cache.fast[slot] = Some((key, b));
+        } else {
+            self.c.cache.retired.push(b);
         }
-        Ok(b)
+        Ok(p)
     }
 
     #[cold]
