@@ -9,7 +9,7 @@
 
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
 
-use crate::alu::{self, cond, mask};
+use crate::alu::{self, cond, mask, sext};
 use crate::cpu::{Exec, Res, ARITH, CF, SEG_SS};
 use crate::exec::gpr_info;
 
@@ -45,6 +45,39 @@ pub(crate) enum Op {
         s: u8,
         sz: u8,
     },
+    /// Memory <- immediate; `sz` is the memory operand size (1, 2, 4 or 8).
+    MovMI {
+        sz: u8,
+    },
+    /// Register 32/64 <- memory of `ssz` bytes, zero- or sign-extended.
+    MovxRM {
+        d: u8,
+        sz: u8,
+        ssz: u8,
+        signed: bool,
+    },
+    Lea {
+        d: u8,
+        sz: u8,
+    },
+    /// Register op memory (register destination).
+    AluRM {
+        op: u8,
+        d: u8,
+        sz: u8,
+    },
+    /// CMP/TEST memory, immediate (no write); `sz` is the memory operand size.
+    CmpMI {
+        op: u8,
+        sz: u8,
+    },
+    /// CMP/TEST memory, register (no write).
+    CmpMR {
+        op: u8,
+        s: u8,
+        sz: u8,
+    },
+    JmpRel,
     AluRR {
         op: u8,
         d: u8,
@@ -86,6 +119,14 @@ fn reg32_64(i: &Instruction, n: u32) -> Option<(u8, u8)> {
     }
 }
 
+/// The memory operand's size if it is 1, 2, 4 or 8 bytes.
+fn mem_sz(i: &Instruction) -> Option<u8> {
+    match i.memory_size().size() {
+        sz @ (1 | 2 | 4 | 8) => Some(sz as u8),
+        _ => None,
+    }
+}
+
 fn is_imm(k: OpKind) -> bool {
     matches!(
         k,
@@ -118,8 +159,24 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
                 (None, Some((s, sz))) if k0 == OpKind::Memory && i.memory_size().size() == sz as usize => {
                     Op::MovMR { s, sz }
                 }
+                (None, None) if k0 == OpKind::Memory && is_imm(k1) && mem_sz(i).is_some() => {
+                    Op::MovMI { sz: mem_sz(i).unwrap_or(8) }
+                }
                 _ => Op::Generic,
             }
+        }
+        m @ (M::Movzx | M::Movsx | M::Movsxd) => match (reg32_64(i, 0), mem_sz(i)) {
+            (Some((d, sz)), Some(ssz)) if i.op_kind(1) == OpKind::Memory && ssz < sz => {
+                Op::MovxRM { d, sz, ssz, signed: m != M::Movzx }
+            }
+            _ => Op::Generic,
+        },
+        M::Lea => match reg32_64(i, 0) {
+            Some((d, sz)) => Op::Lea { d, sz },
+            None => Op::Generic,
+        },
+        M::Jmp if matches!(i.op_kind(0), OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64) => {
+            Op::JmpRel
         }
         m @ (M::Add | M::Sub | M::And | M::Or | M::Xor | M::Cmp | M::Test) if i.op_count() == 2 => {
             let op = match m {
@@ -134,6 +191,17 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
             match (reg32_64(i, 0), reg32_64(i, 1)) {
                 (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::AluRR { op, d, s, sz },
                 (Some((d, sz)), None) if is_imm(i.op_kind(1)) => Op::AluRI { op, d, sz },
+                (Some((d, sz)), None) if i.op_kind(1) == OpKind::Memory && mem_sz(i) == Some(sz) => {
+                    Op::AluRM { op, d, sz }
+                }
+                (None, None) if (op == CMP || op == TEST) && i.op_kind(0) == OpKind::Memory && is_imm(i.op_kind(1)) => {
+                    mem_sz(i).map_or(Op::Generic, |sz| Op::CmpMI { op, sz })
+                }
+                (None, Some((s, sz)))
+                    if (op == CMP || op == TEST) && i.op_kind(0) == OpKind::Memory && mem_sz(i) == Some(sz) =>
+                {
+                    Op::CmpMR { op, s, sz }
+                }
                 _ => Op::Generic,
             }
         }
@@ -220,6 +288,47 @@ impl Exec<'_> {
                 let a = self.ea(i);
                 let v = self.c.gpr[s as usize & 15];
                 self.write(a, sz as usize, v)
+            }
+            Op::MovMI { sz } => {
+                let a = self.ea(i);
+                self.write(a, sz as usize, i.immediate(1))
+            }
+            Op::MovxRM { d, sz, ssz, signed } => {
+                let a = self.ea(i);
+                let v = self.read(a, ssz as usize)?;
+                let v = if signed { sext(v, ssz as usize) as u64 } else { v };
+                self.put(d, sz, v);
+                Ok(())
+            }
+            Op::Lea { d, sz } => {
+                let a = self.ea_off(i);
+                self.put(d, sz, a);
+                Ok(())
+            }
+            Op::AluRM { op, d, sz } => {
+                let a = self.ea(i);
+                let b = self.read(a, sz as usize)?;
+                let v = self.get(d, sz);
+                self.alu(op, d, sz, v, b);
+                Ok(())
+            }
+            Op::CmpMI { op, sz } => {
+                let a = self.ea(i);
+                let v = self.read(a, sz as usize)?;
+                let b = i.immediate(1) & mask(sz as usize);
+                self.alu(op, 0, sz, v, b);
+                Ok(())
+            }
+            Op::CmpMR { op, s, sz } => {
+                let a = self.ea(i);
+                let v = self.read(a, sz as usize)?;
+                let b = self.get(s, sz);
+                self.alu(op, 0, sz, v, b);
+                Ok(())
+            }
+            Op::JmpRel => {
+                self.c.rip = i.near_branch_target();
+                Ok(())
             }
             Op::AluRR { op, d, s, sz } => {
                 let (a, b) = (self.get(d, sz), self.get(s, sz));
