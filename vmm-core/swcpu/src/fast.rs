@@ -10,7 +10,7 @@
 use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
 
 use crate::alu::{self, cond, mask, sext};
-use crate::cpu::{Exec, Res, ARITH, CF, SEG_SS};
+use crate::cpu::{Exec, Res, AF, ARITH, CF, OF, SEG_SS, ZF};
 use crate::exec::gpr_info;
 
 /// ALU operation of `AluRR`/`AluRI`.
@@ -21,6 +21,8 @@ const OR: u8 = 3;
 const XOR: u8 = 4;
 const CMP: u8 = 5;
 const TEST: u8 = 6;
+const ADC: u8 = 7;
+const SBB: u8 = 8;
 
 /// A pre-decoded instruction form. Register numbers are GPR indices (0 = RAX .. 15 = R15); `sz` is 4 or 8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +80,41 @@ pub(crate) enum Op {
         sz: u8,
     },
     JmpRel,
+    /// NOP, PAUSE, fences, ENDBR, prefetches (no architectural effect here).
+    Nop,
+    /// Register 32/64 <- register of `ssz` bytes (`high`: AH..BH), zero- or sign-extended.
+    MovxRR {
+        d: u8,
+        s: u8,
+        sz: u8,
+        ssz: u8,
+        high: bool,
+        signed: bool,
+    },
+    /// IMUL r, r/m (`three`: r, r/m, imm) with register operands.
+    ImulRR {
+        d: u8,
+        s: u8,
+        sz: u8,
+        three: bool,
+    },
+    /// Shift/rotate group on a register by an immediate or CL; `op` as in `alu::shift`.
+    ShiftR {
+        op: u8,
+        d: u8,
+        sz: u8,
+    },
+    /// SETcc on AL..BL/SPL..R15L.
+    SetccR {
+        cc: u8,
+        d: u8,
+    },
+    CmovRR {
+        cc: u8,
+        d: u8,
+        s: u8,
+        sz: u8,
+    },
     AluRR {
         op: u8,
         d: u8,
@@ -165,9 +202,99 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
                 _ => Op::Generic,
             }
         }
-        m @ (M::Movzx | M::Movsx | M::Movsxd) => match (reg32_64(i, 0), mem_sz(i)) {
-            (Some((d, sz)), Some(ssz)) if i.op_kind(1) == OpKind::Memory && ssz < sz => {
-                Op::MovxRM { d, sz, ssz, signed: m != M::Movzx }
+        m @ (M::Movzx | M::Movsx | M::Movsxd) if i.op_kind(1) == OpKind::Memory => match (reg32_64(i, 0), mem_sz(i)) {
+            (Some((d, sz)), Some(ssz)) if ssz < sz => Op::MovxRM { d, sz, ssz, signed: m != M::Movzx },
+            _ => Op::Generic,
+        },
+        M::Nop
+        | M::Endbr64
+        | M::Endbr32
+        | M::Pause
+        | M::Lfence
+        | M::Mfence
+        | M::Sfence
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw => Op::Nop,
+        m @ (M::Movzx | M::Movsx | M::Movsxd) if i.op_kind(1) == OpKind::Register => {
+            match (reg32_64(i, 0), gpr_info(i.op1_register())) {
+                (Some((d, sz)), Some((s, ssz, high))) if ssz < sz as usize => {
+                    Op::MovxRR { d, s: s as u8, sz, ssz: ssz as u8, high, signed: m != M::Movzx }
+                }
+                _ => Op::Generic,
+            }
+        }
+        M::Imul if i.op_count() >= 2 => {
+            let three = i.op_count() == 3;
+            match (reg32_64(i, 0), reg32_64(i, 1)) {
+                (Some((d, sz)), Some((s, sz1))) if sz == sz1 && (!three || is_imm(i.op_kind(2))) => {
+                    Op::ImulRR { d, s, sz, three }
+                }
+                _ => Op::Generic,
+            }
+        }
+        m @ (M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar) => {
+            let op = match m {
+                M::Rol => 0,
+                M::Ror => 1,
+                M::Rcl => 2,
+                M::Rcr => 3,
+                M::Shl => 4,
+                M::Shr => 5,
+                M::Sal => 6,
+                _ => 7,
+            };
+            let count_ok = i.op_count() == 1
+                || is_imm(i.op_kind(1))
+                || (i.op_kind(1) == OpKind::Register && i.op1_register() == iced_x86::Register::CL);
+            match reg32_64(i, 0) {
+                Some((d, sz)) if count_ok => Op::ShiftR { op, d, sz },
+                _ => Op::Generic,
+            }
+        }
+        M::Sete
+        | M::Setne
+        | M::Seto
+        | M::Setno
+        | M::Setb
+        | M::Setae
+        | M::Setbe
+        | M::Seta
+        | M::Sets
+        | M::Setns
+        | M::Setp
+        | M::Setnp
+        | M::Setl
+        | M::Setge
+        | M::Setle
+        | M::Setg
+            if i.op_kind(0) == OpKind::Register =>
+        {
+            match gpr_info(i.op0_register()) {
+                Some((d, 1, false)) => Op::SetccR { cc: (i.condition_code() as u8).wrapping_sub(1), d: d as u8 },
+                _ => Op::Generic,
+            }
+        }
+        M::Cmovo
+        | M::Cmovno
+        | M::Cmovb
+        | M::Cmovae
+        | M::Cmove
+        | M::Cmovne
+        | M::Cmovbe
+        | M::Cmova
+        | M::Cmovs
+        | M::Cmovns
+        | M::Cmovp
+        | M::Cmovnp
+        | M::Cmovl
+        | M::Cmovge
+        | M::Cmovle
+        | M::Cmovg => match (reg32_64(i, 0), reg32_64(i, 1)) {
+            (Some((d, sz)), Some((s, sz1))) if sz == sz1 => {
+                Op::CmovRR { cc: (i.condition_code() as u8).wrapping_sub(1), d, s, sz }
             }
             _ => Op::Generic,
         },
@@ -178,9 +305,11 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
         M::Jmp if matches!(i.op_kind(0), OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64) => {
             Op::JmpRel
         }
-        m @ (M::Add | M::Sub | M::And | M::Or | M::Xor | M::Cmp | M::Test) if i.op_count() == 2 => {
+        m @ (M::Add | M::Sub | M::And | M::Or | M::Xor | M::Cmp | M::Test | M::Adc | M::Sbb) if i.op_count() == 2 => {
             let op = match m {
                 M::Add => ADD,
+                M::Adc => ADC,
+                M::Sbb => SBB,
                 M::Sub => SUB,
                 M::And => AND,
                 M::Or => OR,
@@ -251,8 +380,11 @@ impl Exec<'_> {
     #[inline(always)]
     fn alu(&mut self, op: u8, d: u8, sz: u8, a: u64, b: u64) {
         let s = sz as usize;
+        let cin = self.c.rflags & CF;
         let (r, f) = match op {
             ADD => alu::add(a, b, 0, s),
+            ADC => alu::add(a, b, cin, s),
+            SBB => alu::sub(a, b, cin, s),
             SUB | CMP => alu::sub(a, b, 0, s),
             AND | TEST => (a & b, alu::logic(a & b, s)),
             OR => (a | b, alu::logic(a | b, s)),
@@ -324,6 +456,63 @@ impl Exec<'_> {
                 let v = self.read(a, sz as usize)?;
                 let b = self.get(s, sz);
                 self.alu(op, 0, sz, v, b);
+                Ok(())
+            }
+            Op::Nop => Ok(()),
+            Op::MovxRR { d, s, sz, ssz, high, signed } => {
+                let g = self.c.gpr[s as usize & 15];
+                let v = if high { (g >> 8) & 0xff } else { g & mask(ssz as usize) };
+                let v = if signed { sext(v, ssz as usize) as u64 } else { v };
+                self.put(d, sz, v);
+                Ok(())
+            }
+            Op::ImulRR { d, s, sz, three } => {
+                let z = sz as usize;
+                let (a, b) = if three {
+                    (self.get(s, sz), i.immediate(2) & mask(z))
+                } else {
+                    (self.get(d, sz), self.get(s, sz))
+                };
+                let p = sext(a, z) as i128 * sext(b, z) as i128;
+                let lo = p as u64 & mask(z);
+                let ovf = sext(lo, z) as i128 != p;
+                self.put(d, sz, lo);
+                let f = alu::szp(lo, z) & !(ZF | AF) | if ovf { CF | OF } else { 0 };
+                self.c.rflags = (self.c.rflags & !ARITH) | f;
+                Ok(())
+            }
+            Op::ShiftR { op, d, sz } => {
+                let cnt = if i.op_count() < 2 {
+                    1
+                } else if i.op_kind(1) == OpKind::Register {
+                    self.c.gpr[1] & 0xff
+                } else {
+                    i.immediate(1) & 0xff
+                };
+                let cnt = (cnt & if sz == 8 { 63 } else { 31 }) as u32;
+                if cnt == 0 {
+                    // Flags untouched; a 32-bit destination is still written (zero-extended).
+                    let v = self.get(d, sz);
+                    self.put(d, sz, v);
+                    return Ok(());
+                }
+                let a = self.get(d, sz);
+                let old = self.c.rflags & ARITH;
+                let (r, f) = alu::shift(op, a, cnt, sz as usize, old);
+                self.put(d, sz, r);
+                self.c.rflags = (self.c.rflags & !ARITH) | f;
+                Ok(())
+            }
+            Op::SetccR { cc, d } => {
+                let v = cond(cc, self.c.rflags) as u64;
+                let g = &mut self.c.gpr[d as usize & 15];
+                *g = (*g & !0xff) | v;
+                Ok(())
+            }
+            Op::CmovRR { cc, d, s, sz } => {
+                // A 32-bit CMOV writes its destination (zero-extending) even when the condition is false.
+                let v = if cond(cc, self.c.rflags) { self.c.gpr[s as usize & 15] } else { self.c.gpr[d as usize & 15] };
+                self.put(d, sz, v);
                 Ok(())
             }
             Op::JmpRel => {
