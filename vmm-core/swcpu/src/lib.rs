@@ -6,6 +6,9 @@
 //!   memory access, the decoded-block cache (keyed by linear RIP + guest physical address, invalidated by
 //!   writes to code pages).
 //! - `exec`: the integer instruction set and string instructions; `alu`: flag computation.
+//! - `fast`: the per-instruction operation each block stores next to its decoded instructions, chosen at decode
+//!   time for the frequent forms (GPR moves, loads/stores, register ALU, Jcc, push/pop/call/ret, ...) so they skip
+//!   `Exec::step`'s generic match; everything else is `Op::Generic`.
 //! - `system`: control registers, descriptor tables, segment loads, IDT delivery with IST, IRETQ,
 //!   SYSCALL/SYSRET/SWAPGS, MSRs, port I/O; `cpuid`: the advertised feature set.
 //! - `fpu`: x87 control, FXSAVE/FXRSTOR, the SSE/SSE2 integer/move subset.
