@@ -80,6 +80,20 @@ pub(crate) enum Op {
         sz: u8,
     },
     JmpRel,
+    /// Read-modify-write of memory with an immediate / a register source (ADD, SUB, AND, OR, XOR, ADC, SBB).
+    RmwMI {
+        op: u8,
+        sz: u8,
+    },
+    RmwMR {
+        op: u8,
+        s: u8,
+        sz: u8,
+    },
+    IncDecM {
+        sz: u8,
+        dec: bool,
+    },
     /// NOP, PAUSE, fences, ENDBR, prefetches (no architectural effect here).
     Nop,
     /// Register 32/64 <- register of `ssz` bytes (`high`: AH..BH), zero- or sign-extended.
@@ -331,11 +345,20 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
                 {
                     Op::CmpMR { op, s, sz }
                 }
+                (None, None) if i.op_kind(0) == OpKind::Memory && is_imm(i.op_kind(1)) => {
+                    mem_sz(i).map_or(Op::Generic, |sz| Op::RmwMI { op, sz })
+                }
+                (None, Some((s, sz))) if i.op_kind(0) == OpKind::Memory && mem_sz(i) == Some(sz) => {
+                    Op::RmwMR { op, s, sz }
+                }
                 _ => Op::Generic,
             }
         }
         m @ (M::Inc | M::Dec) => match reg32_64(i, 0) {
             Some((d, sz)) => Op::IncDec { d, sz, dec: m == M::Dec },
+            None if i.op_kind(0) == OpKind::Memory => {
+                mem_sz(i).map_or(Op::Generic, |sz| Op::IncDecM { sz, dec: m == M::Dec })
+            }
             None => Op::Generic,
         },
         M::Jo
@@ -377,11 +400,12 @@ impl Exec<'_> {
         self.c.gpr[r as usize & 15] & mask(sz as usize)
     }
 
+    /// (result, arithmetic flags) of `op` on `sz`-byte operands.
     #[inline(always)]
-    fn alu(&mut self, op: u8, d: u8, sz: u8, a: u64, b: u64) {
+    fn calc(&self, op: u8, sz: u8, a: u64, b: u64) -> (u64, u64) {
         let s = sz as usize;
         let cin = self.c.rflags & CF;
-        let (r, f) = match op {
+        match op {
             ADD => alu::add(a, b, 0, s),
             ADC => alu::add(a, b, cin, s),
             SBB => alu::sub(a, b, cin, s),
@@ -389,7 +413,42 @@ impl Exec<'_> {
             AND | TEST => (a & b, alu::logic(a & b, s)),
             OR => (a | b, alu::logic(a | b, s)),
             _ => (a ^ b, alu::logic(a ^ b, s)),
+        }
+    }
+
+    /// Read-modify-write of `sz` bytes of RAM at linear `a` when the TLB already grants the write (the common
+    /// case); `None` sends the instruction to the generic path, which also handles faults, MMIO and code pages.
+    #[inline(always)]
+    fn rmw_fast(&mut self, a: u64, sz: u8, f: impl FnOnce(&Self, u64) -> (u64, u64)) -> Option<()> {
+        let p = self.host_range(a, sz as usize, true)?;
+        // SAFETY: `host_range` returned a pointer to `sz` bytes inside one guest RAM page that the TLB maps
+        // writable for the current privilege (GuestRam contract: live for the CPU's lifetime); raw unaligned
+        // accesses never form references into guest memory.
+        let old = unsafe {
+            match sz {
+                1 => p.read() as u64,
+                2 => (p as *const u16).read_unaligned() as u64,
+                4 => (p as *const u32).read_unaligned() as u64,
+                _ => (p as *const u64).read_unaligned(),
+            }
         };
+        let (r, fl) = f(self, old);
+        // SAFETY: as above.
+        unsafe {
+            match sz {
+                1 => p.write(r as u8),
+                2 => (p as *mut u16).write_unaligned(r as u16),
+                4 => (p as *mut u32).write_unaligned(r as u32),
+                _ => (p as *mut u64).write_unaligned(r),
+            }
+        }
+        self.c.rflags = (self.c.rflags & !ARITH) | fl;
+        Some(())
+    }
+
+    #[inline(always)]
+    fn alu(&mut self, op: u8, d: u8, sz: u8, a: u64, b: u64) {
+        let (r, f) = self.calc(op, sz, a, b);
         if op != CMP && op != TEST {
             self.put(d, sz, r);
         }
@@ -514,6 +573,35 @@ impl Exec<'_> {
                 let v = if cond(cc, self.c.rflags) { self.c.gpr[s as usize & 15] } else { self.c.gpr[d as usize & 15] };
                 self.put(d, sz, v);
                 Ok(())
+            }
+            Op::RmwMI { op, sz } => {
+                let a = self.ea(i);
+                let b = i.immediate(1) & mask(sz as usize);
+                match self.rmw_fast(a, sz, |ex, v| ex.calc(op, sz, v, b)) {
+                    Some(()) => Ok(()),
+                    None => self.step(i),
+                }
+            }
+            Op::RmwMR { op, s, sz } => {
+                let a = self.ea(i);
+                let b = self.get(s, sz);
+                match self.rmw_fast(a, sz, |ex, v| ex.calc(op, sz, v, b)) {
+                    Some(()) => Ok(()),
+                    None => self.step(i),
+                }
+            }
+            Op::IncDecM { sz, dec } => {
+                let a = self.ea(i);
+                let cf = self.c.rflags & CF;
+                let r = self.rmw_fast(a, sz, |_, v| {
+                    let (r, f) = if dec { alu::sub(v, 1, 0, sz as usize) } else { alu::add(v, 1, 0, sz as usize) };
+                    // INC/DEC leave CF alone.
+                    (r, (f & !CF) | cf)
+                });
+                match r {
+                    Some(()) => Ok(()),
+                    None => self.step(i),
+                }
             }
             Op::JmpRel => {
                 self.c.rip = i.near_branch_target();
