@@ -111,6 +111,8 @@ pub(crate) const TLB_SIZE: usize = 1024;
 /// stores its compiled code next to `insns` (`code` is the slot for that); invalidation stays the same.
 pub(crate) struct Block {
     pub insns: Box<[Instruction]>,
+    /// Pre-decoded fast form of each instruction of `insns` (same length; see `fast`).
+    pub ops: Box<[crate::fast::Op]>,
     /// Guest physical address and the bytes the block was decoded from: writes this CPU does not see (device
     /// DMA through vhost-user, other vCPUs) are caught by comparing them when the page is next mapped for
     /// execution (see `Cpu::validate_code_page`).
@@ -139,6 +141,10 @@ pub(crate) struct BlockCache {
     pub page_blocks: HashMap<u64, Vec<BlockKey>, BuildIdHasher>,
     pub decoded: u64,
     pub invalidations: u64,
+    /// Blocks removed from the cache (and blocks never cached, such as page-crossing ones) are kept here
+    /// until the next block fetch, because the running block may be among them: the run loop holds a plain
+    /// pointer to the current block instead of an `Arc` clone (two atomic operations per block saved).
+    pub retired: Vec<Arc<Block>>,
 }
 
 /// A cheap multiplicative hasher for integer keys (addresses); SipHash would dominate a block lookup.
@@ -336,7 +342,9 @@ impl Cpu {
     pub fn invalidate_code_page(&mut self, gpa_page: u64) {
         if let Some(keys) = self.cache.page_blocks.remove(&gpa_page) {
             for k in keys {
-                self.cache.map.remove(&k);
+                if let Some(b) = self.cache.map.remove(&k) {
+                    self.cache.retired.push(b);
+                }
             }
             self.cache.invalidations += 1;
             for e in self.cache.fast.iter_mut() {
@@ -374,7 +382,7 @@ impl Cpu {
 
     pub fn flush_code_cache(&mut self) {
         self.cache.fast.iter_mut().for_each(|e| *e = None);
-        self.cache.map.clear();
+        self.cache.retired.extend(self.cache.map.drain().map(|(_, b)| b));
         self.cache.page_blocks.clear();
         self.code_pages.clear();
     }
@@ -641,6 +649,7 @@ impl Exec<'_> {
     }
 
     /// Linear -> guest physical for one byte, with full checks (slow path, also used for fetch).
+    #[inline]
     pub fn la_to_gpa(&mut self, la: u64, acc: Access, user: bool) -> Res<u64> {
         let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
         let e = self.c.tlb[idx];

@@ -6,6 +6,9 @@
 //!   memory access, the decoded-block cache (keyed by linear RIP + guest physical address, invalidated by
 //!   writes to code pages).
 //! - `exec`: the integer instruction set and string instructions; `alu`: flag computation.
+//! - `fast`: the per-instruction operation each block stores next to its decoded instructions, chosen at decode
+//!   time for the frequent forms (GPR moves, loads/stores, register ALU, Jcc, push/pop/call/ret, ...) so they skip
+//!   `Exec::step`'s generic match; everything else is `Op::Generic`.
 //! - `system`: control registers, descriptor tables, segment loads, IDT delivery with IST, IRETQ,
 //!   SYSCALL/SYSRET/SWAPGS, MSRs, port I/O; `cpuid`: the advertised feature set.
 //! - `fpu`: x87 control, FXSAVE/FXRSTOR, the SSE/SSE2 integer/move subset.
@@ -33,6 +36,7 @@ mod alu;
 mod cpu;
 mod cpuid;
 mod exec;
+mod fast;
 mod fpu;
 mod hooks;
 pub mod mem;
@@ -272,7 +276,10 @@ impl SoftVcpu {
                 continue;
             }
             let blk = match ex.fetch_block() {
-                Ok(b) => b,
+                // SAFETY: `fetch_block` keeps the block alive (in the cache or `cache.retired`) until its next
+                // call, which comes after the last use of `blk` in this iteration; blocks are only read
+                // through shared references (`runs` is a `Cell`).
+                Ok(b) => unsafe { &*b },
                 Err(Fault::Exc(v, e)) => {
                     ex.c.cur_ip = ex.c.rip;
                     if let Some(exit) = ex.raise(v, e, Event::Exception) {
@@ -287,13 +294,13 @@ impl SoftVcpu {
             let trace = log::log_enabled!(target: "swcpu::insn", log::Level::Trace);
             ex.c.end_block = false;
             let n = if had_shadow { 1 } else { blk.insns.len() };
-            for i in &blk.insns[..n] {
+            for (i, &op) in blk.insns[..n].iter().zip(&blk.ops[..n]) {
                 if trace {
                     log::trace!(target: "swcpu::insn", "{:#x}: {i}", ex.c.rip);
                 }
                 ex.c.cur_ip = ex.c.rip;
                 ex.c.rip = i.next_ip();
-                match ex.step(i) {
+                match ex.step_op(op, i) {
                     Ok(()) => ex.c.instructions += 1,
                     Err(Fault::Exc(v, e)) => {
                         ex.c.rip = ex.c.cur_ip;
@@ -344,7 +351,12 @@ impl Exec<'_> {
         Some(VcpuExit::Reset)
     }
 
-    fn fetch_block(&mut self) -> Res<Arc<Block>> {
+    /// The block at RIP. The pointer stays valid until the next call: the block is owned by the cache or, if
+    /// removed from it (or never cached), by `cache.retired`, which only this function empties.
+    fn fetch_block(&mut self) -> Res<*const Block> {
+        if !self.c.cache.retired.is_empty() {
+            self.c.cache.retired.clear();
+        }
         let rip = self.c.rip;
         let user = self.user();
         let gpa = self.la_to_gpa(rip, Access::Exec, user)?;
@@ -353,18 +365,21 @@ impl Exec<'_> {
         let slot = (rip as usize ^ (rip >> 12) as usize) & (cpu::FAST_BLOCKS - 1);
         if let Some((k, b)) = &self.c.cache.fast[slot] {
             if *k == key {
-                return Ok(b.clone());
+                return Ok(Arc::as_ptr(b));
             }
         }
         let b = match self.c.cache.map.get(&key) {
             Some(b) => b.clone(),
             None => self.decode_block(rip, gpa, bits, key)?,
         };
+        let p = Arc::as_ptr(&b);
         // Blocks spanning two pages (decoded per use) are not cached anywhere.
         if self.c.cache.map.contains_key(&key) {
-            self.c.cache.fast[slot] = Some((key, b.clone()));
+            self.c.cache.fast[slot] = Some((key, b));
+        } else {
+            self.c.cache.retired.push(b);
         }
-        Ok(b)
+        Ok(p)
     }
 
     #[cold]
@@ -397,7 +412,9 @@ impl Exec<'_> {
         }
         let page = gpa & !0xfff;
         let used = (dec.position()).min(avail);
+        let ops = insns.iter().map(|i| fast::classify(i, bits)).collect();
         let b = Arc::new(Block {
+            ops,
             insns: insns.into_boxed_slice(),
             gpa,
             bytes: buf[..used].to_vec().into_boxed_slice(),
@@ -426,7 +443,13 @@ impl Exec<'_> {
         }
         let mut dec = Decoder::with_ip(bits, &b, rip, DecoderOptions::NONE);
         let i = dec.decode();
-        Ok(Arc::new(Block { insns: vec![i].into_boxed_slice(), gpa, bytes: Box::new([]), runs: Default::default() }))
+        Ok(Arc::new(Block {
+            ops: Box::new([fast::classify(&i, bits)]),
+            insns: vec![i].into_boxed_slice(),
+            gpa,
+            bytes: Box::new([]),
+            runs: Default::default(),
+        }))
     }
 }
 

@@ -1,0 +1,659 @@
+//! Pre-decoded fast paths: the most frequent instruction forms (GPR moves, loads and stores, register ALU
+//! operations, INC/DEC, Jcc, PUSH/POP/CALL/RET in 64-bit code) get an [`Op`] chosen once when the block is
+//! decoded, so executing them skips the generic `Exec::step` match on iced's mnemonic and operand kinds.
+//!
+//! Only 32- and 64-bit general-purpose register operands qualify (no AH..BH merging, no 8/16-bit partial
+//! writes), and nothing with a LOCK prefix; everything else is `Op::Generic` and runs through `step`. The
+//! semantics are those of the corresponding arms of `step` (checked by the differential test, which runs
+//! through the same loop).
+
+use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
+
+use crate::alu::{self, cond, mask, sext};
+use crate::cpu::{Exec, Res, AF, ARITH, CF, OF, SEG_SS, ZF};
+use crate::exec::gpr_info;
+
+/// ALU operation of `AluRR`/`AluRI`.
+const ADD: u8 = 0;
+const SUB: u8 = 1;
+const AND: u8 = 2;
+const OR: u8 = 3;
+const XOR: u8 = 4;
+const CMP: u8 = 5;
+const TEST: u8 = 6;
+const ADC: u8 = 7;
+const SBB: u8 = 8;
+
+/// A pre-decoded instruction form. Register numbers are GPR indices (0 = RAX .. 15 = R15); `sz` is 4 or 8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    Generic,
+    MovRR {
+        d: u8,
+        s: u8,
+        sz: u8,
+    },
+    MovRI {
+        d: u8,
+        sz: u8,
+    },
+    /// Load: register <- memory operand.
+    MovRM {
+        d: u8,
+        sz: u8,
+    },
+    /// Store: memory operand <- register.
+    MovMR {
+        s: u8,
+        sz: u8,
+    },
+    /// Memory <- immediate; `sz` is the memory operand size (1, 2, 4 or 8).
+    MovMI {
+        sz: u8,
+    },
+    /// Register 32/64 <- memory of `ssz` bytes, zero- or sign-extended.
+    MovxRM {
+        d: u8,
+        sz: u8,
+        ssz: u8,
+        signed: bool,
+    },
+    Lea {
+        d: u8,
+        sz: u8,
+    },
+    /// Register op memory (register destination).
+    AluRM {
+        op: u8,
+        d: u8,
+        sz: u8,
+    },
+    /// CMP/TEST memory, immediate (no write); `sz` is the memory operand size.
+    CmpMI {
+        op: u8,
+        sz: u8,
+    },
+    /// CMP/TEST memory, register (no write).
+    CmpMR {
+        op: u8,
+        s: u8,
+        sz: u8,
+    },
+    JmpRel,
+    /// Read-modify-write of memory with an immediate / a register source (ADD, SUB, AND, OR, XOR, ADC, SBB).
+    RmwMI {
+        op: u8,
+        sz: u8,
+    },
+    RmwMR {
+        op: u8,
+        s: u8,
+        sz: u8,
+    },
+    IncDecM {
+        sz: u8,
+        dec: bool,
+    },
+    /// NOP, PAUSE, fences, ENDBR, prefetches (no architectural effect here).
+    Nop,
+    /// Register 32/64 <- register of `ssz` bytes (`high`: AH..BH), zero- or sign-extended.
+    MovxRR {
+        d: u8,
+        s: u8,
+        sz: u8,
+        ssz: u8,
+        high: bool,
+        signed: bool,
+    },
+    /// IMUL r, r/m (`three`: r, r/m, imm) with register operands.
+    ImulRR {
+        d: u8,
+        s: u8,
+        sz: u8,
+        three: bool,
+    },
+    /// Shift/rotate group on a register by an immediate or CL; `op` as in `alu::shift`.
+    ShiftR {
+        op: u8,
+        d: u8,
+        sz: u8,
+    },
+    /// SETcc on AL..BL/SPL..R15L.
+    SetccR {
+        cc: u8,
+        d: u8,
+    },
+    CmovRR {
+        cc: u8,
+        d: u8,
+        s: u8,
+        sz: u8,
+    },
+    AluRR {
+        op: u8,
+        d: u8,
+        s: u8,
+        sz: u8,
+    },
+    AluRI {
+        op: u8,
+        d: u8,
+        sz: u8,
+    },
+    IncDec {
+        d: u8,
+        sz: u8,
+        dec: bool,
+    },
+    Jcc {
+        cc: u8,
+    },
+    /// 64-bit mode only (8-byte stack slots, SS base ignored).
+    Push64 {
+        r: u8,
+    },
+    Pop64 {
+        r: u8,
+    },
+    CallRel64,
+    Ret64,
+}
+
+/// A 32/64-bit GPR operand: (index, size).
+fn reg32_64(i: &Instruction, n: u32) -> Option<(u8, u8)> {
+    if i.op_kind(n) != OpKind::Register {
+        return None;
+    }
+    match gpr_info(i.op_register(n)) {
+        Some((idx, sz @ (4 | 8), false)) => Some((idx as u8, sz as u8)),
+        _ => None,
+    }
+}
+
+/// The memory operand's size if it is 1, 2, 4 or 8 bytes.
+fn mem_sz(i: &Instruction) -> Option<u8> {
+    match i.memory_size().size() {
+        sz @ (1 | 2 | 4 | 8) => Some(sz as u8),
+        _ => None,
+    }
+}
+
+fn is_imm(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
+
+/// Chooses the fast form of `i` (decoded with `bits`), or `Op::Generic`.
+pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
+    if i.has_lock_prefix() || i.is_invalid() {
+        return Op::Generic;
+    }
+    let long = bits == 64;
+    match i.mnemonic() {
+        M::Mov if i.op_count() == 2 => {
+            let (k0, k1) = (i.op_kind(0), i.op_kind(1));
+            match (reg32_64(i, 0), reg32_64(i, 1)) {
+                (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::MovRR { d, s, sz },
+                (Some((d, sz)), None) if is_imm(k1) => Op::MovRI { d, sz },
+                (Some((d, sz)), None) if k1 == OpKind::Memory && i.memory_size().size() == sz as usize => {
+                    Op::MovRM { d, sz }
+                }
+                (None, Some((s, sz))) if k0 == OpKind::Memory && i.memory_size().size() == sz as usize => {
+                    Op::MovMR { s, sz }
+                }
+                (None, None) if k0 == OpKind::Memory && is_imm(k1) && mem_sz(i).is_some() => {
+                    Op::MovMI { sz: mem_sz(i).unwrap_or(8) }
+                }
+                _ => Op::Generic,
+            }
+        }
+        m @ (M::Movzx | M::Movsx | M::Movsxd) if i.op_kind(1) == OpKind::Memory => match (reg32_64(i, 0), mem_sz(i)) {
+            (Some((d, sz)), Some(ssz)) if ssz < sz => Op::MovxRM { d, sz, ssz, signed: m != M::Movzx },
+            _ => Op::Generic,
+        },
+        M::Nop
+        | M::Endbr64
+        | M::Endbr32
+        | M::Pause
+        | M::Lfence
+        | M::Mfence
+        | M::Sfence
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw => Op::Nop,
+        m @ (M::Movzx | M::Movsx | M::Movsxd) if i.op_kind(1) == OpKind::Register => {
+            match (reg32_64(i, 0), gpr_info(i.op1_register())) {
+                (Some((d, sz)), Some((s, ssz, high))) if ssz < sz as usize => {
+                    Op::MovxRR { d, s: s as u8, sz, ssz: ssz as u8, high, signed: m != M::Movzx }
+                }
+                _ => Op::Generic,
+            }
+        }
+        M::Imul if i.op_count() >= 2 => {
+            let three = i.op_count() == 3;
+            match (reg32_64(i, 0), reg32_64(i, 1)) {
+                (Some((d, sz)), Some((s, sz1))) if sz == sz1 && (!three || is_imm(i.op_kind(2))) => {
+                    Op::ImulRR { d, s, sz, three }
+                }
+                _ => Op::Generic,
+            }
+        }
+        m @ (M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar) => {
+            let op = match m {
+                M::Rol => 0,
+                M::Ror => 1,
+                M::Rcl => 2,
+                M::Rcr => 3,
+                M::Shl => 4,
+                M::Shr => 5,
+                M::Sal => 6,
+                _ => 7,
+            };
+            let count_ok = i.op_count() == 1
+                || is_imm(i.op_kind(1))
+                || (i.op_kind(1) == OpKind::Register && i.op1_register() == iced_x86::Register::CL);
+            match reg32_64(i, 0) {
+                Some((d, sz)) if count_ok => Op::ShiftR { op, d, sz },
+                _ => Op::Generic,
+            }
+        }
+        M::Sete
+        | M::Setne
+        | M::Seto
+        | M::Setno
+        | M::Setb
+        | M::Setae
+        | M::Setbe
+        | M::Seta
+        | M::Sets
+        | M::Setns
+        | M::Setp
+        | M::Setnp
+        | M::Setl
+        | M::Setge
+        | M::Setle
+        | M::Setg
+            if i.op_kind(0) == OpKind::Register =>
+        {
+            match gpr_info(i.op0_register()) {
+                Some((d, 1, false)) => Op::SetccR { cc: (i.condition_code() as u8).wrapping_sub(1), d: d as u8 },
+                _ => Op::Generic,
+            }
+        }
+        M::Cmovo
+        | M::Cmovno
+        | M::Cmovb
+        | M::Cmovae
+        | M::Cmove
+        | M::Cmovne
+        | M::Cmovbe
+        | M::Cmova
+        | M::Cmovs
+        | M::Cmovns
+        | M::Cmovp
+        | M::Cmovnp
+        | M::Cmovl
+        | M::Cmovge
+        | M::Cmovle
+        | M::Cmovg => match (reg32_64(i, 0), reg32_64(i, 1)) {
+            (Some((d, sz)), Some((s, sz1))) if sz == sz1 => {
+                Op::CmovRR { cc: (i.condition_code() as u8).wrapping_sub(1), d, s, sz }
+            }
+            _ => Op::Generic,
+        },
+        M::Lea => match reg32_64(i, 0) {
+            Some((d, sz)) => Op::Lea { d, sz },
+            None => Op::Generic,
+        },
+        M::Jmp if matches!(i.op_kind(0), OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64) => {
+            Op::JmpRel
+        }
+        m @ (M::Add | M::Sub | M::And | M::Or | M::Xor | M::Cmp | M::Test | M::Adc | M::Sbb) if i.op_count() == 2 => {
+            let op = match m {
+                M::Add => ADD,
+                M::Adc => ADC,
+                M::Sbb => SBB,
+                M::Sub => SUB,
+                M::And => AND,
+                M::Or => OR,
+                M::Xor => XOR,
+                M::Cmp => CMP,
+                _ => TEST,
+            };
+            match (reg32_64(i, 0), reg32_64(i, 1)) {
+                (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::AluRR { op, d, s, sz },
+                (Some((d, sz)), None) if is_imm(i.op_kind(1)) => Op::AluRI { op, d, sz },
+                (Some((d, sz)), None) if i.op_kind(1) == OpKind::Memory && mem_sz(i) == Some(sz) => {
+                    Op::AluRM { op, d, sz }
+                }
+                (None, None) if (op == CMP || op == TEST) && i.op_kind(0) == OpKind::Memory && is_imm(i.op_kind(1)) => {
+                    mem_sz(i).map_or(Op::Generic, |sz| Op::CmpMI { op, sz })
+                }
+                (None, Some((s, sz)))
+                    if (op == CMP || op == TEST) && i.op_kind(0) == OpKind::Memory && mem_sz(i) == Some(sz) =>
+                {
+                    Op::CmpMR { op, s, sz }
+                }
+                (None, None) if i.op_kind(0) == OpKind::Memory && is_imm(i.op_kind(1)) => {
+                    mem_sz(i).map_or(Op::Generic, |sz| Op::RmwMI { op, sz })
+                }
+                (None, Some((s, sz))) if i.op_kind(0) == OpKind::Memory && mem_sz(i) == Some(sz) => {
+                    Op::RmwMR { op, s, sz }
+                }
+                _ => Op::Generic,
+            }
+        }
+        m @ (M::Inc | M::Dec) => match reg32_64(i, 0) {
+            Some((d, sz)) => Op::IncDec { d, sz, dec: m == M::Dec },
+            None if i.op_kind(0) == OpKind::Memory => {
+                mem_sz(i).map_or(Op::Generic, |sz| Op::IncDecM { sz, dec: m == M::Dec })
+            }
+            None => Op::Generic,
+        },
+        M::Jo
+        | M::Jno
+        | M::Jb
+        | M::Jae
+        | M::Je
+        | M::Jne
+        | M::Jbe
+        | M::Ja
+        | M::Js
+        | M::Jns
+        | M::Jp
+        | M::Jnp
+        | M::Jl
+        | M::Jge
+        | M::Jle
+        | M::Jg => Op::Jcc { cc: (i.condition_code() as u8).wrapping_sub(1) },
+        _ if !long => Op::Generic,
+        _ => match i.code() {
+            Code::Push_r64 => reg32_64(i, 0).map_or(Op::Generic, |(r, _)| Op::Push64 { r }),
+            Code::Pop_r64 => reg32_64(i, 0).map_or(Op::Generic, |(r, _)| Op::Pop64 { r }),
+            Code::Call_rel32_64 => Op::CallRel64,
+            Code::Retnq => Op::Ret64,
+            _ => Op::Generic,
+        },
+    }
+}
+
+impl Exec<'_> {
+    #[inline(always)]
+    fn put(&mut self, r: u8, sz: u8, v: u64) {
+        // 32-bit writes zero the upper half (SDM Vol. 1 3.4.1.1).
+        self.c.gpr[r as usize & 15] = if sz == 8 { v } else { v & 0xffff_ffff };
+    }
+
+    #[inline(always)]
+    fn get(&self, r: u8, sz: u8) -> u64 {
+        self.c.gpr[r as usize & 15] & mask(sz as usize)
+    }
+
+    /// (result, arithmetic flags) of `op` on `sz`-byte operands.
+    #[inline(always)]
+    fn calc(&self, op: u8, sz: u8, a: u64, b: u64) -> (u64, u64) {
+        let s = sz as usize;
+        let cin = self.c.rflags & CF;
+        match op {
+            ADD => alu::add(a, b, 0, s),
+            ADC => alu::add(a, b, cin, s),
+            SBB => alu::sub(a, b, cin, s),
+            SUB | CMP => alu::sub(a, b, 0, s),
+            AND | TEST => (a & b, alu::logic(a & b, s)),
+            OR => (a | b, alu::logic(a | b, s)),
+            _ => (a ^ b, alu::logic(a ^ b, s)),
+        }
+    }
+
+    /// Read-modify-write of `sz` bytes of RAM at linear `a` when the TLB already grants the write (the common
+    /// case); `None` sends the instruction to the generic path, which also handles faults, MMIO and code pages.
+    #[inline(always)]
+    fn rmw_fast(&mut self, a: u64, sz: u8, f: impl FnOnce(&Self, u64) -> (u64, u64)) -> Option<()> {
+        let p = self.host_range(a, sz as usize, true)?;
+        // SAFETY: `host_range` returned a pointer to `sz` bytes inside one guest RAM page that the TLB maps
+        // writable for the current privilege (GuestRam contract: live for the CPU's lifetime); raw unaligned
+        // accesses never form references into guest memory.
+        let old = unsafe {
+            match sz {
+                1 => p.read() as u64,
+                2 => (p as *const u16).read_unaligned() as u64,
+                4 => (p as *const u32).read_unaligned() as u64,
+                _ => (p as *const u64).read_unaligned(),
+            }
+        };
+        let (r, fl) = f(self, old);
+        // SAFETY: as above.
+        unsafe {
+            match sz {
+                1 => p.write(r as u8),
+                2 => (p as *mut u16).write_unaligned(r as u16),
+                4 => (p as *mut u32).write_unaligned(r as u32),
+                _ => (p as *mut u64).write_unaligned(r),
+            }
+        }
+        self.c.rflags = (self.c.rflags & !ARITH) | fl;
+        Some(())
+    }
+
+    #[inline(always)]
+    fn alu(&mut self, op: u8, d: u8, sz: u8, a: u64, b: u64) {
+        let (r, f) = self.calc(op, sz, a, b);
+        if op != CMP && op != TEST {
+            self.put(d, sz, r);
+        }
+        self.c.rflags = (self.c.rflags & !ARITH) | f;
+    }
+
+    /// Executes `i` through its pre-decoded form `op` (`Op::Generic` goes to `step`).
+    #[inline(always)]
+    pub fn step_op(&mut self, op: Op, i: &Instruction) -> Res<()> {
+        match op {
+            Op::Generic => self.step(i),
+            Op::MovRR { d, s, sz } => {
+                let v = self.c.gpr[s as usize & 15];
+                self.put(d, sz, v);
+                Ok(())
+            }
+            Op::MovRI { d, sz } => {
+                self.put(d, sz, i.immediate(1));
+                Ok(())
+            }
+            Op::MovRM { d, sz } => {
+                let a = self.ea(i);
+                let v = self.read(a, sz as usize)?;
+                self.put(d, sz, v);
+                Ok(())
+            }
+            Op::MovMR { s, sz } => {
+                let a = self.ea(i);
+                let v = self.c.gpr[s as usize & 15];
+                self.write(a, sz as usize, v)
+            }
+            Op::MovMI { sz } => {
+                let a = self.ea(i);
+                self.write(a, sz as usize, i.immediate(1))
+            }
+            Op::MovxRM { d, sz, ssz, signed } => {
+                let a = self.ea(i);
+                let v = self.read(a, ssz as usize)?;
+                let v = if signed { sext(v, ssz as usize) as u64 } else { v };
+                self.put(d, sz, v);
+                Ok(())
+            }
+            Op::Lea { d, sz } => {
+                let a = self.ea_off(i);
+                self.put(d, sz, a);
+                Ok(())
+            }
+            Op::AluRM { op, d, sz } => {
+                let a = self.ea(i);
+                let b = self.read(a, sz as usize)?;
+                let v = self.get(d, sz);
+                self.alu(op, d, sz, v, b);
+                Ok(())
+            }
+            Op::CmpMI { op, sz } => {
+                let a = self.ea(i);
+                let v = self.read(a, sz as usize)?;
+                let b = i.immediate(1) & mask(sz as usize);
+                self.alu(op, 0, sz, v, b);
+                Ok(())
+            }
+            Op::CmpMR { op, s, sz } => {
+                let a = self.ea(i);
+                let v = self.read(a, sz as usize)?;
+                let b = self.get(s, sz);
+                self.alu(op, 0, sz, v, b);
+                Ok(())
+            }
+            Op::Nop => Ok(()),
+            Op::MovxRR { d, s, sz, ssz, high, signed } => {
+                let g = self.c.gpr[s as usize & 15];
+                let v = if high { (g >> 8) & 0xff } else { g & mask(ssz as usize) };
+                let v = if signed { sext(v, ssz as usize) as u64 } else { v };
+                self.put(d, sz, v);
+                Ok(())
+            }
+            Op::ImulRR { d, s, sz, three } => {
+                let z = sz as usize;
+                let (a, b) = if three {
+                    (self.get(s, sz), i.immediate(2) & mask(z))
+                } else {
+                    (self.get(d, sz), self.get(s, sz))
+                };
+                let p = sext(a, z) as i128 * sext(b, z) as i128;
+                let lo = p as u64 & mask(z);
+                let ovf = sext(lo, z) as i128 != p;
+                self.put(d, sz, lo);
+                let f = alu::szp(lo, z) & !(ZF | AF) | if ovf { CF | OF } else { 0 };
+                self.c.rflags = (self.c.rflags & !ARITH) | f;
+                Ok(())
+            }
+            Op::ShiftR { op, d, sz } => {
+                let cnt = if i.op_count() < 2 {
+                    1
+                } else if i.op_kind(1) == OpKind::Register {
+                    self.c.gpr[1] & 0xff
+                } else {
+                    i.immediate(1) & 0xff
+                };
+                let cnt = (cnt & if sz == 8 { 63 } else { 31 }) as u32;
+                if cnt == 0 {
+                    // Flags untouched; a 32-bit destination is still written (zero-extended).
+                    let v = self.get(d, sz);
+                    self.put(d, sz, v);
+                    return Ok(());
+                }
+                let a = self.get(d, sz);
+                let old = self.c.rflags & ARITH;
+                let (r, f) = alu::shift(op, a, cnt, sz as usize, old);
+                self.put(d, sz, r);
+                self.c.rflags = (self.c.rflags & !ARITH) | f;
+                Ok(())
+            }
+            Op::SetccR { cc, d } => {
+                let v = cond(cc, self.c.rflags) as u64;
+                let g = &mut self.c.gpr[d as usize & 15];
+                *g = (*g & !0xff) | v;
+                Ok(())
+            }
+            Op::CmovRR { cc, d, s, sz } => {
+                // A 32-bit CMOV writes its destination (zero-extending) even when the condition is false.
+                let v = if cond(cc, self.c.rflags) { self.c.gpr[s as usize & 15] } else { self.c.gpr[d as usize & 15] };
+                self.put(d, sz, v);
+                Ok(())
+            }
+            Op::RmwMI { op, sz } => {
+                let a = self.ea(i);
+                let b = i.immediate(1) & mask(sz as usize);
+                match self.rmw_fast(a, sz, |ex, v| ex.calc(op, sz, v, b)) {
+                    Some(()) => Ok(()),
+                    None => self.step(i),
+                }
+            }
+            Op::RmwMR { op, s, sz } => {
+                let a = self.ea(i);
+                let b = self.get(s, sz);
+                match self.rmw_fast(a, sz, |ex, v| ex.calc(op, sz, v, b)) {
+                    Some(()) => Ok(()),
+                    None => self.step(i),
+                }
+            }
+            Op::IncDecM { sz, dec } => {
+                let a = self.ea(i);
+                let cf = self.c.rflags & CF;
+                let r = self.rmw_fast(a, sz, |_, v| {
+                    let (r, f) = if dec { alu::sub(v, 1, 0, sz as usize) } else { alu::add(v, 1, 0, sz as usize) };
+                    // INC/DEC leave CF alone.
+                    (r, (f & !CF) | cf)
+                });
+                match r {
+                    Some(()) => Ok(()),
+                    None => self.step(i),
+                }
+            }
+            Op::JmpRel => {
+                self.c.rip = i.near_branch_target();
+                Ok(())
+            }
+            Op::AluRR { op, d, s, sz } => {
+                let (a, b) = (self.get(d, sz), self.get(s, sz));
+                self.alu(op, d, sz, a, b);
+                Ok(())
+            }
+            Op::AluRI { op, d, sz } => {
+                let a = self.get(d, sz);
+                let b = i.immediate(1) & mask(sz as usize);
+                self.alu(op, d, sz, a, b);
+                Ok(())
+            }
+            Op::IncDec { d, sz, dec } => {
+                let a = self.get(d, sz);
+                let (r, f) = if dec { alu::sub(a, 1, 0, sz as usize) } else { alu::add(a, 1, 0, sz as usize) };
+                self.put(d, sz, r);
+                // INC/DEC leave CF alone.
+                self.c.rflags = (self.c.rflags & !(ARITH & !CF)) | (f & !CF);
+                Ok(())
+            }
+            Op::Jcc { cc } => {
+                if cond(cc, self.c.rflags) {
+                    self.c.rip = i.near_branch_target();
+                }
+                Ok(())
+            }
+            Op::Push64 { r } => {
+                let v = self.c.gpr[r as usize & 15];
+                self.push(8, v)
+            }
+            Op::Pop64 { r } => {
+                let sp = self.c.gpr[4];
+                let v = self.read(sp.wrapping_add(self.seg_base(SEG_SS)), 8)?;
+                self.c.gpr[4] = sp.wrapping_add(8);
+                self.c.gpr[r as usize & 15] = v;
+                Ok(())
+            }
+            Op::CallRel64 => {
+                let ret = self.c.rip;
+                self.push(8, ret)?;
+                self.c.rip = i.near_branch_target();
+                Ok(())
+            }
+            Op::Ret64 => {
+                let t = self.pop(8)?;
+                self.c.rip = t;
+                Ok(())
+            }
+        }
+    }
+}
