@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tessera_tests::bins;
@@ -100,31 +100,11 @@ fn kvm_available() -> bool {
     false
 }
 
-/// The launcher as `qemu-system-x86_64`, with the real children built next to it.
 fn launcher() -> Command {
-    bins::binary("tessera-core", "tessera-core");
-    bins::binary("tessera-chardev", "tessera-chardev");
-    let mut cmd = Command::new(bins::launcher("qemu-system-x86_64"));
-    cmd.env_remove("TESSERA_LIBEXEC_DIR").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd
+    bins::launcher_command("qemu-system-x86_64")
 }
 
-fn wait_output(mut child: Child, timeout: Duration) -> Output {
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the VM did not end within {timeout:?}\nstdout (guest serial): {}\nstderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
+use bins::wait_output;
 
 #[test]
 fn hello_through_the_chardev_and_the_debug_exit_status() {

@@ -12,7 +12,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_tests::bins;
@@ -44,31 +44,11 @@ fn guest(dir: &Path, name: &str, exit: Option<u8>) -> PathBuf {
     pvh_guest(dir, name, &code, &asm::string("msg", "hello\n")).unwrap_or_else(|e| panic!("building {name}: {e}"))
 }
 
-/// The launcher as `qemu-system-x86_64`, with the real children built next to it.
 fn launcher() -> Command {
-    bins::binary("tessera-core", "tessera-core");
-    bins::binary("tessera-chardev", "tessera-chardev");
-    let mut cmd = Command::new(bins::launcher(PROG));
-    cmd.env_remove("TESSERA_LIBEXEC_DIR").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd
+    bins::launcher_command(PROG)
 }
 
-fn wait_output(mut child: Child, timeout: Duration) -> Output {
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the VM did not end within {timeout:?}\nstdout (guest serial): {}\nstderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
+use bins::wait_output;
 
 /// The strictest options this run can use: as root, `-runas nobody` too.
 fn confining_args() -> Vec<&'static str> {

@@ -31,3 +31,35 @@ pub fn binary(package: &str, name: &str) -> PathBuf {
 pub fn launcher(name: &str) -> PathBuf {
     binary("tessera-launcher", name)
 }
+
+/// The launcher as `name` (`tessera` or `qemu-system-x86_64`), with the real tessera-core and tessera-chardev built
+/// next to it, stdin closed and stdout/stderr captured.
+pub fn launcher_command(name: &str) -> std::process::Command {
+    binary("tessera-core", "tessera-core");
+    binary("tessera-chardev", "tessera-chardev");
+    let mut cmd = std::process::Command::new(launcher(name));
+    cmd.env_remove("TESSERA_LIBEXEC_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// Wait for a VM started with [`launcher_command`] to end, for at most `timeout`; past it, kill it and panic with
+/// the guest's serial output (stdout) and the launcher's stderr.
+pub fn wait_output(mut child: std::process::Child, timeout: std::time::Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the VM did not end within {timeout:?}\nstdout (guest serial): {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
