@@ -11,7 +11,7 @@
 pub mod config;
 pub mod error;
 pub mod image;
-pub(crate) mod ratelimit;
+pub(crate) use tessera_backend_support::ratelimit;
 pub mod request;
 pub mod signals;
 pub mod testing;

@@ -16,7 +16,7 @@ pub mod config;
 pub mod error;
 pub mod frame;
 pub mod netloop;
-pub(crate) mod ratelimit;
+pub(crate) use tessera_backend_support::ratelimit;
 pub mod relay;
 pub mod slirp;
 pub mod tap;

@@ -1,0 +1,3 @@
+//! What Tessera's vhost-user backends share.
+
+pub mod ratelimit;
