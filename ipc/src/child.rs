@@ -41,6 +41,9 @@ pub fn start_child(role: Role, fd: i32) -> Result<ChildStart, ChildStartError> {
     match msg {
         LauncherToChild::Configure(config) => Ok(ChildStart { control, config, fds: ReceivedFds::new(fds) }),
         LauncherToChild::Shutdown => Err(ChildStartError::Unexpected("Shutdown")),
+        LauncherToChild::VhostUserReconnect { .. } => Err(ChildStartError::Unexpected("VhostUserReconnect")),
+        LauncherToChild::SerialReconnect { .. } => Err(ChildStartError::Unexpected("SerialReconnect")),
+        LauncherToChild::Monitor { .. } => Err(ChildStartError::Unexpected("Monitor")),
     }
 }
 

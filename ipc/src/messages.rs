@@ -57,6 +57,41 @@ pub enum LauncherToChild {
     Configure(ChildConfig),
     /// Finish cleanly: flush what is buffered and exit with status 0.
     Shutdown,
+    /// Core only: the backend behind vhost-user device `id` was restarted (or swapped, `x-tessera-backend-swap`).
+    /// Reconnect through `socket` (a fresh stream attached, or a path to connect to) and restore the device:
+    /// features, memory table, vrings and their indexes, the inflight region. The guest is not reset.
+    VhostUserReconnect { id: String, socket: VhostUserSocket },
+    /// Core only: the chardev process behind `chardev_id` was restarted; `channel` (attached) replaces the old
+    /// serial channel. What the guest printed while it was away was buffered by the core and is sent first.
+    SerialReconnect { chardev_id: String, channel: FdIndex },
+    /// Core only: a monitor (QMP) command about the guest. Answered by [`ChildToLauncher::MonitorReply`] with the
+    /// same `tag`.
+    Monitor { tag: u64, command: MonitorCommand },
+}
+
+/// The guest-facing monitor commands the launcher forwards to the core (QMP names in the comments).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MonitorCommand {
+    /// `query-status`.
+    QueryStatus,
+    /// `stop`: pause the vCPUs.
+    Stop,
+    /// `cont`: resume them.
+    Cont,
+    /// `system_powerdown`: ACPI power button.
+    SystemPowerdown,
+    /// `system_reset`.
+    SystemReset,
+}
+
+/// What a [`MonitorCommand`] returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MonitorValue {
+    /// The command has no return value (`{}` in QMP).
+    Empty,
+    /// `query-status`: QEMU's `StatusInfo` (`running`, and `status` such as `"running"`, `"paused"`,
+    /// `"prelaunch"`, `"shutdown"`).
+    Status { running: bool, status: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +109,14 @@ pub enum ChildToLauncher {
     Exit { code: i32, reason: String },
     /// The child cannot go on; the launcher prints `message` and stops the graph with status 1.
     Fatal { message: String },
+    /// Core: the answer to [`LauncherToChild::Monitor`] with the same `tag`; `Err` carries QMP's error text.
+    MonitorReply { tag: u64, result: Result<MonitorValue, String> },
+    /// Core: the connection to the vhost-user backend of device `id` dropped. The guest keeps running; the
+    /// device's requests wait until [`LauncherToChild::VhostUserReconnect`] (or, for a backend reached by path,
+    /// the core's own reconnect) restores it.
+    BackendDisconnected { id: String, reason: String },
+    /// Core: device `id` is served again, `stall_ms` after its backend went away.
+    BackendReconnected { id: String, stall_ms: u64 },
 }
 
 /// Logging set with `-d`/`-D`, passed to every child.

@@ -219,6 +219,12 @@ impl Graph {
                         c.expected_end = true;
                         return Some(End::Fatal(message));
                     }
+                    // No monitor and no backend restart yet (issue #8): the core's reports only reach the log.
+                    ChildToLauncher::MonitorReply { .. } => {}
+                    ChildToLauncher::BackendDisconnected { id, reason } => {
+                        eprintln!("tessera: {}: backend of {id} disconnected: {reason}", c.label);
+                    }
+                    ChildToLauncher::BackendReconnected { .. } => {}
                 },
                 Err(IpcError::WouldBlock) => return None,
                 // The process is going away: its exit status (SIGCHLD) says how.

@@ -173,6 +173,16 @@ impl Vm {
                 }
                 // A second configuration is not part of the protocol; the launcher is confused but alive.
                 Ok((LauncherToChild::Configure(_), _)) => {}
+                // Backend restart and the monitor are not implemented in the core yet (issue #8): say so rather
+                // than leave the launcher waiting for an answer.
+                Ok((LauncherToChild::Monitor { tag, command }, _)) => {
+                    let result = Err(format!("{command:?} is not supported by this tessera-core yet"));
+                    let _ = control.send(&ChildToLauncher::MonitorReply { tag, result }, &[]);
+                }
+                Ok((m @ (LauncherToChild::VhostUserReconnect { .. } | LauncherToChild::SerialReconnect { .. }), _)) => {
+                    let _ = events.send(VmEvent::ControlLost(format!("backend restart is not supported yet: {m:?}")));
+                    return;
+                }
                 Err(IpcError::Closed) => {
                     let _ = events.send(VmEvent::ControlLost("the launcher closed the control channel".into()));
                     return;

@@ -376,6 +376,9 @@ impl Chardev {
                 Ok((LauncherToChild::Configure(_), _)) => {
                     self.log("the launcher sent a second configuration; it is ignored");
                 }
+                Ok((other, _)) => {
+                    self.log(format_args!("a core-only control message reached tessera-chardev; ignored: {other:?}"));
+                }
                 Err(IpcError::WouldBlock) => return None,
                 Err(IpcError::Closed) if self.draining.is_some() => {
                     self.control_closed = true;
