@@ -92,20 +92,9 @@ fn confine() -> Result<(), ExitCode> {
         error!("{}", msg.strip_prefix("tessera-blk: ").unwrap_or(&msg));
         ExitCode::FAILURE
     };
-    let keep = match std::fs::read_dir("/proc/self/fd") {
-        Ok(dir) => {
-            let fds: Vec<i32> =
-                dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
-            // The directory's own descriptor was listed too and is closed by now: dropping it from the list
-            // is harmless (prepare closes what is not kept, and that one is gone).
-            fds.into_iter().filter(|&fd| fd_is_open(fd)).collect::<Vec<_>>()
-        }
-        Err(e) => {
-            error!("sandbox: listing /proc/self/fd: {e}");
-            return Err(ExitCode::FAILURE);
-        }
-    };
-    match tessera_policy::enter_from_env(tessera_policy::ProcessKind::Blk, &keep) {
+    let entered = tessera_policy::open_descriptors()
+        .and_then(|keep| tessera_policy::enter_from_env(tessera_policy::ProcessKind::Blk, &keep));
+    match entered {
         Ok(report) => {
             for w in &report.warnings {
                 log::warn!("sandbox: {w}");
@@ -115,10 +104,4 @@ fn confine() -> Result<(), ExitCode> {
         }
         Err(e) => Err(sandbox_error(&e)),
     }
-}
-
-/// Whether `fd` is an open descriptor (F_GETFD succeeds).
-fn fd_is_open(fd: i32) -> bool {
-    // SAFETY: F_GETFD only reads the descriptor's flags; a closed one fails with EBADF.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
