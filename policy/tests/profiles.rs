@@ -222,9 +222,11 @@ fn kvm_ioctl_numbers_match_kvm_bindings() {
 /// failed with an errno glibc copes with), except those made before the sandbox is entered.
 #[test]
 fn profiles_cover_what_the_real_binaries_do_under_strace() {
-    for (kind, observed) in
-        [(ProcessKind::Blk, include_str!("observed/blk.txt")), (ProcessKind::Core, include_str!("observed/core.txt"))]
-    {
+    for (kind, observed) in [
+        (ProcessKind::Blk, include_str!("observed/blk.txt")),
+        (ProcessKind::Core, include_str!("observed/core.txt")),
+        (ProcessKind::NetUser, include_str!("observed/net-user.txt")),
+    ] {
         let p = Profile::load(kind).unwrap();
         let errno: BTreeSet<&str> = p.errno.iter().flat_map(|(_, g)| g.syscalls.iter().map(String::as_str)).collect();
         let mut checked = 0;
