@@ -10,7 +10,9 @@
 //! - the misbehave build: a path is ENOENT and the process carries on; execve kills it (user mode); socket(AF_INET)
 //!   kills it (tap).
 //!
-//! Needs tessera-net's `--socket-fd` (the net branch adds it): skipped, saying so, without it.
+//! - `--tap IFNAME` and `guestfwd=...-cmd:` are refused under the sandbox with a message saying why.
+//!
+//! The first three need tessera-net's `--socket-fd` (the net branch adds it): skipped, saying so, without it.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -294,4 +296,32 @@ fn the_misbehaving_net_backend_is_denied_or_killed() {
     assert_eq!(status.signal(), Some(SIGSYS), "tap socket-inet: {status:?} {logs}");
     assert!(logs.contains("tessera-net: misbehave: open-passwd: denied ENOENT"), "{logs}");
     assert!(logs.contains("tessera-net: misbehave: socket-inet: trying"), "{logs}");
+}
+
+/// What cannot work confined is refused with a message saying so, instead of failing later or running less
+/// confined: `--tap IFNAME` (opens /dev/net/tun by path) and `guestfwd=...-cmd:` (starts a program).
+#[test]
+fn what_cannot_work_confined_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = bins::binary("tessera-net", "tessera-net");
+    for (args, says) in [
+        (&["--tap", "tsbx-none"][..], "--tap tsbx-none opens /dev/net/tun by path, which the sandbox hides"),
+        (
+            &["--user", "guestfwd=tcp:10.0.2.100:1234-cmd:cat"][..],
+            "guestfwd=...-cmd: starts a program, which a confined tessera-net cannot",
+        ),
+    ] {
+        let out = Command::new(&bin)
+            .arg("--socket-path")
+            .arg(dir.path().join("never.sock"))
+            .args(args)
+            .env(tessera_policy::SANDBOX_ENV, "v1,on")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!dir.path().join("never.sock").exists(), "{args:?}: nothing was served");
+    }
 }
