@@ -8,8 +8,7 @@
 //!   confinement accepts a host connection;
 //! - tap (`--tap-fd`, profile `net`, root only): the same, but in a network namespace of its own;
 //! - the misbehave build: a path is ENOENT and the process carries on; execve kills it (user mode); socket(AF_INET)
-//!   kills it (tap).
-//!
+//!   kills it (tap);
 //! - `--tap IFNAME` and `guestfwd=...-cmd:` are refused under the sandbox with a message saying why.
 //!
 //! The first three need tessera-net's `--socket-fd` (the net branch adds it): skipped, saying so, without it.
