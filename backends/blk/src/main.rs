@@ -27,12 +27,12 @@ fn main() -> ExitCode {
         config.num_queues
     );
     // A socket path is bound before the sandbox hides every path (the launcher passes a bound one instead).
-    let listener = match &config.socket {
+    let socket = match &config.socket {
         SocketSource::Path(p) => match vhost::vhost_user::Listener::new(p, true) {
-            Ok(l) => Some(l),
+            Ok(l) => Socket::Bound(l, p.clone()),
             Err(e) => return fail(&tessera_blk::Error::Listen { path: p.clone(), reason: e.to_string() }),
         },
-        SocketSource::Fd(_) => None,
+        SocketSource::Fd(fd) => Socket::Inherited(*fd),
     };
     // Confined once the image and the socket are open and before any thread starts or anything is read from
     // the front end (docs/SECURITY.md).
@@ -50,15 +50,20 @@ fn main() -> ExitCode {
         io_threads: config.io_threads,
         direct: config.image.direct,
     });
-    let served = match (&config.socket, listener) {
-        (SocketSource::Path(p), Some(l)) => serve_listener(l, p, dev),
-        (SocketSource::Path(_), None) => unreachable!("a socket path is bound above"),
-        (SocketSource::Fd(fd), _) => serve_fd(*fd, dev),
+    let served = match socket {
+        Socket::Bound(l, p) => serve_listener(l, &p, dev),
+        Socket::Inherited(fd) => serve_fd(fd, dev),
     };
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// The vhost-user socket once the configuration is applied: bound here (`--socket-path`) or inherited.
+enum Socket {
+    Bound(vhost::vhost_user::Listener, std::path::PathBuf),
+    Inherited(i32),
 }
 
 fn fail(e: &tessera_blk::Error) -> ExitCode {
