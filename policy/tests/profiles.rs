@@ -360,6 +360,7 @@ fn named_rule_values_match_libc() {
         ("AF_INET", v(libc::AF_INET.into()), None),
         ("AF_INET6", v(libc::AF_INET6.into()), None),
         ("FIONREAD", v(libc::FIONREAD as i64), None),
+        ("MFD_CLOEXEC", v(libc::MFD_CLOEXEC.into()), None),
         ("CLONE_THREAD", v(libc::CLONE_THREAD.into()), Some(v(libc::CLONE_THREAD.into()))),
         ("prot without PROT_EXEC", 0, Some(v(libc::PROT_EXEC.into()))),
         ("IPPROTO_TCP, TCP_NODELAY", v(libc::IPPROTO_TCP.into()), None),
