@@ -43,6 +43,9 @@ pub trait VirtioDevice: Send {
 pub const NEEDS_SHARED_RAM: &str =
     "Failed initializing vhost-user memory map, consider using -object memory-backend-file share=on";
 
+/// Receives the device id and each event of [`Backends::supervise`].
+pub type BackendReport = Arc<dyn Fn(&str, vhost_user::Event) + Send + Sync>;
+
 /// The vhost-user connections of the machine's devices, by device `id` (for backend supervision: disconnect
 /// reports, reconnects, `x-tessera-backend-swap`).
 #[derive(Clone, Default)]
@@ -53,6 +56,17 @@ pub struct Backends {
 impl Backends {
     pub fn vhost_user(&self, id: &str) -> Option<&vhost_user::VhostUser> {
         self.vhost_user.iter().find(|(i, _)| i == id).map(|(_, v)| v)
+    }
+
+    /// Start supervising every backend (see [`vhost_user::VhostUser::supervise`]); `report` gets the device id
+    /// with each event.
+    pub fn supervise(&self, report: BackendReport) -> std::io::Result<()> {
+        for (id, vu) in &self.vhost_user {
+            let id = id.clone();
+            let report = report.clone();
+            vu.supervise(Arc::new(move |e| report(&id, e)))?;
+        }
+        Ok(())
     }
 }
 

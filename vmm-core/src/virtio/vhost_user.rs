@@ -9,24 +9,41 @@
 //!
 //! The connection is shared (a [`VhostUser`] is a cheap clone) so that the vCPU thread driving the transport and
 //! the supervision of the backend both reach it; every backend exchange happens under one lock.
+//!
+//! Backend restart (issue #8): when the connection drops (the socket hangs up, or a request fails) the device
+//! stays present to the guest and its requests wait in the rings. [`VhostUser::supervise`] reports it, then
+//! restores the device on a new connection: one it dials itself every [`REDIAL_INTERVAL`] for a backend reached
+//! by path, or one the launcher passes ([`VhostUser::reconnect_with`], `LauncherToChild::VhostUserReconnect`).
+//! Restoring replays what the guest set up, in the order of a first start (vhost-user spec, "Starting and
+//! stopping rings"; QEMU's vhost_dev_start): SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES,
+//! GET_QUEUE_NUM, SET_FEATURES (the guest's acked set), SET_MEM_TABLE, SET_INFLIGHT_FD (the region kept from
+//! GET_INFLIGHT_FD, so the backend resubmits what was in flight), then per ring SET_VRING_NUM, _ADDR, _BASE,
+//! _CALL, _KICK (the same eventfds: irqfd/ioeventfd registrations do not change) and _ENABLE.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::QueueConfig;
 use crate::memory::GuestRam;
 use crate::Error;
 
 /// How long the core waits for a vhost-user reply.
-const BACKEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the core dials a backend reached by path while it is away. QEMU's `reconnect=` polls once a second;
+/// a restarted tessera-blk listens again within milliseconds, and the guest's requests wait for this long at most
+/// beyond that.
+pub const REDIAL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Where the backend is.
 pub enum Connection {
@@ -51,6 +68,17 @@ pub struct DeviceSpec {
     pub required_protocol: &'static [(VhostUserProtocolFeatures, &'static str)],
 }
 
+/// What the supervision of a backend reports (see [`VhostUser::supervise`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The backend went away; the device's requests wait.
+    Disconnected { reason: String },
+    /// The device is served again, `stall` after the core noticed the backend was gone.
+    Reconnected { stall: Duration },
+    /// A new connection was made but the device could not be restored on it (the device keeps waiting).
+    RestoreFailed { reason: String },
+}
+
 /// The state of one connection, under [`VhostUser`]'s lock.
 struct Conn {
     name: String,
@@ -59,79 +87,135 @@ struct Conn {
     spec: DeviceSpec,
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
-    /// Queues handed to the backend by the last activation, and the guest's features they run with.
+    /// Queues handed to the backend by the last activation, and the guest's features they run with. Kept while
+    /// the backend is away: a restore starts them again.
     active: Option<(u64, Vec<QueueConfig>)>,
     /// The inflight area (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), kept so a restarted backend can resume.
     inflight: Option<(VhostUserInflight, File)>,
-    /// Set after a failure talking to the backend: the device stays broken until the VM ends.
-    broken: Option<String>,
+    /// Where the core dials by itself when the backend is away; `None` for a stream the launcher passed.
+    path: Option<String>,
+    /// Since when, and why, the backend is away. Nothing is sent to it meanwhile.
+    down: Option<(Instant, String)>,
+    /// The supervisor has reported `down` (one report per outage).
+    reported: bool,
+    /// Wakes the supervisor.
+    wake: Arc<EventFd>,
+}
+
+struct Shared {
+    conn: Mutex<Conn>,
+    /// A connection the launcher passed (or a path it named) for the supervisor to restore the device on. Apart
+    /// from `conn` so the control thread never waits for a vCPU thread's backend exchange.
+    pending: Mutex<Option<Connection>>,
+    wake: Arc<EventFd>,
 }
 
 /// A vhost-user front end for one device; clones share the connection.
 #[derive(Clone)]
 pub struct VhostUser {
-    conn: Arc<Mutex<Conn>>,
+    shared: Arc<Shared>,
 }
 
 fn vu_err<'a>(name: &'a str, what: &'static str) -> impl Fn(vhost::Error) -> Error + 'a {
     move |e| Error::Config(format!("{name}: vhost-user backend: {what}: {e}"))
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Open `conn` with the reply timeouts set.
+fn open(name: &str, conn: Connection) -> Result<UnixStream, Error> {
+    let stream = match conn {
+        Connection::Path(p) => UnixStream::connect(&p)
+            .map_err(|e| Error::Config(format!("{name}: Failed to connect to '{p}': {}", crate::strerror(&e))))?,
+        Connection::Stream(s) => s,
+    };
+    // Every vhost-user request waits for its reply on a vCPU thread: a backend that stops answering must not
+    // hang the guest for ever. After this long the request fails and the connection counts as dropped.
+    stream
+        .set_read_timeout(Some(BACKEND_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(BACKEND_TIMEOUT)))
+        .map_err(|e| Error::Config(format!("{name}: vhost-user socket: {e}")))?;
+    Ok(stream)
+}
+
+/// SET_OWNER, features, protocol features, queue count on a fresh connection.
+fn negotiate(
+    name: &str,
+    stream: UnixStream,
+    spec: &DeviceSpec,
+) -> Result<(Frontend, u64, VhostUserProtocolFeatures), Error> {
+    let mut frontend = Frontend::from_stream(stream, u64::from(spec.num_queues));
+    frontend.set_owner().map_err(vu_err(name, "SET_OWNER"))?;
+    let backend_features = frontend.get_features().map_err(vu_err(name, "GET_FEATURES"))?;
+    let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if backend_features & pf == 0 {
+        return Err(Error::Config(format!(
+            "{name}: the vhost-user backend lacks VHOST_USER_F_PROTOCOL_FEATURES, which this device needs"
+        )));
+    }
+    if backend_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+        return Err(Error::Config(format!("{name}: the vhost-user backend does not offer VIRTIO_F_VERSION_1")));
+    }
+    // Protocol features are negotiated right after GET_FEATURES, before any SET_FEATURES, as QEMU does
+    // (libvhost-user drops a front end that sets features first).
+    let offered = frontend.get_protocol_features().map_err(vu_err(name, "GET_PROTOCOL_FEATURES"))?;
+    let protocol = offered & spec.wanted_protocol;
+    frontend.set_protocol_features(protocol).map_err(vu_err(name, "SET_PROTOCOL_FEATURES"))?;
+    for (f, msg) in spec.required_protocol {
+        if !protocol.contains(*f) {
+            return Err(Error::Config(format!("{name}: {msg}")));
+        }
+    }
+    let max_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+        frontend.get_queue_num().map_err(vu_err(name, "GET_QUEUE_NUM"))?
+    } else {
+        1
+    };
+    if u64::from(spec.num_queues) > max_queues {
+        // QEMU's wording.
+        return Err(Error::Config(format!(
+            "{name}: The maximum number of queues supported by the backend is {max_queues}"
+        )));
+    }
+    Ok((frontend, backend_features, protocol))
+}
+
 impl VhostUser {
     /// Connect and negotiate: SET_OWNER, features, protocol features, queue count. `name` names the device in
     /// messages (QEMU's `-device vhost-user-blk-pci,chardev=...` prefix).
     pub fn connect(name: String, conn: Connection, spec: DeviceSpec, ram: Arc<GuestRam>) -> Result<Self, Error> {
-        let stream = match conn {
-            Connection::Path(p) => UnixStream::connect(&p)
-                .map_err(|e| Error::Config(format!("{name}: Failed to connect to '{p}': {}", crate::strerror(&e))))?,
-            Connection::Stream(s) => s,
+        let path = match &conn {
+            Connection::Path(p) => Some(p.clone()),
+            Connection::Stream(_) => None,
         };
-        // Every vhost-user request waits for its reply on a vCPU thread: a backend that stops answering must
-        // not hang the guest for ever. After this long the request fails and the device needs a reset.
-        stream
-            .set_read_timeout(Some(BACKEND_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(BACKEND_TIMEOUT)))
-            .map_err(|e| Error::Config(format!("{name}: vhost-user socket: {e}")))?;
-        let mut frontend = Frontend::from_stream(stream, u64::from(spec.num_queues));
-        frontend.set_owner().map_err(vu_err(&name, "SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(vu_err(&name, "GET_FEATURES"))?;
-        let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if backend_features & pf == 0 {
-            return Err(Error::Config(format!(
-                "{name}: the vhost-user backend lacks VHOST_USER_F_PROTOCOL_FEATURES, which this device needs"
-            )));
-        }
-        if backend_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            return Err(Error::Config(format!("{name}: the vhost-user backend does not offer VIRTIO_F_VERSION_1")));
-        }
-        // Protocol features are negotiated right after GET_FEATURES, before any SET_FEATURES, as QEMU does
-        // (libvhost-user drops a front end that sets features first).
-        let offered = frontend.get_protocol_features().map_err(vu_err(&name, "GET_PROTOCOL_FEATURES"))?;
-        let protocol = offered & spec.wanted_protocol;
-        frontend.set_protocol_features(protocol).map_err(vu_err(&name, "SET_PROTOCOL_FEATURES"))?;
-        for (f, msg) in spec.required_protocol {
-            if !protocol.contains(*f) {
-                return Err(Error::Config(format!("{name}: {msg}")));
-            }
-        }
-        let max_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            frontend.get_queue_num().map_err(vu_err(&name, "GET_QUEUE_NUM"))?
-        } else {
-            1
+        let stream = open(&name, conn)?;
+        let (frontend, backend_features, protocol) = negotiate(&name, stream, &spec)?;
+        let wake = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(|e| Error::Config(format!("{name}: eventfd: {e}")))?,
+        );
+        let conn = Conn {
+            name,
+            frontend,
+            ram,
+            spec,
+            backend_features,
+            protocol,
+            active: None,
+            inflight: None,
+            path,
+            down: None,
+            reported: false,
+            wake: wake.clone(),
         };
-        if u64::from(spec.num_queues) > max_queues {
-            // QEMU's wording.
-            return Err(Error::Config(format!(
-                "{name}: The maximum number of queues supported by the backend is {max_queues}"
-            )));
-        }
-        let conn =
-            Conn { name, frontend, ram, spec, backend_features, protocol, active: None, inflight: None, broken: None };
-        Ok(VhostUser { conn: Arc::new(Mutex::new(conn)) })
+        let shared = Shared { conn: Mutex::new(conn), pending: Mutex::new(None), wake };
+        Ok(VhostUser { shared: Arc::new(shared) })
     }
 
     fn lock(&self) -> MutexGuard<'_, Conn> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.shared.conn)
     }
 
     /// The device name given to [`VhostUser::connect`].
@@ -155,60 +239,174 @@ impl VhostUser {
         c.backend_features & mask
     }
 
-    /// The error that broke the connection, if one did.
-    pub fn broken(&self) -> Option<String> {
-        self.lock().broken.clone()
+    /// Why the backend is away, if it is.
+    pub fn down(&self) -> Option<String> {
+        self.lock().down.as_ref().map(|(_, why)| why.clone())
     }
 
     /// GET_CONFIG of `len` bytes from offset 0 (libvhost-user ignores the offset field), padded with zeros to
-    /// `len` when the backend returns less.
+    /// `len` when the backend returns less. Fails while the backend is away.
     pub fn get_config(&self, len: usize) -> Result<Vec<u8>, String> {
         let mut c = self.lock();
-        if let Some(b) = &c.broken {
-            return Err(format!("the vhost-user backend failed earlier ({b})"));
+        if let Some((_, b)) = &c.down {
+            return Err(format!("the vhost-user backend is away ({b})"));
         }
         let buf = vec![0u8; len];
-        let (_, payload) = c
-            .frontend
-            .get_config(0, len as u32, VhostUserConfigFlags::empty(), &buf)
-            .map_err(|e| format!("GET_CONFIG: {e}"))?;
+        let (_, payload) = match c.frontend.get_config(0, len as u32, VhostUserConfigFlags::empty(), &buf) {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("GET_CONFIG: {e}");
+                c.mark_down(&why);
+                return Err(why);
+            }
+        };
         let mut out = vec![0u8; len];
         let n = payload.len().min(len);
         out[..n].copy_from_slice(&payload[..n]);
         Ok(out)
     }
 
-    /// SET_CONFIG of a device configuration write the device lets through. A failure breaks the connection.
+    /// SET_CONFIG of a device configuration write the device lets through. Lost while the backend is away.
     pub fn set_config(&self, offset: u32, data: &[u8]) {
         let mut c = self.lock();
-        if c.broken.is_some() {
+        if c.down.is_some() {
             return;
         }
         if let Err(e) = c.frontend.set_config(offset, VhostUserConfigFlags::WRITABLE, data) {
-            c.broken = Some(format!("SET_CONFIG: {e}"));
+            c.mark_down(&format!("SET_CONFIG: {e}"));
         }
     }
 
     /// DRIVER_OK: start the backend on `queues` (the enabled ones among the backend's) with the guest's
-    /// `features`. On failure the rings started so far are stopped again.
+    /// `features`. Rings outside guest RAM are refused. A backend that is away (or goes away now) gets them when
+    /// it is back: the guest's requests wait meanwhile.
     pub fn activate(&self, features: u64, queues: &[QueueConfig]) -> Result<(), String> {
         let mut c = self.lock();
-        if let Some(b) = &c.broken {
-            return Err(format!("the vhost-user backend failed earlier ({b})"));
-        }
         if queues.is_empty() {
             return Err("no virtqueue was enabled".into());
         }
-        let r = c.start(features, queues);
-        if r.is_err() {
-            c.stop();
+        for q in queues {
+            c.ring_addrs(q)?;
         }
-        r
+        if c.down.is_some() {
+            c.active = Some((features, queues.to_vec()));
+            return Ok(());
+        }
+        if let Err(why) = c.start(features, queues) {
+            // Every guest-side check passed above: the backend failed. Start all the queues on its return.
+            c.active = Some((features, queues.to_vec()));
+            c.mark_down(&why);
+        }
+        Ok(())
     }
 
     /// The driver reset the device (status 0) or the guest rebooted: stop the backend's rings.
     pub fn reset(&self) {
-        self.lock().stop();
+        let mut c = self.lock();
+        c.stop();
+        // A new driver starts from empty rings: the inflight entries of the old ones must not be resubmitted
+        // (QEMU frees the region on reset too, vhost_user_blk_reset).
+        c.inflight = None;
+    }
+
+    /// Restore the device on `conn` (`LauncherToChild::VhostUserReconnect`): a backend restarted by the
+    /// launcher, or another backend (`x-tessera-backend-swap`). Done by the supervisor thread.
+    pub fn reconnect_with(&self, conn: Connection) {
+        *lock(&self.shared.pending) = Some(conn);
+        let _ = self.shared.wake.write(1);
+    }
+
+    /// Watch the backend for the life of the process: report when it goes away, and restore the device on a new
+    /// connection (dialed every [`REDIAL_INTERVAL`] for a backend reached by path, or passed with
+    /// [`VhostUser::reconnect_with`]).
+    pub fn supervise(&self, report: Arc<dyn Fn(Event) + Send + Sync>) -> std::io::Result<()> {
+        let me = self.clone();
+        let name = format!("vu-{}", self.name());
+        std::thread::Builder::new().name(name.chars().take(15).collect()).spawn(move || me.supervisor(&*report))?;
+        Ok(())
+    }
+
+    fn supervisor(&self, report: &dyn Fn(Event)) {
+        let mut last_failure = String::new();
+        loop {
+            let (fd, down, dial) = {
+                let c = self.lock();
+                (c.frontend.as_raw_fd(), c.down.is_some(), c.path.is_some())
+            };
+            let timeout = if down && dial { REDIAL_INTERVAL.as_millis() as i32 } else { -1 };
+            // A hang-up shows as POLLHUP/POLLRDHUP without consuming the replies a vCPU thread waits for.
+            let mut fds = [
+                libc::pollfd { fd: self.shared.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: if down { -1 } else { fd }, events: libc::POLLRDHUP, revents: 0 },
+            ];
+            // SAFETY: two valid pollfd entries; the descriptors stay open (only this thread replaces the frontend).
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    std::thread::sleep(REDIAL_INTERVAL);
+                }
+                continue;
+            }
+            if fds[0].revents != 0 {
+                let _ = self.shared.wake.read();
+            }
+            let hung_up = fds[1].revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0;
+            let pending = lock(&self.shared.pending).take();
+            let mut c = self.lock();
+            if hung_up {
+                c.mark_down("the backend closed the connection");
+            }
+            if c.down.is_some() && !c.reported {
+                c.reported = true;
+                let reason = c.down.as_ref().map(|(_, r)| r.clone()).unwrap_or_default();
+                report(Event::Disconnected { reason });
+            }
+            let stream = match pending {
+                Some(conn) => {
+                    // The launcher's word replaces where the core dials by itself.
+                    c.path = match &conn {
+                        Connection::Path(p) => Some(p.clone()),
+                        Connection::Stream(_) => None,
+                    };
+                    match open(&c.name, conn) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            report(Event::RestoreFailed { reason: e.to_string() });
+                            None
+                        }
+                    }
+                }
+                None if c.down.is_some() => c.path.clone().and_then(|p| match UnixStream::connect(&p) {
+                    // Not listening (yet): the usual case while a backend restarts; tried again shortly.
+                    Err(_) => None,
+                    Ok(s) => open(&c.name, Connection::Stream(s)).ok(),
+                }),
+                None => None,
+            };
+            let Some(stream) = stream else { continue };
+            if c.down.is_none() {
+                // A swap while the old backend serves: stop its rings first so two backends never serve one
+                // ring, then report the outage like any other.
+                c.stop();
+                c.mark_down("replaced by another backend connection");
+                c.reported = true;
+                report(Event::Disconnected { reason: "replaced by another backend connection".into() });
+            }
+            match c.restore(stream) {
+                Ok(stall) => {
+                    last_failure.clear();
+                    report(Event::Reconnected { stall });
+                }
+                Err(reason) => {
+                    // A path is dialed every few milliseconds: the same failure is reported once.
+                    if reason != last_failure {
+                        last_failure = reason.clone();
+                        report(Event::RestoreFailed { reason });
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -222,7 +420,31 @@ impl Conn {
         }
     }
 
-    fn start(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), String> {
+    /// Host addresses of a queue's descriptor table, available and used rings.
+    fn ring_addrs(&self, q: &QueueConfig) -> Result<(u64, u64, u64), String> {
+        let n = u64::from(q.size);
+        // Split virtqueue part sizes (virtio 1.2 §2.7): 16-byte descriptors, 6 + 2n avail, 6 + 8n used.
+        Ok((
+            self.host_addr(q.desc, 16 * n, "descriptor table")?,
+            self.host_addr(q.driver, 6 + 2 * n, "available ring")?,
+            self.host_addr(q.device, 6 + 8 * n, "used ring")?,
+        ))
+    }
+
+    /// The backend is away: nothing more is sent on this connection, and the socket is shut down so a backend
+    /// that still lives lets go of it. The supervisor reports it and restores the device.
+    fn mark_down(&mut self, why: &str) {
+        if self.down.is_none() {
+            self.down = Some((Instant::now(), why.to_string()));
+            self.reported = false;
+            // SAFETY: shutdown on the frontend's own socket, which stays open (closed when it is replaced).
+            unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// SET_FEATURES, SET_MEM_TABLE and the inflight region: what precedes ring setup.
+    fn prepare(&mut self, features: u64) -> Result<(), String> {
         let e = |what: &'static str| move |err: vhost::Error| format!("{what}: {err}");
         // The backend keeps VHOST_USER_F_PROTOCOL_FEATURES only if it is set again with the guest's features.
         let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -255,10 +477,15 @@ impl Conn {
                 self.frontend.set_inflight_fd(info, file.as_raw_fd()).map_err(e("SET_INFLIGHT_FD"))?;
             }
         }
+        Ok(())
+    }
+
+    fn start(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), String> {
+        self.prepare(features)?;
         self.active = Some((features, Vec::new()));
         for q in queues {
             self.start_ring(q, 0)?;
-            // Recorded as each ring starts, so a failure stops the rings that did start.
+            // Recorded as each ring starts, so a reset stops the rings that did start.
             if let Some((_, started)) = &mut self.active {
                 started.push(q.clone());
             }
@@ -269,11 +496,7 @@ impl Conn {
     /// SET_VRING_NUM, _ADDR, _BASE `base`, _CALL, _KICK, _ENABLE for one queue.
     fn start_ring(&mut self, q: &QueueConfig, base: u16) -> Result<(), String> {
         let e = |what: &'static str| move |err: vhost::Error| format!("{what}: {err}");
-        let n = u64::from(q.size);
-        // Split virtqueue part sizes (virtio 1.2 §2.7): 16-byte descriptors, 6 + 2n avail, 6 + 8n used.
-        let desc = self.host_addr(q.desc, 16 * n, "descriptor table")?;
-        let avail = self.host_addr(q.driver, 6 + 2 * n, "available ring")?;
-        let used = self.host_addr(q.device, 6 + 8 * n, "used ring")?;
+        let (desc, avail, used) = self.ring_addrs(q)?;
         self.frontend.set_vring_num(q.index, q.size).map_err(e("SET_VRING_NUM"))?;
         let cfg = VringConfigData {
             queue_max_size: self.spec.queue_size,
@@ -293,15 +516,68 @@ impl Conn {
         Ok(())
     }
 
-    /// Stop the started rings: GET_VRING_BASE stops a ring (vhost-user spec, "Ring states").
+    /// Stop the started rings: GET_VRING_BASE stops a ring (vhost-user spec, "Ring states"). Nothing is sent to
+    /// a backend that is away.
     fn stop(&mut self) {
-        if let Some((_, queues)) = self.active.take() {
-            for q in queues {
-                let _ = self.frontend.set_vring_enable(q.index, false);
-                if let Err(err) = self.frontend.get_vring_base(q.index) {
-                    self.broken = Some(format!("GET_VRING_BASE: {err}"));
-                }
+        let Some((_, queues)) = self.active.take() else { return };
+        if self.down.is_some() {
+            return;
+        }
+        for q in queues {
+            let r = self.frontend.set_vring_enable(q.index, false).and_then(|()| self.frontend.get_vring_base(q.index));
+            if let Err(err) = r {
+                self.mark_down(&format!("GET_VRING_BASE: {err}"));
+                return;
             }
         }
+    }
+
+    /// Restore the device on a fresh connection to a (restarted or other) backend; returns the stall.
+    fn restore(&mut self, stream: UnixStream) -> Result<Duration, String> {
+        let (frontend, features, protocol) = negotiate(&self.name, stream, &self.spec).map_err(|e| e.to_string())?;
+        if let Some((acked, _)) = &self.active {
+            let missing = acked & !features;
+            if missing != 0 {
+                return Err(format!(
+                    "{}: the new vhost-user backend lacks features {missing:#x} the guest uses",
+                    self.name
+                ));
+            }
+        }
+        // The old socket closes here (the frontend is dropped).
+        self.frontend = frontend;
+        self.backend_features = features;
+        self.protocol = protocol;
+        if let Some((acked, queues)) = self.active.clone() {
+            let r = self.prepare(acked).and_then(|()| {
+                for q in &queues {
+                    // The backend that died cannot be asked GET_VRING_BASE: resume from the used index in guest
+                    // memory, as QEMU does (virtio_queue_restore_last_avail_idx). Requests between it and the
+                    // available index run again, or are resubmitted from the inflight region.
+                    let base: u16 = self
+                        .ram
+                        .memory()
+                        .read_obj(GuestAddress(q.device + 2))
+                        .map_err(|e| format!("reading the used index of queue {}: {e}", q.index))?;
+                    self.start_ring(q, base)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                // SAFETY: shutdown on the new frontend's own socket, which stays open.
+                unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
+                return Err(format!("{}: restoring the device: {e}", self.name));
+            }
+            for q in &queues {
+                // Kicks the guest made while the backend was away are in the kick eventfds already; completions
+                // the old backend wrote without signalling them are not: one spurious kick and interrupt per
+                // queue cover both (the driver checks the rings, virtio 1.2 §2.7.7 and §2.7.10).
+                let _ = q.kick.write(1);
+                let _ = q.call.write(1);
+            }
+        }
+        let stall = self.down.take().map(|(t, _)| t.elapsed()).unwrap_or_default();
+        self.reported = false;
+        Ok(stall)
     }
 }

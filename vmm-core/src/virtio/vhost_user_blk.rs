@@ -47,6 +47,8 @@ const REQUIRED: &[(VhostUserProtocolFeatures, &str)] =
 pub struct VhostUserBlk {
     vu: VhostUser,
     num_queues: u16,
+    /// The last configuration the backend gave: what the guest reads while the backend is away.
+    last_config: Vec<u8>,
 }
 
 impl VhostUserBlk {
@@ -68,8 +70,8 @@ impl VhostUserBlk {
             required_protocol: REQUIRED,
         };
         let vu = VhostUser::connect(name.clone(), conn, spec, ram)?;
-        let d = VhostUserBlk { vu, num_queues };
-        d.fetch_config().map_err(|e| Error::Config(format!("{name}: vhost-user backend: {e}")))?;
+        let mut d = VhostUserBlk { vu, num_queues, last_config: Vec::new() };
+        d.last_config = d.fetch_config().map_err(|e| Error::Config(format!("{name}: vhost-user backend: {e}")))?;
         Ok(d)
     }
 
@@ -104,15 +106,16 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        // Forwarded on every read, so the guest sees a resized disk.
-        let cfg = self.fetch_config();
+        // Forwarded on every read, so the guest sees a resized disk; while the backend is away (restarting), the
+        // last configuration it gave.
+        if let Ok(c) = self.fetch_config() {
+            self.last_config = c;
+        }
         let off = offset as usize;
         data.fill(0);
-        if let Ok(c) = cfg {
-            if off < CONFIG_LEN {
-                let n = data.len().min(CONFIG_LEN - off);
-                data[..n].copy_from_slice(&c[off..off + n]);
-            }
+        if off < self.last_config.len() {
+            let n = data.len().min(self.last_config.len() - off);
+            data[..n].copy_from_slice(&self.last_config[off..off + n]);
         }
     }
 
