@@ -247,9 +247,12 @@ fn backend_reporter(control: &Arc<Channel>, log: &Arc<GuestLog>) -> crate::virti
                 log.error(&format!("{id}: vhost-user backend disconnected ({reason}); its requests wait"));
                 let _ = control.send(&ChildToLauncher::BackendDisconnected { id, reason }, &[]);
             }
-            Event::Reconnected { stall } => {
+            Event::Reconnected { stall, in_flight } => {
                 let stall_ms = stall.as_millis() as u64;
-                log.error(&format!("{id}: vhost-user backend reconnected, device restored after {stall_ms} ms"));
+                log.error(&format!(
+                    "{id}: vhost-user backend reconnected, device restored after {stall_ms} ms \
+                     ({in_flight} requests were in flight)"
+                ));
                 let _ = control.send(&ChildToLauncher::BackendReconnected { id, stall_ms }, &[]);
             }
             Event::RestoreFailed { reason } => {

@@ -73,8 +73,9 @@ pub struct DeviceSpec {
 pub enum Event {
     /// The backend went away; the device's requests wait.
     Disconnected { reason: String },
-    /// The device is served again, `stall` after the core noticed the backend was gone.
-    Reconnected { stall: Duration },
+    /// The device is served again, `stall` after the core noticed the backend was gone; `in_flight` requests
+    /// (made available by the guest, not yet used) were handed to the new backend.
+    Reconnected { stall: Duration, in_flight: u32 },
     /// A new connection was made but the device could not be restored on it (the device keeps waiting).
     RestoreFailed { reason: String },
 }
@@ -394,9 +395,9 @@ impl VhostUser {
                 report(Event::Disconnected { reason: "replaced by another backend connection".into() });
             }
             match c.restore(stream) {
-                Ok(stall) => {
+                Ok((stall, in_flight)) => {
                     last_failure.clear();
-                    report(Event::Reconnected { stall });
+                    report(Event::Reconnected { stall, in_flight });
                 }
                 Err(reason) => {
                     // A path is dialed every few milliseconds: the same failure is reported once.
@@ -532,8 +533,9 @@ impl Conn {
         }
     }
 
-    /// Restore the device on a fresh connection to a (restarted or other) backend; returns the stall.
-    fn restore(&mut self, stream: UnixStream) -> Result<Duration, String> {
+    /// Restore the device on a fresh connection to a (restarted or other) backend; returns the stall and the
+    /// number of requests the guest had made available that were not used yet.
+    fn restore(&mut self, stream: UnixStream) -> Result<(Duration, u32), String> {
         let (frontend, features, protocol) = negotiate(&self.name, stream, &self.spec).map_err(|e| e.to_string())?;
         if let Some((acked, _)) = &self.active {
             let missing = acked & !features;
@@ -548,6 +550,7 @@ impl Conn {
         self.frontend = frontend;
         self.backend_features = features;
         self.protocol = protocol;
+        let mut in_flight = 0u32;
         if let Some((acked, queues)) = self.active.clone() {
             let r = self.prepare(acked).and_then(|()| {
                 for q in &queues {
@@ -559,6 +562,8 @@ impl Conn {
                         .memory()
                         .read_obj(GuestAddress(q.device + 2))
                         .map_err(|e| format!("reading the used index of queue {}: {e}", q.index))?;
+                    let avail: u16 = self.ram.memory().read_obj(GuestAddress(q.driver + 2)).unwrap_or(base);
+                    in_flight += u32::from(avail.wrapping_sub(base));
                     self.start_ring(q, base)?;
                 }
                 Ok(())
@@ -578,6 +583,6 @@ impl Conn {
         }
         let stall = self.down.take().map(|(t, _)| t.elapsed()).unwrap_or_default();
         self.reported = false;
-        Ok(stall)
+        Ok((stall, in_flight))
     }
 }
