@@ -60,11 +60,8 @@ fn chardev_dies(core: &mut Core) {
     let fd = core.serials[0].as_fd().as_raw_fd();
     // SAFETY: shutdown on a socket this test owns; it is closed below.
     assert_eq!(unsafe { libc::shutdown(fd, libc::SHUT_RD) }, 0);
-    loop {
-        match core.serials[0].try_recv::<CoreToChardev>() {
-            Ok((CoreToChardev::Output(b), _)) => core.output.extend(b),
-            Err(_) => break,
-        }
+    while let Ok((CoreToChardev::Output(b), _)) = core.serials[0].try_recv::<CoreToChardev>() {
+        core.output.extend(b);
     }
     let (dead, _) = Channel::pair().unwrap();
     drop(std::mem::replace(&mut core.serials[0], dead));
