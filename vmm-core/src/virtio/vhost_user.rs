@@ -388,8 +388,10 @@ impl VhostUser {
             let Some(stream) = stream else { continue };
             if c.down.is_none() {
                 // A swap while the old backend serves: stop its rings first so two backends never serve one
-                // ring, then report the outage like any other.
+                // ring (the rings stay active for the new backend), then report the outage like any other.
+                let active = c.active.clone();
                 c.stop();
+                c.active = active;
                 c.mark_down("replaced by another backend connection");
                 c.reported = true;
                 report(Event::Disconnected { reason: "replaced by another backend connection".into() });
