@@ -10,9 +10,10 @@
 //! Checked: no writer saw a mismatch or an I/O error, the kernel logged no I/O error, and the last block each
 //! writer wrote is in the image on the host.
 //!
-//! Backends: tessera-blk (`TESSERA_BLK=path` picks another build). Without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
-//! the used index is the only record of what completed, which is exact only when requests complete in order: the
-//! test then runs tessera-blk with `--io-threads 0`. qemu-storage-daemon (libvhost-user, which keeps inflight
+//! Backends: tessera-blk (`TESSERA_BLK=path` picks another build). With VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD it
+//! runs with `--direct`, so requests complete out of order and the inflight region says what to resubmit. Without
+//! it the used index is the only record of what completed, which is exact only when requests complete in order:
+//! the test then runs tessera-blk with `--io-threads 0`. qemu-storage-daemon (libvhost-user, which keeps inflight
 //! records) is the second backend.
 //!
 //! Bounds: the boot takes 30-120 s of wall time here, the kills about a minute; every step is allowed 300 s.
@@ -195,6 +196,14 @@ fn has_inflight(sock: &Path) -> bool {
     f.set_owner().unwrap();
     f.get_features().unwrap();
     f.get_protocol_features().unwrap().contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+}
+
+/// Start `b`, probe it, stop it again.
+fn has_inflight_after_start(b: &mut TesseraBlk, sock: &Path) -> bool {
+    b.start();
+    let r = has_inflight(sock);
+    b.kill();
+    r
 }
 
 /// Take the serial output that is waiting (without blocking).
@@ -396,14 +405,16 @@ fn linux_keeps_writing_while_tessera_blk_is_killed_and_restarted() {
     let sock = dir.0.join("blk.sock");
     let mut b =
         TesseraBlk { bin: tessera_blk_binary(), img: img.clone(), sock: sock.clone(), extra: vec![], child: None };
-    b.start();
-    if !has_inflight(&sock) {
+    if has_inflight_after_start(&mut b, &sock) {
+        // Requests complete out of order (O_DIRECT goes to io_uring or the I/O pool): the inflight region is what
+        // tells the restarted backend which ones to resubmit.
+        b.extra = vec!["--direct".into()];
+    } else {
         // Completion order is all the used index can express: one thread per queue keeps it.
         eprintln!("{} lacks VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: running it with --io-threads 0", b.bin.display());
-        b.kill();
         b.extra = vec!["--io-threads".into(), "0".into()];
-        b.start();
     }
+    b.start();
     run(&mut b, &img, &sock, &dir);
 }
 
