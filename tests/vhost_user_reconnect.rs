@@ -42,6 +42,9 @@ const KILLS: usize = 30;
 const KILL_PHASE: Duration = Duration::from_secs(150);
 const DEVICE_ID: &str = "disk0";
 const WRITERS: u32 = 4;
+/// Request queues the device offers. Linux's virtio-blk uses at most one per CPU and the software CPU runs one
+/// vCPU for now, so the guest enables one of the two (the other is never started nor restored).
+const QUEUES: u16 = 2;
 /// 128 KiB slots each writer cycles through.
 const SLOTS_PER_WRITER: u32 = 8;
 const SLOT: usize = 128 << 10;
@@ -51,6 +54,7 @@ exec </dev/console >/dev/console 2>&1
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 [ -b /dev/vda ] || echo "NO-VDA"
+echo "VDA-QUEUES: $(ls /sys/block/vda/mq | wc -l) CPUS: $(grep -c ^processor /proc/cpuinfo)"
 writer() {
   id=$1; n=0
   while [ ! -e /tmp/stop ]; do
@@ -94,7 +98,7 @@ impl Backend for TesseraBlk {
             .arg(&self.sock)
             .arg("--image")
             .arg(&self.img)
-            .args(["--format", "raw", "--num-queues", "1"])
+            .args(["--format", "raw", "--num-queues", &QUEUES.to_string()])
             .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -128,7 +132,7 @@ impl Backend for Qsd {
             .arg(format!("driver=file,node-name=f,filename={},cache.direct=off", self.img.display()))
             .arg("--export")
             .arg(format!(
-                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues=1",
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={QUEUES}",
                 self.sock.display()
             ))
             .stdout(Stdio::null())
@@ -212,7 +216,15 @@ fn pump_serial(core: &mut Core) {
         match core.serials[0].try_recv::<CoreToChardev>() {
             Ok((CoreToChardev::Output(b), _)) => core.output.extend(b),
             Err(IpcError::WouldBlock) => return,
-            Err(e) => panic!("serial channel failed: {e}; serial output:\n{}", core.text()),
+            Err(e) => {
+                let control = core.control.try_recv::<ChildToLauncher>().map(|m| m.0);
+                let status = core.wait_exit();
+                panic!(
+                    "serial channel failed: {e}; control: {control:?}; core {status}; stderr: {}; serial output:\n{}",
+                    core.stderr_text(),
+                    core.text()
+                )
+            }
         }
     }
 }
@@ -281,7 +293,7 @@ fn run(backend: &mut dyn Backend, img: &Path, sock: &Path, dir: &TempDir) {
     setup.vhost_user_blk = vec![VhostUserBlkConfig {
         id: DEVICE_ID.into(),
         socket: VhostUserSocket::Path(sock.display().to_string()),
-        num_queues: Some(1),
+        num_queues: Some(QUEUES),
         slot: None,
         origin: "-device vhost-user-blk-pci,chardev=c0".into(),
     }];
@@ -306,7 +318,7 @@ fn run(backend: &mut dyn Backend, img: &Path, sock: &Path, dir: &TempDir) {
             break;
         }
         // A random moment: the writers keep several requests in flight most of the time.
-        let wait = Duration::from_millis(100 + rng.below(900));
+        let wait = Duration::from_millis(200 + rng.below(1300));
         if let Some(m) = next_control(&mut core, wait) {
             panic!("unexpected control message {m:?}; serial output:\n{}", core.text());
         }
