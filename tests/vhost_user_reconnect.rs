@@ -13,8 +13,8 @@
 //! Backends: tessera-blk (`TESSERA_BLK=path` picks another build). With VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD it
 //! runs with `--direct`, so requests complete out of order and the inflight region says what to resubmit. Without
 //! it the used index is the only record of what completed, which is exact only when requests complete in order:
-//! the test then runs tessera-blk with `--io-threads 0`. qemu-storage-daemon (libvhost-user, which keeps inflight
-//! records) is the second backend.
+//! the test then runs tessera-blk with `--io-threads 0`. qemu-storage-daemon is the second backend (7.2
+//! does not offer INFLIGHT_SHMFD either: the restore relies on its completions staying in order).
 //!
 //! Bounds: the boot takes 30-120 s of wall time here, the kills about a minute; every step is allowed 300 s.
 

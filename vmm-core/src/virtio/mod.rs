@@ -37,7 +37,13 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, features: u64, queues: Vec<QueueConfig>) -> Result<(), String>;
     /// The driver reset the device (status 0) or the guest rebooted: stop serving.
     fn reset(&mut self);
+    /// The transport's configuration-change notification (virtio 1.2 §4.1.5.3: config_generation moves on and the
+    /// configuration vector fires). A device whose configuration can change under the driver keeps it.
+    fn set_config_notifier(&mut self, _notify: ConfigNotifier) {}
 }
+
+/// Called by a device when its configuration changed.
+pub type ConfigNotifier = Arc<dyn Fn() + Send + Sync>;
 
 /// QEMU's message (hw/virtio/vhost-user.c) when guest RAM cannot be passed to a vhost-user backend.
 pub const NEEDS_SHARED_RAM: &str =

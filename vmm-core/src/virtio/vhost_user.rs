@@ -21,19 +21,21 @@
 //! _CALL, _KICK (the same eventfds: irqfd/ioeventfd registrations do not change) and _ENABLE.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler, VhostUserProtocolFeatures,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::QueueConfig;
+use super::{ConfigNotifier, QueueConfig};
 use crate::memory::GuestRam;
 use crate::Error;
 
@@ -101,6 +103,26 @@ struct Conn {
     reported: bool,
     /// Wakes the supervisor.
     wake: Arc<EventFd>,
+    /// The transport's configuration-change notification, for the backend's CONFIG_CHANGE_MSG.
+    notify: Arc<Mutex<Option<ConfigNotifier>>>,
+    /// Our duplicate of the backend's end of the backend request channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ):
+    /// shutting it down ends the thread that serves the channel when the connection is replaced.
+    backend_req: Option<OwnedFd>,
+}
+
+/// Serves the backend's requests: only VHOST_USER_BACKEND_CONFIG_CHANGE_MSG is acted upon (the vhost crate
+/// answers the others with an error).
+struct BackendRequests {
+    notify: Arc<Mutex<Option<ConfigNotifier>>>,
+}
+
+impl VhostUserFrontendReqHandler for BackendRequests {
+    fn handle_config_change(&self) -> vhost::vhost_user::HandlerResult<u64> {
+        if let Some(n) = lock(&self.notify).as_ref() {
+            n();
+        }
+        Ok(0)
+    }
 }
 
 struct Shared {
@@ -197,7 +219,7 @@ impl VhostUser {
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(|e| Error::Config(format!("{name}: eventfd: {e}")))?,
         );
-        let conn = Conn {
+        let mut conn = Conn {
             name,
             frontend,
             ram,
@@ -210,7 +232,10 @@ impl VhostUser {
             down: None,
             reported: false,
             wake: wake.clone(),
+            notify: Arc::new(Mutex::new(None)),
+            backend_req: None,
         };
+        conn.open_backend_channel().map_err(|e| Error::Config(format!("{}: vhost-user backend: {e}", conn.name)))?;
         let shared = Shared { conn: Mutex::new(conn), pending: Mutex::new(None), wake };
         Ok(VhostUser { shared: Arc::new(shared) })
     }
@@ -238,6 +263,12 @@ impl VhostUser {
         let c = self.lock();
         let mask = c.spec.forwarded.iter().fold(0u64, |m, &b| m | 1 << b);
         c.backend_features & mask
+    }
+
+    /// Where configuration changes the backend announces (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG) are signalled.
+    pub fn set_config_notifier(&self, notify: ConfigNotifier) {
+        let c = self.lock();
+        *lock(&c.notify) = Some(notify);
     }
 
     /// Why the backend is away, if it is.
@@ -414,6 +445,37 @@ impl VhostUser {
 }
 
 impl Conn {
+    /// With VHOST_USER_PROTOCOL_F_BACKEND_REQ, give the backend a channel for its requests (as QEMU does right
+    /// after the protocol features, vhost_setup_backend_channel) and serve it on a thread of its own.
+    fn open_backend_channel(&mut self) -> Result<(), String> {
+        if let Some(old) = self.backend_req.take() {
+            // SAFETY: shutdown on a descriptor this connection owns; it ends the old channel's thread.
+            unsafe { libc::shutdown(old.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if !self.protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            return Ok(());
+        }
+        let handler = Arc::new(BackendRequests { notify: self.notify.clone() });
+        let mut server = FrontendReqHandler::new(handler).map_err(|e| format!("backend request channel: {e}"))?;
+        server.set_reply_ack_flag(self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+        let tx = server.get_tx_raw_fd();
+        // SAFETY: `tx` is the handler's open socket, alive while `server` is; the borrow ends at the clone.
+        let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(tx) }
+            .try_clone_to_owned()
+            .map_err(|e| format!("backend request channel: {e}"))?;
+        self.frontend.set_backend_request_fd(&tx).map_err(|e| format!("SET_BACKEND_REQ_FD: {e}"))?;
+        self.backend_req = Some(dup);
+        let name: String = format!("vu-req-{}", self.name).chars().take(15).collect();
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                // Ends when the channel closes or breaks (the backend went away, or the connection was replaced).
+                while server.handle_request().is_ok() {}
+            })
+            .map_err(|e| format!("backend request thread: {e}"))?;
+        Ok(())
+    }
+
     fn host_addr(&self, gpa: u64, len: u64, what: &str) -> Result<u64, String> {
         let mem = self.ram.memory();
         let ok = mem.check_range(GuestAddress(gpa), len as usize);
@@ -552,6 +614,7 @@ impl Conn {
         self.frontend = frontend;
         self.backend_features = features;
         self.protocol = protocol;
+        self.open_backend_channel().map_err(|e| format!("{}: {e}", self.name))?;
         let mut in_flight = 0u32;
         if let Some((acked, queues)) = self.active.clone() {
             let r = self.prepare(acked).and_then(|()| {

@@ -61,7 +61,9 @@ impl VhostUserBlk {
         let wanted = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // For VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: a resized disk interrupts the guest.
+            | VhostUserProtocolFeatures::BACKEND_REQ;
         let spec = DeviceSpec {
             num_queues,
             queue_size: QUEUE_SIZE,
@@ -132,5 +134,9 @@ impl VirtioDevice for VhostUserBlk {
 
     fn reset(&mut self) {
         self.vu.reset();
+    }
+
+    fn set_config_notifier(&mut self, notify: super::ConfigNotifier) {
+        self.vu.set_config_notifier(notify);
     }
 }
