@@ -1,25 +1,27 @@
-//! The vhost-user adapter: feeds descriptor chains from the rings rust-vmm's vhost-user-backend
-//! manages into [`crate::request::process_request`]. No block logic lives here.
+//! The vhost-user device: features and config space, the request path from the rings (queue
+//! threads, the I/O pool, inflight tracking) into [`crate::request::process_request`], and the
+//! serve loop. The vhost-user messages are handled in [`crate::handler`]; no block logic lives
+//! here.
 
 use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use log::{error, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError, Listener};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
+use crate::handler::BlkHandler;
 use crate::image::BlockIo;
+use crate::inflight::{chain_descs, InflightRegion};
 use crate::request::{process_request, try_process_request, Desc, DiskProps, SECTOR_SIZE};
 use crate::{Error, Result};
 
@@ -86,6 +88,9 @@ impl BlkDevice {
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// The inflight region the front end gave this connection, if any.
+type Region = Option<Arc<InflightRegion>>;
+
 /// Requests at least this large go to the I/O pool even on the page cache: copying a MiB is
 /// long enough that doing several in parallel beats the thread hand-off.
 const OFFLOAD_MIN_BYTES: u64 = 128 << 10;
@@ -98,13 +103,31 @@ struct Job {
     descs: Vec<Desc>,
     head: u16,
     queue: usize,
+    region: Region,
 }
 
-/// Requests in flight in the pool, per queue, so that GET_VRING_BASE can wait for them.
-type Inflight = Arc<(Mutex<Vec<usize>>, Condvar)>;
+/// What the queue threads and the pool share about completions.
+struct Completions {
+    /// Requests in flight in the pool, per queue, so that GET_VRING_BASE can wait for them.
+    pending: Mutex<Vec<usize>>,
+    idle: Condvar,
+    /// Whether a request completed on this connection yet: the first one is logged, which
+    /// marks the end of a restart's stall (tests/blk_restart_inflight.rs measures it).
+    first_done: AtomicBool,
+}
 
-/// One connection's backend. A fresh one is made per connection so that the worker threads and
-/// their exit events of a finished connection go away with it.
+type Pending = Arc<Completions>;
+
+impl Completions {
+    fn note_completion(&self, q: usize) {
+        if !self.first_done.swap(true, Ordering::Relaxed) {
+            info!("queue {q}: first request completed on this connection");
+        }
+    }
+}
+
+/// One connection's device state: the request path the queue threads and the pool share. A
+/// fresh one is made per connection so that its pool goes away with it.
 pub struct VhostBlk {
     dev: Arc<BlkDevice>,
     config: Vec<u8>,
@@ -112,15 +135,130 @@ pub struct VhostBlk {
     event_idx: AtomicBool,
     /// Sender side of the I/O pool (None: every request runs on its queue's thread).
     pool: Option<Arc<Pool>>,
-    inflight: Inflight,
+    pending: Pending,
+    region: RwLock<Region>,
+    /// Per queue: the inflight counter of the next chain taken from the avail ring.
+    counters: Vec<AtomicU64>,
 }
 
 impl VhostBlk {
     pub fn new(dev: Arc<BlkDevice>) -> Self {
         let config = dev.config_space();
-        let inflight: Inflight = Arc::new((Mutex::new(vec![0; usize::from(dev.num_queues)]), Condvar::new()));
-        let pool = (dev.io_threads > 0).then(|| start_pool(&dev, &inflight)).flatten();
-        VhostBlk { dev, config, mem: RwLock::new(None), event_idx: AtomicBool::new(false), pool, inflight }
+        let pending: Pending = Arc::new(Completions {
+            pending: Mutex::new(vec![0; usize::from(dev.num_queues)]),
+            idle: Condvar::new(),
+            first_done: AtomicBool::new(false),
+        });
+        let pool = (dev.io_threads > 0).then(|| start_pool(&dev, &pending)).flatten();
+        let counters = (0..dev.num_queues).map(|_| AtomicU64::new(1)).collect();
+        VhostBlk {
+            dev,
+            config,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            pool,
+            pending,
+            region: RwLock::new(None),
+            counters,
+        }
+    }
+
+    pub fn dev(&self) -> &BlkDevice {
+        &self.dev
+    }
+
+    pub fn update_memory(&self, mem: Mem) {
+        if let Ok(mut m) = self.mem.write() {
+            *m = Some(mem);
+        }
+    }
+
+    pub fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    /// GET_CONFIG: exactly `size` bytes from `offset`, zero beyond what we define (the front
+    /// end asks for the size it computed from our features).
+    pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(self.config.len());
+        let end = (offset as usize).saturating_add(size as usize).min(self.config.len());
+        out[..end - start].copy_from_slice(&self.config[start..end]);
+        out
+    }
+
+    pub fn set_inflight(&self, region: Region) {
+        if let Ok(mut r) = self.region.write() {
+            *r = region;
+        }
+    }
+
+    fn region(&self) -> Region {
+        self.region.read().ok().and_then(|r| r.clone())
+    }
+
+    fn memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
+        self.mem.read().ok().and_then(|m| m.as_ref().map(|a| a.memory()))
+    }
+
+    /// Queue start with an inflight region: recover it against the used ring (spec, "Inflight
+    /// I/O tracking") and position the avail index after what is still in flight. Returns the
+    /// heads to resubmit, oldest first.
+    pub fn start_queue(&self, vring: &VringRwLock, q: usize, features: u64) -> Vec<u16> {
+        let (Some(region), Some(mem)) = (self.region(), self.memory()) else { return Vec::new() };
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let used = match queue.used_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                error!("queue {q}: cannot read the used ring to recover in-flight requests: {e}");
+                return Vec::new();
+            }
+        };
+        let tracker = match region.queue(q as u16, queue.size()) {
+            Ok(t) => t,
+            Err(e) => {
+                error!("queue {q}: not tracking in-flight requests: {e}");
+                return Vec::new();
+            }
+        };
+        let rec = tracker.recover(used, features);
+        queue.set_next_avail(rec.next_avail);
+        queue.set_next_used(used);
+        if let Some(c) = self.counters.get(q) {
+            c.store(rec.next_counter, Ordering::Relaxed);
+        }
+        if !rec.resubmit.is_empty() {
+            info!("queue {q}: resubmitting {} request(s) that were in flight", rec.resubmit.len());
+        }
+        rec.resubmit
+    }
+
+    /// Runs the chains with these heads again (their inflight entries stay as they are).
+    pub fn resubmit(&self, vring: &VringRwLock, q: usize, heads: &[u16]) {
+        let Some(mem) = self.memory() else { return };
+        let region = self.region();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let (table, size) = (queue.desc_table(), queue.size());
+        let mut completed_here = 0;
+        for &head in heads {
+            let Some(descs) = chain_descs(&mem, table, size, head) else {
+                crate::ratelimit::guest_error(format_args!("queue {q}: in-flight chain {head} is malformed"));
+                complete(queue, &mem, head, 0, q, region.as_deref());
+                self.pending.note_completion(q);
+                completed_here += 1;
+                continue;
+            };
+            if self.dispatch(vring, queue, &mem, descs, head, q, &region) {
+                completed_here += 1;
+            }
+        }
+        if completed_here > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
+            if let Err(e) = state.signal_used_queue() {
+                warn!("cannot signal queue {q}: {e}");
+            }
+        }
     }
 
     /// Whether a request goes straight to the pool: blocking device I/O (O_DIRECT) always,
@@ -131,13 +269,60 @@ impl VhostBlk {
             && (self.dev.direct || descs.iter().map(|d| u64::from(d.len)).sum::<u64>() >= OFFLOAD_MIN_BYTES)
     }
 
+    /// Executes one request here or hands it to the pool; true if it completed here.
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &self,
+        vring: &VringRwLock,
+        queue: &mut virtio_queue::Queue,
+        mem: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+        descs: Vec<Desc>,
+        head: u16,
+        q: usize,
+        region: &Region,
+    ) -> bool {
+        // Small page-cache requests run here; what would block goes to the pool.
+        let inline = if self.offload(&descs) {
+            None
+        } else if self.pool.is_some() {
+            try_run_request(mem, &descs, &self.dev)
+        } else {
+            Some(run_request(mem, &descs, &self.dev))
+        };
+        match (inline, &self.pool) {
+            (Some(used), _) => {
+                complete(queue, mem, head, used, q, region.as_deref());
+                self.pending.note_completion(q);
+                true
+            }
+            (None, Some(pool)) => {
+                if let Some(slot) = lock(&self.pending.pending).get_mut(q) {
+                    *slot += 1;
+                }
+                pool.submit(Job {
+                    vring: vring.clone(),
+                    mem: mem.clone(),
+                    descs,
+                    head,
+                    queue: q,
+                    region: region.clone(),
+                });
+                false
+            }
+            (None, None) => {
+                let used = run_request(mem, &descs, &self.dev);
+                complete(queue, mem, head, used, q, region.as_deref());
+                self.pending.note_completion(q);
+                true
+            }
+        }
+    }
+
     /// Executes (or hands to the pool) every available chain, then notifies the driver about the
     /// ones completed here if it asked for it.
-    fn process_vring(&self, vring: &VringRwLock, queue_index: usize) -> io::Result<()> {
-        let Some(atomic) = self.mem.read().ok().and_then(|m| m.clone()) else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
+    fn process_vring(&self, vring: &VringRwLock, q: usize) -> io::Result<()> {
+        let Some(mem) = self.memory() else { return Ok(()) };
+        let region = self.region();
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
         let chains: Vec<_> = match queue.iter(&*mem) {
@@ -145,40 +330,91 @@ impl VhostBlk {
             Err(e) => {
                 // E.g. an avail index more than the queue size ahead (§2.7.6): the driver is
                 // broken; leave the queue alone until it resets the device.
-                crate::ratelimit::guest_error(format_args!("queue {queue_index} unusable: {e}"));
+                crate::ratelimit::guest_error(format_args!("queue {q} unusable: {e}"));
                 return Ok(());
             }
         };
+        if let (Some(r), Some(counter)) = (&region, self.counters.get(q)) {
+            if let Ok(t) = r.queue(q as u16, queue.size()) {
+                for chain in &chains {
+                    t.start(chain.head_index(), counter.fetch_add(1, Ordering::Relaxed));
+                }
+            }
+        }
         let mut completed_here = 0;
         for chain in chains {
             let head = chain.head_index();
             let descs: Vec<Desc> =
                 chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }).collect();
-            // Small page-cache requests run here; what would block goes to the pool.
-            let inline = if self.offload(&descs) {
-                None
-            } else if self.pool.is_some() {
-                try_run_request(&mem, &descs, &self.dev)
-            } else {
-                Some(run_request(&mem, &descs, &self.dev))
-            };
-            let Some(used) = inline else {
-                let job = Job { vring: vring.clone(), mem: mem.clone(), descs, head, queue: queue_index };
-                if let Some(slot) = lock(&self.inflight.0).get_mut(queue_index) {
-                    *slot += 1;
-                }
-                if let Some(pool) = &self.pool {
-                    pool.submit(job);
-                }
-                continue;
-            };
-            add_used(queue, &mem, head, used);
-            completed_here += 1;
+            if self.dispatch(vring, queue, &mem, descs, head, q, &region) {
+                completed_here += 1;
+            }
         }
         if completed_here > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
             state.signal_used_queue()?;
         }
         Ok(())
+    }
+
+    /// A kick (or a queue start): process the ring, with EVENT_IDX re-checking after notifications
+    /// are re-enabled, or a chain made available in between would wait for the next kick
+    /// (virtio 1.2 §2.7.10).
+    pub fn handle_kick(&self, vring: &VringRwLock, q: usize) {
+        let run = |v: &VringRwLock| {
+            if let Err(e) = self.process_vring(v, q) {
+                warn!("queue {q}: {e}");
+            }
+        };
+        if self.event_idx.load(Ordering::Relaxed) {
+            loop {
+                let _ = vring.disable_notification();
+                run(vring);
+                match vring.enable_notification() {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            }
+        } else {
+            run(vring);
+        }
+    }
+
+    /// Waits (bounded, so a stuck host I/O cannot hang the control connection forever) until
+    /// queue `q` has no request left in the pool.
+    pub fn wait_queue_idle(&self, q: usize) {
+        let (count, cv) = (&self.pending.pending, &self.pending.idle);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut guard = lock(count);
+        while guard.get(q).copied().unwrap_or(0) > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                warn!("queue {q} stopped with requests still in flight");
+                break;
+            }
+            guard = cv.wait_timeout(guard, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+/// Puts `head` on the used ring, keeping the inflight region (if any) in step: the chain becomes
+/// the last batch before the used ring moves, and is cleared after (spec, "Inflight I/O
+/// tracking", split virtqueue). Called with the vring locked, so one queue's completions are
+/// serialized whichever thread makes them.
+fn complete(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    used: u32,
+    q: usize,
+    region: Option<&InflightRegion>,
+) {
+    let tracker = region.and_then(|r| r.queue(q as u16, queue.size()).ok());
+    if let Some(t) = &tracker {
+        t.before_used(head);
+    }
+    add_used(queue, mem, head, used);
+    if let Some(t) = &tracker {
+        t.after_used(head, queue.next_used());
     }
 }
 
@@ -255,29 +491,29 @@ impl Pool {
 
 /// Starts `dev.io_threads` threads executing offloaded requests, each completing its request on
 /// its vring (virtio allows completion in any order, §2.7.8).
-fn start_pool(dev: &Arc<BlkDevice>, inflight: &Inflight) -> Option<Arc<Pool>> {
+fn start_pool(dev: &Arc<BlkDevice>, pending: &Pending) -> Option<Arc<Pool>> {
     let pool = Arc::new(Pool { jobs: Mutex::new((VecDeque::new(), false)), cv: Condvar::new() });
     for i in 0..dev.io_threads {
         let worker_pool = pool.clone();
         let dev = dev.clone();
-        let inflight = inflight.clone();
+        let pending = pending.clone();
         let spawned = std::thread::Builder::new().name(format!("blk-io{i}")).spawn(move || {
             while let Some(job) = worker_pool.next() {
                 let used = run_request(&job.mem, &job.descs, &dev);
                 {
                     let mut state = job.vring.get_mut();
-                    add_used(state.get_queue_mut(), &job.mem, job.head, used);
+                    complete(state.get_queue_mut(), &job.mem, job.head, used, job.queue, job.region.as_deref());
+                    pending.note_completion(job.queue);
                     if state.get_queue_mut().needs_notification(&*job.mem).unwrap_or(true) {
                         if let Err(e) = state.signal_used_queue() {
                             warn!("cannot signal queue {}: {e}", job.queue);
                         }
                     }
                 }
-                let (count, cv) = &*inflight;
-                if let Some(slot) = lock(count).get_mut(job.queue) {
+                if let Some(slot) = lock(&pending.pending).get_mut(job.queue) {
                     *slot = slot.saturating_sub(1);
                 }
-                cv.notify_all();
+                pending.idle.notify_all();
             }
         });
         if let Err(e) = spawned {
@@ -294,125 +530,6 @@ impl Drop for VhostBlk {
         if let Some(pool) = &self.pool {
             pool.close();
         }
-    }
-}
-
-impl VhostUserBackend for VhostBlk {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        usize::from(self.dev.num_queues)
-    }
-
-    fn max_queue_size(&self) -> usize {
-        usize::from(self.dev.queue_size)
-    }
-
-    fn features(&self) -> u64 {
-        self.dev.features()
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        // INFLIGHT_SHMFD is not offered: vhost-user-backend 0.24 answers GET/SET_INFLIGHT_FD
-        // with an error and gives backends no hook to serve them (see docs/blk.md).
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            // ADD/REM_MEM_REG, served by vhost-user-backend; libblkio requires it.
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // The front end asks for the config size it computed from our features; answer with
-        // exactly `size` bytes, zero beyond what we define.
-        let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(self.config.len());
-        let end = (offset as usize).saturating_add(size as usize).min(self.config.len());
-        out[..end - start].copy_from_slice(&self.config[start..end]);
-        out
-    }
-
-    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
-        // Only `wce` is writable in virtio-blk, and we do not offer CONFIG_WCE.
-        Err(io::Error::new(io::ErrorKind::PermissionDenied, "virtio-blk config space is read-only in tessera-blk"))
-    }
-
-    fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        if let Ok(mut m) = self.mem.write() {
-            *m = Some(mem);
-        }
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker thread per queue: queues are independent, so multiqueue scales with cores.
-        (0..self.dev.num_queues).map(|q| 1u64 << q).collect()
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: requests already taken from this queue must complete first, or the
-        // front end (or the next backend after a restart) would see them neither used nor
-        // available. Bounded, so a stuck host I/O cannot hang the control connection forever.
-        let (count, cv) = &*self.inflight;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut guard = lock(count);
-        while guard.get(queue_index as usize).copied().unwrap_or(0) > 0 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                warn!("queue {queue_index} stopped with requests still in flight");
-                break;
-            }
-            guard = cv.wait_timeout(guard, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
-        }
-        Ok(())
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // Called once per worker thread when the connection's handler is built.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                error!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            warn!("unexpected event set {evset:?} on queue event {device_event}");
-            return Ok(());
-        }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            warn!("event for unknown queue {device_event}");
-            return Ok(());
-        };
-        if self.event_idx.load(Ordering::Relaxed) {
-            // Re-check after re-enabling notifications, or a chain made available in between
-            // would wait for the next kick (virtio 1.2 §2.7.10).
-            loop {
-                let _ = vring.disable_notification();
-                self.process_vring(vring, usize::from(device_event))?;
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    _ => break,
-                }
-            }
-        } else {
-            self.process_vring(vring, usize::from(device_event))?;
-        }
-        Ok(())
     }
 }
 
@@ -462,28 +579,40 @@ pub fn serve_listener(mut listener: Listener, name: &Path, dev: Arc<BlkDevice>) 
 /// Accepts one connection on `listener` and serves it until it ends. Ok(true) when a
 /// connection was served (however it ended), Ok(false) when none could be accepted.
 pub fn serve_connection(listener: &mut Listener, path: &Path, dev: Arc<BlkDevice>) -> Result<bool> {
-    let backend = Arc::new(VhostBlk::new(dev.clone()));
-    let mut daemon =
-        VhostUserDaemon::new("tessera-blk".to_owned(), backend, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-            .map_err(|e| Error::Daemon { path: path.to_owned(), reason: e.to_string() })?;
     info!("waiting for a vhost-user front end on {}", path.display());
-    if let Err(e) = daemon.start(listener) {
-        error!("cannot accept a connection on {}: {e}", path.display());
-        return Ok(false);
-    }
+    let stream = loop {
+        match listener.accept() {
+            Ok(Some(s)) => break s,
+            Ok(None) => continue,
+            Err(e) => {
+                error!("cannot accept a connection on {}: {e}", path.display());
+                return Ok(false);
+            }
+        }
+    };
+    let blk = Arc::new(VhostBlk::new(dev.clone()));
+    let handler = BlkHandler::new(blk).map_err(|e| Error::Daemon { path: path.to_owned(), reason: e.to_string() })?;
+    let handler = Arc::new(Mutex::new(handler));
+    let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
     info!("front end connected on {}", path.display());
-    let result = daemon.wait();
-    // The worker threads of this connection exit; the next connection gets fresh ones.
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
+    let result = loop {
+        if let Err(e) = conn.handle_request() {
+            break e;
+        }
+    };
     match result {
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => info!("front end disconnected from {}", path.display()),
-        Err(e) => error!("closing the vhost-user connection on {}: {e}; waiting for the next one", path.display()),
+        VhostUserError::Disconnected | VhostUserError::PartialMessage | VhostUserError::SocketBroken(_) => {
+            info!("front end disconnected from {}", path.display())
+        }
+        e => error!("closing the vhost-user connection on {}: {e}; waiting for the next one", path.display()),
     }
+    // Stops the queue threads (they wait for nothing but their kicks) and, with the last
+    // reference, the I/O pool once it is drained.
+    drop(conn);
+    if let Ok(mut h) = handler.lock() {
+        h.shutdown();
+    }
+    drop(handler);
     if let Err(e) = dev.disk.flush() {
         error!("flushing the image after the connection ended failed: {e}");
     }
