@@ -32,10 +32,12 @@ use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostU
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::inflight::InflightRegion;
+use crate::uring::QueueRing;
 use crate::vhost_user::VhostBlk;
 
 /// Memory slots we accept (CONFIGURE_MEM_SLOTS); what vhost-user-backend offered before.
@@ -180,37 +182,57 @@ fn queue_thread(
     exit: EventConsumer,
     resubmit: Vec<u16>,
 ) {
+    let mut ring = if blk.dev().direct {
+        let size = vring.get_ref().get_queue().size();
+        let ring = QueueRing::new(blk.dev().disk.as_ref(), size);
+        if ring.is_some() {
+            info!("queue {q}: O_DIRECT reads and writes on io_uring");
+        }
+        ring
+    } else {
+        None
+    };
     if !resubmit.is_empty() {
-        blk.resubmit(&vring, q, &resubmit);
+        blk.resubmit(&vring, q, &resubmit, &mut ring);
     }
     // A kick may have come before we were here (or before the previous back end died).
-    blk.handle_kick(&vring, q);
+    blk.handle_kick(&vring, q, &mut ring);
     let mut fds = [
         libc::pollfd { fd: kick, events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: exit.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        // poll ignores negative descriptors.
+        libc::pollfd { fd: ring.as_ref().map_or(-1, |r| r.event_fd()), events: libc::POLLIN, revents: 0 },
     ];
     loop {
-        // SAFETY: poll on two pollfds we own for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        // SAFETY: poll on three pollfds we own for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             error!("queue {q}: poll failed: {e}; queue stopped");
-            return;
+            break;
         }
         if fds[1].revents != 0 {
-            return;
+            break;
+        }
+        if fds[2].revents != 0 {
+            if let Some(r) = ring.as_mut() {
+                blk.reap(&vring, q, r);
+            }
         }
         if fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
             warn!("queue {q}: kick eventfd unusable; queue stopped");
-            return;
+            break;
         }
         if fds[0].revents != 0 {
             let _ = vring.read_kick();
-            blk.handle_kick(&vring, q);
+            blk.handle_kick(&vring, q, &mut ring);
         }
+    }
+    if let Some(r) = ring.as_mut() {
+        blk.drain(&vring, q, r);
     }
 }
 

@@ -45,6 +45,12 @@ pub trait BlockIo: Send + Sync {
     fn try_write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.write_at(offset, bufs)
     }
+    /// The descriptor reads and writes may be submitted on directly, bypassing `read_at` and
+    /// `write_at` (tessera-blk's io_uring path): only for raw images opened with `O_DIRECT`,
+    /// where nothing else happens on the way. Default: none.
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
     /// The guest no longer needs `[offset, offset+len)`; its contents become unspecified.
@@ -347,6 +353,11 @@ impl RawImage {
 impl BlockIo for RawImage {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        // A probed raw image guards its first bytes in `write_at`, so it keeps that path.
+        (self.direct && !self.guard_probe).then(|| self.file.as_raw_fd())
     }
 
     fn read_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {

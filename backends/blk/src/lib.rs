@@ -20,6 +20,7 @@ pub(crate) use tessera_backend_support::ratelimit;
 pub mod request;
 pub mod signals;
 pub mod testing;
+pub mod uring;
 pub mod vhost_user;
 
 pub use error::{Error, Result};

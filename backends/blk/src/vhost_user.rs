@@ -22,6 +22,7 @@ use crate::handler::BlkHandler;
 use crate::image::BlockIo;
 use crate::inflight::{chain_descs, InflightRegion};
 use crate::request::{process_request, try_process_request, Desc, DiskProps, SECTOR_SIZE};
+use crate::uring::QueueRing;
 use crate::{Error, Result};
 
 /// Largest single data segment we advertise (`size_max`).
@@ -234,7 +235,7 @@ impl VhostBlk {
     }
 
     /// Runs the chains with these heads again (their inflight entries stay as they are).
-    pub fn resubmit(&self, vring: &VringRwLock, q: usize, heads: &[u16]) {
+    pub fn resubmit(&self, vring: &VringRwLock, q: usize, heads: &[u16], ring: &mut Option<QueueRing>) {
         let Some(mem) = self.memory() else { return };
         let region = self.region();
         let (table, size) = {
@@ -252,7 +253,7 @@ impl VhostBlk {
                 }
             }
         }
-        self.run_batch(vring, q, &mem, batch, malformed, &region);
+        self.run_batch(vring, q, &mem, batch, malformed, &region, ring);
     }
 
     /// Whether a request goes straight to the pool: blocking device I/O (O_DIRECT) always,
@@ -267,6 +268,7 @@ impl VhostBlk {
     /// I/O (pool threads completing other requests need it): small page-cache requests here,
     /// what would block in the pool. Then completes what ran here in one go (`done` holds chains
     /// already finished, e.g. malformed ones) and notifies the driver if it asked for it.
+    #[allow(clippy::too_many_arguments)]
     fn run_batch(
         &self,
         vring: &VringRwLock,
@@ -275,8 +277,17 @@ impl VhostBlk {
         batch: Vec<(u16, Vec<Desc>)>,
         mut done: Vec<(u16, u32)>,
         region: &Region,
+        ring: &mut Option<QueueRing>,
     ) {
         for (head, descs) in batch {
+            // Direct reads and writes go on the queue's io_uring when it has one.
+            let descs = match ring.as_mut() {
+                Some(r) => match r.push(head, descs, mem, self.dev.disk.as_ref(), &self.dev.props) {
+                    Ok(()) => continue,
+                    Err(descs) => descs,
+                },
+                None => descs,
+            };
             let inline = match &self.pool {
                 None => Some(run_request(mem, &descs, &self.dev)),
                 Some(_) if self.offload(&descs) => None,
@@ -300,6 +311,21 @@ impl VhostBlk {
                 (None, None) => done.push((head, run_request(mem, &descs, &self.dev))),
             }
         }
+        if let Some(r) = ring.as_mut() {
+            r.submit();
+        }
+        self.complete_batch(vring, q, mem, done, region);
+    }
+
+    /// Puts what finished on the used ring and notifies the driver if it asked for it.
+    fn complete_batch(
+        &self,
+        vring: &VringRwLock,
+        q: usize,
+        mem: &GuestMemoryMmap,
+        done: Vec<(u16, u32)>,
+        region: &Region,
+    ) {
         if done.is_empty() {
             return;
         }
@@ -309,7 +335,7 @@ impl VhostBlk {
             complete(queue, mem, head, used, q, region.as_deref());
         }
         self.pending.note_completion(q);
-        if queue.needs_notification(&**mem).unwrap_or(true) {
+        if queue.needs_notification(mem).unwrap_or(true) {
             if let Err(e) = state.signal_used_queue() {
                 warn!("cannot signal queue {q}: {e}");
             }
@@ -317,7 +343,7 @@ impl VhostBlk {
     }
 
     /// Takes every available chain from the ring (marking it in flight), then runs them.
-    fn process_vring(&self, vring: &VringRwLock, q: usize) {
+    fn process_vring(&self, vring: &VringRwLock, q: usize, ring: &mut Option<QueueRing>) {
         let Some(mem) = self.memory() else { return };
         let region = self.region();
         let batch: Vec<(u16, Vec<Desc>)> = {
@@ -348,15 +374,15 @@ impl VhostBlk {
                 .collect()
         };
         if !batch.is_empty() {
-            self.run_batch(vring, q, &mem, batch, Vec::new(), &region);
+            self.run_batch(vring, q, &mem, batch, Vec::new(), &region, ring);
         }
     }
 
     /// A kick (or a queue start): process the ring, with EVENT_IDX re-checking after notifications
     /// are re-enabled, or a chain made available in between would wait for the next kick
     /// (virtio 1.2 §2.7.10).
-    pub fn handle_kick(&self, vring: &VringRwLock, q: usize) {
-        let run = |v: &VringRwLock| self.process_vring(v, q);
+    pub fn handle_kick(&self, vring: &VringRwLock, q: usize, ring: &mut Option<QueueRing>) {
+        let mut run = |v: &VringRwLock| self.process_vring(v, q, ring);
         if self.event_idx.load(Ordering::Relaxed) {
             loop {
                 let _ = vring.disable_notification();
@@ -368,6 +394,24 @@ impl VhostBlk {
             }
         } else {
             run(vring);
+        }
+    }
+
+    /// The queue's io_uring signalled: complete what finished.
+    pub fn reap(&self, vring: &VringRwLock, q: usize, ring: &mut QueueRing) {
+        let done = ring.reap(self.dev.disk.as_ref(), &self.dev.props);
+        if let Some(mem) = self.memory() {
+            self.complete_batch(vring, q, &mem, done, &self.region());
+        }
+    }
+
+    /// Before a queue thread exits (queue stopped, connection gone): let every transfer on its
+    /// ring finish and complete it, so nothing taken from the ring is left neither used nor in
+    /// flight anywhere.
+    pub fn drain(&self, vring: &VringRwLock, q: usize, ring: &mut QueueRing) {
+        while ring.in_flight() > 0 {
+            ring.wait_one();
+            self.reap(vring, q, ring);
         }
     }
 
