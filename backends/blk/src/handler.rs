@@ -182,7 +182,7 @@ fn queue_thread(
     exit: EventConsumer,
     resubmit: Vec<u16>,
 ) {
-    let mut ring = if blk.dev().direct {
+    let mut ring = if blk.dev().direct && blk.dev().io_uring {
         let size = vring.get_ref().get_queue().size();
         let ring = QueueRing::new(blk.dev().disk.as_ref(), size);
         if ring.is_some() {

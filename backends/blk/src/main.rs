@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         queue_size: config.queue_size,
         io_threads: config.io_threads,
         direct: config.image.direct,
+        io_uring: config.aio == tessera_blk::config::Aio::IoUring,
     });
     let served = match &config.socket {
         SocketSource::Path(p) => serve(p, dev),

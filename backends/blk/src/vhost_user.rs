@@ -38,6 +38,8 @@ pub struct BlkDevice {
     pub io_threads: usize,
     /// The image bypasses the page cache, so its I/O blocks on the device.
     pub direct: bool,
+    /// O_DIRECT reads and writes on one io_uring per queue thread (`--aio io_uring`).
+    pub io_uring: bool,
 }
 
 impl BlkDevice {
