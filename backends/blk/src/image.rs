@@ -45,6 +45,11 @@ pub trait BlockIo: Send + Sync {
     fn try_write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.write_at(offset, bufs)
     }
+    /// Whether `try_write_at` can really refuse to wait. False where the host file system has no
+    /// `RWF_NOWAIT` for writes (ext4 buffered writes): then it simply blocks. Default: true.
+    fn nonblocking_writes(&self) -> bool {
+        true
+    }
     /// The descriptor reads and writes may be submitted on directly, bypassing `read_at` and
     /// `write_at` (tessera-blk's io_uring path): only for raw images opened with `O_DIRECT`,
     /// where nothing else happens on the way. Default: none.
@@ -366,6 +371,10 @@ impl BlockIo for RawImage {
 
     fn try_read_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.try_transfer(offset, bufs, false)
+    }
+
+    fn nonblocking_writes(&self) -> bool {
+        self.nowait[1].load(Ordering::Relaxed)
     }
 
     fn try_write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {

@@ -281,6 +281,13 @@ impl VhostBlk {
         region: &Region,
         ring: &mut Option<QueueRing>,
     ) {
+        // Writes the file system cannot try without blocking (ext4 buffered writes) would run one
+        // after the other on this thread, each possibly stalling in writeback: at depth (more than
+        // one request at hand, or some already in the pool) they go to the pool and run in
+        // parallel. At depth 1 one runs here (no hand-off).
+        let writes_to_pool = self.pool.is_some()
+            && !self.dev.disk.nonblocking_writes()
+            && (batch.len() > 1 || lock(&self.pending.pending).get(q).is_some_and(|n| *n > 0));
         for (head, descs) in batch {
             // Direct reads and writes go on the queue's io_uring when it has one.
             let descs = match ring.as_mut() {
@@ -293,6 +300,7 @@ impl VhostBlk {
             let inline = match &self.pool {
                 None => Some(run_request(mem, &descs, &self.dev)),
                 Some(_) if self.offload(&descs) => None,
+                Some(_) if writes_to_pool && is_write(mem, &descs) => None,
                 Some(_) => try_run_request(mem, &descs, &self.dev),
             };
             match (inline, &self.pool) {
@@ -432,6 +440,16 @@ impl VhostBlk {
             guard = cv.wait_timeout(guard, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
         }
     }
+}
+
+/// Whether the chain is an `OUT` request, from its header's type (first 4 bytes, which the first
+/// descriptor holds in every driver we know; a header split before them reads as not a write,
+/// which only means the request may run on the queue thread).
+fn is_write(mem: &GuestMemoryMmap, descs: &[Desc]) -> bool {
+    descs.first().filter(|d| d.len >= 4 && !d.writable).is_some_and(|d| {
+        vm_memory::Bytes::read_obj::<u32>(mem, vm_memory::GuestAddress(d.addr))
+            .is_ok_and(|t| u32::from_le(t) == VIRTIO_BLK_T_OUT)
+    })
 }
 
 /// Puts `head` on the used ring, keeping the inflight region (if any) in step: the chain becomes
