@@ -148,7 +148,8 @@ impl Backend {
         let bin = built_binary("tessera-blk").expect("tessera-blk binary");
         let child = Command::new(&bin)
             .args(["--socket-path", sock.to_str().unwrap(), "--image", image.to_str().unwrap()])
-            .args(["--format", "raw", "--num-queues", "2", "--direct"])
+            // io_uring for the O_DIRECT transfers (blk_boot covers --direct on the I/O pool).
+            .args(["--format", "raw", "--num-queues", "2", "--direct", "--aio", "io_uring"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
