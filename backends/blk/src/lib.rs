@@ -9,6 +9,7 @@
 //! - [`handler`]: the vhost-user request handler (on the `vhost` crate).
 //! - [`inflight`]: the inflight region (`INFLIGHT_SHMFD`) that lets a restarted back end
 //!   resubmit what its predecessor had in flight.
+//! - [`uring`]: one io_uring per queue thread for O_DIRECT reads and writes (`--aio io_uring`).
 //! - [`config`]: command-line flags, validated into a [`config::BlkConfig`].
 
 pub mod config;
