@@ -34,6 +34,10 @@ pub enum Error {
     NetThread(#[source] std::io::Error),
     #[error("cannot create the vhost-user daemon for socket {path}: {reason}")]
     Daemon { path: PathBuf, reason: String },
+    #[error("one of --socket-path and --socket-fd is required")]
+    NoSocket,
+    #[error("--socket-fd {0} is not a listening UNIX socket")]
+    NotListening(i32),
     #[error("cannot listen on vhost-user socket {path}: {reason}")]
     Listen { path: PathBuf, reason: String },
 }

@@ -2,6 +2,7 @@
 //! in the network thread ([`crate::netloop`]); the worker thread here only forwards kicks.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
@@ -161,15 +162,44 @@ impl VhostUserBackend for VhostNet {
 }
 
 /// Serves `dev` on the vhost-user socket at `path`, one front end at a time, forever (bound
-/// once; after a disconnect the next connection is accepted). Each connection goes through
-/// [`crate::relay`] to the daemon, which listens on a private abstract socket. Returns only if
-/// a socket cannot be listened on.
+/// once; after a disconnect the next connection is accepted). Returns only if a socket cannot
+/// be listened on.
 pub fn serve(path: &Path, dev: Arc<NetDevice>) -> Result<()> {
     let listen_err = |e: io::Error| Error::Listen { path: path.to_owned(), reason: e.to_string() };
     if path.exists() {
         let _ = std::fs::remove_file(path);
     }
     let public = UnixListener::bind(path).map_err(listen_err)?;
+    serve_listener(public, path, dev)
+}
+
+/// [`serve`] on an inherited listening socket (`--socket-fd`, bound by the launcher).
+pub fn serve_fd(fd: RawFd, dev: Arc<NetDevice>) -> Result<()> {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`; a bad fd only fails.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if fd < 3 || ret != 0 || accepting == 0 {
+        return Err(Error::NotListening(fd));
+    }
+    // SAFETY: `fd` is an open, listening socket (checked above) that our parent handed to us;
+    // nothing else in this process owns it.
+    let public = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    serve_listener(public, Path::new(&format!("socket fd {fd}")), dev)
+}
+
+/// The serve loop on a listening socket; `path` names it in log lines. Each connection goes
+/// through [`crate::relay`] to the daemon, which listens on a private abstract socket.
+pub fn serve_listener(public: UnixListener, path: &Path, dev: Arc<NetDevice>) -> Result<()> {
+    let listen_err = |e: io::Error| Error::Listen { path: path.to_owned(), reason: e.to_string() };
     // Abstract names are limited to 107 bytes: name it by process, not by the (long) path.
     let name = format!("tessera-net-{}", std::process::id());
     let private_addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(listen_err)?;
