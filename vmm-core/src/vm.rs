@@ -128,7 +128,8 @@ impl Vm {
                 Arc::new(DebugExit::new(events_tx.clone())),
             )?;
         }
-        crate::virtio::add_pci_devices(&cfg, &mut fds, &mut devices, engine.as_mut(), &ram, &log)?;
+        // The connections are kept by the devices; supervision (issue #8) uses this list.
+        let _backends = crate::virtio::add_pci_devices(&cfg, &mut fds, &mut devices, engine.as_mut(), &ram, &log)?;
         if fds.unused() > 0 {
             log.error(&format!("{} file descriptors from the launcher were not used", fds.unused()));
         }
