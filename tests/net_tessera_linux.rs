@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use net_support::{direct_boot_args, ensure_debian_packages, kernel, run_guest, Initramfs, TempDir, NET_MODULES};
+use net_support::{
+    direct_boot_args, ensure_debian_packages, kernel, run_guest, Backend, Initramfs, TempDir, NET_MODULES,
+};
 use tessera_tests::bins;
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
@@ -51,6 +53,7 @@ ifconfig eth0 up
 udhcpc -i eth0 -s /udhcpc.sh -q -f -n -t 10 -T 2 >/tmp/dhcp 2>&1 || fail "udhcpc: $(cat /tmp/dhcp)"
 grep -q 'ip=10.0.2.15 subnet=255.255.255.0 router=10.0.2.2 dns=10.0.2.3' /tmp/dhcp || fail "unexpected lease: $(cat /tmp/dhcp)"
 echo "TESSERA-STEP lease ok"
+grep virtio /proc/interrupts
 "#;
 
 /// A tiny HTTP server on 127.0.0.1 answering every request with `body`, counting requests.
@@ -149,6 +152,10 @@ fn fetch_both_ways(name: &str, net: impl FnOnce(u16) -> Vec<String>) -> String {
     assert!(!run.timed_out, "guest timed out after {:?}:\n{ctx}", run.elapsed);
     assert!(run.serial.contains("TESSERA-STEP fetched from host"), "{ctx}");
     assert!(hits.load(Ordering::SeqCst) >= 1, "the host server saw no request:\n{ctx}");
+    // Interrupts are MSI-X, one vector per queue.
+    for want in ["PCI-MSI", "virtio0-input.0", "virtio0-output.0"] {
+        assert!(run.serial.contains(want), "{want:?} missing:\n{ctx}");
+    }
     match fetched {
         Some(Ok(resp)) => assert!(resp.contains(&guest_page), "hostfwd answer lacks the page: {resp:?}\n{ctx}"),
         Some(Err(e)) => panic!("hostfwd fetch failed: {e}\n{ctx}"),
@@ -177,4 +184,58 @@ fn netdev_user_with_device_and_mac() {
         ]
     });
     assert!(out.contains("TESSERA-MAC 52:54:00:ab:cd:ef"), "{out}");
+}
+
+#[test]
+fn netdev_vhost_user_with_an_external_backend() {
+    // tessera-net started by the test, reached through -chardev socket as QEMU users write it; guest RAM must be
+    // a share=on memory backend then (QEMU's rule for vhost-user).
+    ensure_debian_packages(PACKAGES).expect("install test packages");
+    let dir = TempDir::new("core-netdev-vhost-user").expect("temp dir");
+    let backend_dir = dir.path().to_path_buf();
+    let mut backend: Option<Backend> = None;
+    let out = fetch_both_ways("core-netdev-vhost-user", |port| {
+        let (b, sock) = Backend::start(&backend_dir, &["--user", &format!("hostfwd=tcp:127.0.0.1:{port}-:8080")]);
+        backend = Some(b);
+        vec![
+            "-object".into(),
+            "memory-backend-memfd,id=mem,size=256M,share=on".into(),
+            "-machine".into(),
+            "memory-backend=mem".into(),
+            "-chardev".into(),
+            format!("socket,id=c0,path={}", sock.display()),
+            "-netdev".into(),
+            "vhost-user,id=n0,chardev=c0".into(),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0".into(),
+        ]
+    });
+    assert!(out.contains("TESSERA-MAC 52:54:00:12:34:56"), "{out}");
+    let alive = backend.as_mut().is_some_and(|b| b.alive());
+    assert!(alive, "tessera-net died: {}", backend.map(|b| b.logs()).unwrap_or_default());
+}
+
+#[test]
+fn netdev_vhost_user_needs_shared_memory() {
+    // Without share=on the core refuses an external vhost-user backend with QEMU's message, before the guest
+    // runs; the backend is connected to but never given memory.
+    let dir = TempDir::new("core-netdev-noshare").expect("temp dir");
+    let (_b, sock) = Backend::start(dir.path(), &["--user"]);
+    let mut cmd = bins::launcher_command("tessera");
+    cmd.args(["-accel", "tcg", "-m", "256M", "-display", "none", "-monitor", "none"])
+        .arg("-kernel")
+        .arg(kernel().expect("kernel"))
+        .arg("-chardev")
+        .arg(format!("socket,id=c0,path={}", sock.display()))
+        .args(["-netdev", "vhost-user,id=n0,chardev=c0", "-device", "virtio-net-pci,netdev=n0"]);
+    let out = bins::wait_output(cmd.spawn().expect("start tessera"), Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "-device virtio-net-pci,netdev=n0: Failed initializing vhost-user memory map, consider using -object \
+             memory-backend-file share=on"
+        ),
+        "{stderr}"
+    );
 }
