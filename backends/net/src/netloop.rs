@@ -1,7 +1,16 @@
-//! The network thread: the one thread that owns the host side (libslirp or a tap) and moves
-//! frames between it and the guest's queues. Worker threads of vhost-user-backend only wake it
-//! (queue kicks); it outlives vhost-user connections, so user-mode connections and hostfwd
-//! listeners survive a front-end reconnect.
+//! The network thread: it creates the host side (libslirp or a tap), polls it, and moves frames
+//! between it and the guest's queues; it outlives vhost-user connections, so user-mode
+//! connections and hostfwd listeners survive a front-end reconnect.
+//!
+//! The host side and the frames waiting for the guest live in a [`Pump`] under a mutex. A queue
+//! kick is served right on vhost-user-backend's worker thread that read it ([`NetShared::on_kick`]:
+//! TX to the host side, answers to RX), then the network thread is woken to poll the host side
+//! with a fresh poll set and timeout. Serving the kick on the worker saves a thread hop on every
+//! guest frame (the network thread used to do it after being woken), which is what the
+//! throughput comparison with QEMU's own `-netdev user` showed as the cost (docs/benchmarks.md).
+//! The network thread never holds the mutex while it sleeps in `poll`. libslirp is used from both
+//! threads but only under that mutex, one call at a time; calling `slirp_input` between
+//! `slirp_pollfds_fill` and `slirp_pollfds_poll` is what QEMU's main loop does too.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -30,10 +39,45 @@ struct Attachment {
     mergeable: bool,
 }
 
+/// The host side and the frames for the guest that wait for RX buffers.
+struct Pump {
+    host: Host,
+    backlog: VecDeque<Vec<u8>>,
+}
+
+impl Pump {
+    /// TX to the host side, then whatever the host side has for the guest into RX buffers.
+    /// Returns whether a frame moved.
+    fn run(&mut self, att: &NetShared) -> bool {
+        let (mem, vrings, mergeable) = {
+            let a = att.lock();
+            (a.mem.clone(), a.vrings.clone(), a.mergeable)
+        };
+        match (mem, vrings) {
+            (Some(mem), Some(vrings)) if vrings.len() >= 2 => {
+                let mem = mem.memory();
+                // TX first: what the guest sent may produce answers (ARP, ACKs) to deliver.
+                let sent = transmit(&vrings[1], &mem, &mut self.host);
+                self.host.take_output(&mut self.backlog);
+                let received = receive(&vrings[0], &mem, &mut self.backlog, mergeable);
+                sent + received > 0
+            }
+            _ => {
+                // No guest attached: nothing can take frames.
+                self.host.take_output(&mut self.backlog);
+                self.backlog.clear();
+                false
+            }
+        }
+    }
+}
+
 /// Shared between the vhost-user adapter and the network thread.
 pub struct NetShared {
     att: Mutex<Attachment>,
     wake: EventFd,
+    /// Set by the network thread once the host side exists.
+    pump: Mutex<Option<Pump>>,
 }
 
 impl NetShared {
@@ -61,6 +105,19 @@ impl NetShared {
     /// Forgets the connection: frames for the guest are dropped until the next one.
     pub fn detach(&self) {
         *self.lock() = Attachment::default();
+    }
+
+    fn pump(&self) -> std::sync::MutexGuard<'_, Option<Pump>> {
+        self.pump.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A queue was kicked: serve it on the calling thread, then let the network thread poll the
+    /// host side again (the frames sent may have opened sockets or armed timers it must watch).
+    pub fn on_kick(&self) {
+        if let Some(p) = self.pump().as_mut() {
+            p.run(self);
+        }
+        self.kick();
     }
 
     /// Wakes the network thread (a queue was kicked, or the connection changed).
@@ -167,13 +224,14 @@ pub fn start(host: HostSide) -> Result<Arc<NetShared>> {
     let shared = Arc::new(NetShared {
         att: Mutex::new(Attachment::default()),
         wake: EventFd::new(EFD_NONBLOCK).map_err(Error::NetThread)?,
+        pump: Mutex::new(None),
     });
     let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
     let thread_shared = shared.clone();
     std::thread::Builder::new()
         .name("net".into())
         .spawn(move || {
-            // libslirp is not Send: it is created on, and never leaves, this thread.
+            // The host side is created here; from now on it is used under `pump`'s mutex.
             let host = match host {
                 HostSide::User(c) => user(&c).map(|s| Host::User(Box::new(s))),
                 HostSide::Tap(name) => Tap::open(&name).map(new_tap),
@@ -181,8 +239,9 @@ pub fn start(host: HostSide) -> Result<Arc<NetShared>> {
             };
             match host {
                 Ok(h) => {
+                    *thread_shared.pump() = Some(Pump { host: h, backlog: VecDeque::new() });
                     let _ = tx.send(Ok(()));
-                    run(h, &thread_shared);
+                    run(&thread_shared);
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -230,34 +289,20 @@ fn usable(st: &vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>
     st.get_queue().ready() && st.is_enabled()
 }
 
-fn run(mut host: Host, shared: &NetShared) {
-    let mut backlog: VecDeque<Vec<u8>> = VecDeque::new();
+fn run(shared: &NetShared) {
     let mut fds: Vec<libc::pollfd> = Vec::new();
     loop {
-        let (mem, vrings, mergeable) = {
-            let a = shared.lock();
-            (a.mem.clone(), a.vrings.clone(), a.mergeable)
+        let (first, want_input, timeout_ms) = {
+            let mut guard = shared.pump();
+            let Some(p) = guard.as_mut() else { return };
+            p.run(shared);
+            fds.clear();
+            fds.push(libc::pollfd { fd: shared.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            let mut timeout_ms: u32 = 1000;
+            let want_input = p.backlog.len() < BACKLOG_HIGH;
+            let first = p.host.fill(&mut fds, &mut timeout_ms, want_input);
+            (first, want_input, timeout_ms)
         };
-        match (mem, vrings) {
-            (Some(mem), Some(vrings)) if vrings.len() >= 2 => {
-                let mem = mem.memory();
-                // TX first: what the guest sent may produce answers (ARP, ACKs) to deliver.
-                transmit(&vrings[1], &mem, &mut host);
-                host.take_output(&mut backlog);
-                receive(&vrings[0], &mem, &mut backlog, mergeable);
-            }
-            _ => {
-                // No guest attached: nothing can take frames.
-                host.take_output(&mut backlog);
-                backlog.clear();
-            }
-        }
-
-        fds.clear();
-        fds.push(libc::pollfd { fd: shared.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-        let mut timeout_ms: u32 = 1000;
-        let want_input = backlog.len() < BACKLOG_HIGH;
-        let first = host.fill(&mut fds, &mut timeout_ms, want_input);
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms as libc::c_int) };
         let failed = n < 0;
@@ -273,7 +318,9 @@ fn run(mut host: Host, shared: &NetShared) {
         if fds[0].revents & libc::POLLIN != 0 {
             let _ = shared.wake.read();
         }
-        host.handle(&fds, first, want_input, failed);
+        if let Some(p) = shared.pump().as_mut() {
+            p.host.handle(&fds, first, want_input, failed);
+        }
     }
 }
 
@@ -281,10 +328,11 @@ use std::os::fd::AsRawFd;
 
 /// Sends every frame the guest made available on TX, re-checking after re-enabling
 /// notifications so a frame added in between is not left waiting (virtio 1.2 §2.7.10).
-fn transmit(vring: &VringRwLock, mem: &GuestMemoryMmap, host: &mut Host) {
+/// Returns the number of chains taken.
+fn transmit(vring: &VringRwLock, mem: &GuestMemoryMmap, host: &mut Host) -> usize {
     let mut st = vring.get_mut();
     if !usable(&st) {
-        return;
+        return 0;
     }
     let mut done = 0;
     loop {
@@ -314,17 +362,19 @@ fn transmit(vring: &VringRwLock, mem: &GuestMemoryMmap, host: &mut Host) {
             warn!("cannot signal the TX queue: {e}");
         }
     }
+    done
 }
 
 /// Delivers waiting frames into RX buffers. When buffers run out, notifications are enabled so
 /// the driver's next kick (after it adds buffers) wakes us.
-fn receive(vring: &VringRwLock, mem: &GuestMemoryMmap, backlog: &mut VecDeque<Vec<u8>>, mergeable: bool) {
+/// Returns the number of frames delivered.
+fn receive(vring: &VringRwLock, mem: &GuestMemoryMmap, backlog: &mut VecDeque<Vec<u8>>, mergeable: bool) -> usize {
     if backlog.is_empty() {
-        return;
+        return 0;
     }
     let mut st = vring.get_mut();
     if !usable(&st) {
-        return;
+        return 0;
     }
     let mut used = 0usize;
     loop {
@@ -353,4 +403,5 @@ fn receive(vring: &VringRwLock, mem: &GuestMemoryMmap, backlog: &mut VecDeque<Ve
             warn!("cannot signal the RX queue: {e}");
         }
     }
+    used
 }

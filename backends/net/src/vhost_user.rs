@@ -156,7 +156,7 @@ impl VhostUserBackend for VhostNet {
             return Ok(());
         }
         self.dev.net.set_vrings(vrings);
-        self.dev.net.kick();
+        self.dev.net.on_kick();
         Ok(())
     }
 }
