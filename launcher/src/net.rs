@@ -600,7 +600,8 @@ pub fn socket_addr(n: usize) -> Result<std::os::unix::net::SocketAddr> {
 nix::ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
 
 /// Open the tap `ifname` (or a new one the kernel names) as QEMU's `tap_open` does: `/dev/net/tun`,
-/// `TUNSETIFF` with `IFF_TAP | IFF_NO_PI` (tessera-net takes plain Ethernet frames). QEMU's messages.
+/// `TUNSETIFF` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (the virtio-net header carries checksum and segmentation
+/// offloads between guest and host; tessera-net sets its size and the offloads). QEMU's messages.
 pub fn open_tap(ifname: Option<&str>) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
@@ -616,7 +617,7 @@ pub fn open_tap(ifname: Option<&str>) -> Result<std::os::fd::OwnedFd> {
     for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
         *d = s as libc::c_char;
     }
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     // SAFETY: TUNSETIFF reads (and writes back the name into) the ifreq we own, on the tun device we opened.
     if let Err(e) = unsafe { tun_set_iff(file.as_raw_fd(), &req) } {
         return Err(Error::Message(format!(

@@ -22,9 +22,11 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{HostSide, UserConfig};
-use crate::frame::{deliver_rx, process_tx, RxOutcome};
+use crate::frame::{
+    deliver_rx, deliver_rx_with, process_tx_with, RxOutcome, TxMode, MAX_GSO_FRAME_LEN, MIN_FRAME_LEN, VNET_HDR_LEN,
+};
 use crate::slirp::Slirp;
-use crate::tap::Tap;
+use crate::tap::{Tap, RX_BUF_LEN};
 use crate::{Error, Result};
 
 /// Frames for the guest waiting for RX buffers: above this, host sockets (or the tap) are not
@@ -37,6 +39,9 @@ struct Attachment {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     vrings: Option<Vec<VringRwLock>>,
     mergeable: bool,
+    /// VIRTIO_NET_F_GUEST_CSUM negotiated: a tap's header flags may reach the guest (without it
+    /// the device must set them to 0, §5.1.6.4).
+    guest_csum: bool,
 }
 
 /// The host side and the frames for the guest that wait for RX buffers.
@@ -49,17 +54,18 @@ impl Pump {
     /// TX to the host side, then whatever the host side has for the guest into RX buffers.
     /// Returns whether a frame moved.
     fn run(&mut self, att: &NetShared) -> bool {
-        let (mem, vrings, mergeable) = {
+        let (mem, vrings, mergeable, guest_csum) = {
             let a = att.lock();
-            (a.mem.clone(), a.vrings.clone(), a.mergeable)
+            (a.mem.clone(), a.vrings.clone(), a.mergeable, a.guest_csum)
         };
         match (mem, vrings) {
             (Some(mem), Some(vrings)) if vrings.len() >= 2 => {
                 let mem = mem.memory();
+                let vnet = self.host.vnet_hdr().then_some(guest_csum);
                 // TX first: what the guest sent may produce answers (ARP, ACKs) to deliver.
                 let sent = transmit(&vrings[1], &mem, &mut self.host);
                 self.host.take_output(&mut self.backlog);
-                let received = receive(&vrings[0], &mem, &mut self.backlog, mergeable);
+                let received = receive(&vrings[0], &mem, &mut self.backlog, mergeable, vnet);
                 sent + received > 0
             }
             _ => {
@@ -120,6 +126,37 @@ impl NetShared {
         self.kick();
     }
 
+    /// Whether the host side can take and give offloaded frames (a tap with a vnet header).
+    pub fn offloads(&self) -> bool {
+        self.pump().as_ref().is_some_and(|p| p.host.vnet_hdr())
+    }
+
+    /// The guest's negotiated features: a tap is told which offloads the guest takes
+    /// (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN → TUN_F_*), so it hands over only frames the guest
+    /// can receive.
+    pub fn set_guest_features(&self, features: u64) {
+        use virtio_bindings::virtio_net::*;
+        self.lock().guest_csum = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
+        let mut flags = 0;
+        if features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0 {
+            flags |= crate::tap::TUN_F_CSUM;
+            if features & (1 << VIRTIO_NET_F_GUEST_TSO4) != 0 {
+                flags |= crate::tap::TUN_F_TSO4;
+            }
+            if features & (1 << VIRTIO_NET_F_GUEST_TSO6) != 0 {
+                flags |= crate::tap::TUN_F_TSO6;
+            }
+            if features & (1 << VIRTIO_NET_F_GUEST_ECN) != 0 {
+                flags |= crate::tap::TUN_F_TSO_ECN;
+            }
+        }
+        if let Some(Pump { host: Host::Tap { tap, .. }, .. }) = self.pump().as_ref() {
+            if let Err(e) = tap.set_offload(flags) {
+                warn!("cannot set the tap's offloads to {flags:#x}: {e}");
+            }
+        }
+    }
+
     /// Wakes the network thread (a queue was kicked, or the connection changed).
     pub fn kick(&self) {
         if let Err(e) = self.wake.write(1) {
@@ -131,7 +168,7 @@ impl NetShared {
 /// The host side of the device.
 enum Host {
     User(Box<Slirp>),
-    Tap { tap: Tap, tx_blocked: bool, out: VecDeque<Vec<u8>>, buf: Box<[u8; 65536]> },
+    Tap { tap: Tap, tx_blocked: bool, out: VecDeque<Vec<u8>>, buf: Box<[u8; RX_BUF_LEN]> },
 }
 
 impl Host {
@@ -147,6 +184,11 @@ impl Host {
                 ok
             }
         }
+    }
+
+    /// Frames to and from the host side carry the virtio-net header (a tap with IFF_VNET_HDR).
+    fn vnet_hdr(&self) -> bool {
+        matches!(self, Host::Tap { tap, .. } if tap.vnet_hdr())
     }
 
     fn tx_blocked(&self) -> bool {
@@ -206,9 +248,10 @@ impl Host {
                     *tx_blocked = false;
                 }
                 if p.revents & libc::POLLIN != 0 {
+                    let min = if tap.vnet_hdr() { VNET_HDR_LEN + MIN_FRAME_LEN } else { 1 };
                     while out.len() < BACKLOG_HIGH {
                         match tap.recv(buf) {
-                            Some(0) => continue,
+                            Some(n) if n < min => continue,
                             Some(n) => out.push_back(buf[..n].to_vec()),
                             None => break,
                         }
@@ -254,7 +297,7 @@ pub fn start(host: HostSide) -> Result<Arc<NetShared>> {
 }
 
 fn new_tap(tap: Tap) -> Host {
-    Host::Tap { tap, tx_blocked: false, out: VecDeque::new(), buf: Box::new([0; 65536]) }
+    Host::Tap { tap, tx_blocked: false, out: VecDeque::new(), buf: Box::new([0; RX_BUF_LEN]) }
 }
 
 fn user(c: &UserConfig) -> Result<Slirp> {
@@ -335,10 +378,11 @@ fn transmit(vring: &VringRwLock, mem: &GuestMemoryMmap, host: &mut Host) -> usiz
         return 0;
     }
     let mut done = 0;
+    let mode = if host.vnet_hdr() { TxMode::VnetHdr } else { TxMode::Plain };
     loop {
         let q = st.get_queue_mut();
         let _ = q.disable_notification(mem);
-        match process_tx(q, mem, |f| {
+        match process_tx_with(q, mem, mode, |f| {
             log::trace!("TX frame of {} bytes", f.len());
             host.send(f)
         }) {
@@ -368,7 +412,15 @@ fn transmit(vring: &VringRwLock, mem: &GuestMemoryMmap, host: &mut Host) -> usiz
 /// Delivers waiting frames into RX buffers. When buffers run out, notifications are enabled so
 /// the driver's next kick (after it adds buffers) wakes us.
 /// Returns the number of frames delivered.
-fn receive(vring: &VringRwLock, mem: &GuestMemoryMmap, backlog: &mut VecDeque<Vec<u8>>, mergeable: bool) -> usize {
+/// With `vnet` Some, each frame starts with the tap's virtio-net header, which reaches the guest
+/// if `vnet` is Some(true) (GUEST_CSUM negotiated) and is replaced by zeros otherwise.
+fn receive(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+    backlog: &mut VecDeque<Vec<u8>>,
+    mergeable: bool,
+    vnet: Option<bool>,
+) -> usize {
     if backlog.is_empty() {
         return 0;
     }
@@ -380,7 +432,11 @@ fn receive(vring: &VringRwLock, mem: &GuestMemoryMmap, backlog: &mut VecDeque<Ve
     loop {
         let q = st.get_queue_mut();
         while let Some(f) = backlog.front() {
-            let outcome = deliver_rx(q, mem, f, mergeable);
+            let outcome = match (vnet, f.split_first_chunk::<VNET_HDR_LEN>()) {
+                (Some(true), Some((hdr, frame))) => deliver_rx_with(q, mem, *hdr, frame, mergeable, MAX_GSO_FRAME_LEN),
+                (Some(false), Some((_, frame))) => deliver_rx(q, mem, frame, mergeable),
+                _ => deliver_rx(q, mem, f, mergeable),
+            };
             log::trace!("RX frame of {} bytes: {outcome:?}", f.len());
             match outcome {
                 RxOutcome::Delivered(_) => used += 1,

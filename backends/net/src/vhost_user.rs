@@ -14,7 +14,9 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -32,16 +34,32 @@ pub struct NetDevice {
     pub net: Arc<NetShared>,
 }
 
+/// Offloads a tap with a vnet header passes through (the kernel's tun does the work on the host
+/// side: `virtio_net_hdr_to_skb`/`_from_skb`). No UFO: Linux's tun no longer accepts it.
+const OFFLOADS: &[u32] = &[
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_ECN,
+];
+
 /// MTU advertised with VIRTIO_NET_F_MTU: what libslirp and a default tap carry.
 pub const MTU: u16 = 1500;
 
 impl NetDevice {
-    /// virtio-net feature bits (virtio 1.2 §5.1.3). No checksum or segmentation offloads: the
-    /// host side (libslirp, a tap opened without IFF_VNET_HDR) takes and gives complete frames.
+    /// virtio-net feature bits (virtio 1.2 §5.1.3). Checksum and TCP segmentation offloads only
+    /// with a tap that has a vnet header ([`OFFLOADS`]): libslirp (and a tap without the
+    /// header) takes and gives complete frames.
     /// `VHOST_USER_F_PROTOCOL_FEATURES` is required by QEMU's vhost-user-net (see [`crate::relay`]
     /// for what that takes with rust-vmm's vhost).
     pub fn features(&self) -> u64 {
-        (1u64 << VIRTIO_F_VERSION_1)
+        let offloads = if self.net.offloads() { OFFLOADS.iter().fold(0u64, |f, b| f | 1 << b) } else { 0 };
+        offloads
+            | (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_NET_F_MAC)
@@ -97,6 +115,7 @@ impl VhostUserBackend for VhostNet {
 
     fn acked_features(&self, features: u64) {
         self.dev.net.set_mergeable(features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0);
+        self.dev.net.set_guest_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
