@@ -56,18 +56,20 @@ const BAD: &[(&[&str], &str, Qemu)] = &[
     (&["-netdev", "foo,id=n0"], "-netdev foo,id=n0: Parameter 'type' does not accept value 'foo'", Same),
     (&["-netdev", "vhost-user,id=n0"], "-netdev vhost-user,id=n0: Parameter 'chardev' is missing", Same),
     (&["-netdev", "vhost-user,id=n0,chardev=x"], "-netdev vhost-user,id=n0,chardev=x: chardev \"x\" not found", Same),
-    (&["-netdev", "vhost-user,id=n0,chardev=x,queues=2"], "-netdev vhost-user,id=n0,chardev=x,queues=2: more than one queue pair on a network device (queues=) is not supported by tessera yet", Own),
+    (&["-netdev", "vhost-user,id=n0,chardev=x,queues=2"], "-netdev vhost-user,id=n0,chardev=x,queues=2: more than one queue pair on a vhost-user netdev (queues=) is not supported by tessera yet", Own),
     (&["-netdev", "tap,id=n0,ifname=tap9"], "-netdev tap,id=n0,ifname=tap9: running the tap script (QEMU's default is /etc/qemu-ifup; use script=no) is not supported by tessera yet", Own),
     (&["-netdev", "tap,id=n0,script=/bin/up,downscript=no"], "-netdev tap,id=n0,script=/bin/up,downscript=no: running the tap script '/bin/up' (use script=no) is not supported by tessera yet", Own),
     (&["-netdev", "tap,id=n0,script=no,downscript=no,vhost=on"], "-netdev tap,id=n0,script=no,downscript=no,vhost=on: tap vhost=on is not supported by tessera yet", Own),
-    (&["-netdev", "tap,id=n0,script=no,downscript=no,queues=4"], "-netdev tap,id=n0,script=no,downscript=no,queues=4: more than one queue pair on a network device (queues=) is not supported by tessera yet", Own),
+    (&["-netdev", "tap,id=n0,script=no,downscript=no,queues=32"], "-netdev tap,id=n0,script=no,downscript=no,queues=32: more than 16 queue pairs (queues=) is not supported by tessera yet", Own),
+    (&["-netdev", "user,id=n0,queues=2"], "-netdev user,id=n0,queues=2: Invalid parameter 'queues'", Same),
     (&["-netdev", "tap,id=n0,bogus=1"], "-netdev tap,id=n0,bogus=1: Invalid parameter 'bogus'", Same),
     (&["-device", "virtio-net-pci,netdev=n1"], "-device virtio-net-pci,netdev=n1: Property 'virtio-net-device.netdev' can't find value 'n1'", Same),
     (&["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=zz"], "-device virtio-net-pci,netdev=n0,mac=zz: Property 'virtio-net-device.mac' doesn't take value 'zz'", Same),
     (&["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0", "-device", "virtio-net-pci,netdev=n0"], "-device virtio-net-pci,netdev=n0: Property 'virtio-net-device.netdev' can't take value 'n0', it's in use", Same),
     (&["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,bogus=1"], "-device virtio-net-pci,netdev=n0,bogus=1: Property 'virtio-net-pci.bogus' not found", Same),
     (&["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,addr=0x40"], "-device virtio-net-pci,netdev=n0,addr=0x40: Property 'virtio-net-pci.addr' doesn't take value '0x40'", Same),
-    (&["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mq=on"], "-device virtio-net-pci,netdev=n0,mq=on: the virtio-net-pci property 'mq' is not supported by tessera yet", Own),
+    (&["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,vectors=0"], "-device virtio-net-pci,netdev=n0,vectors=0: the virtio-net-pci property 'vectors' is not supported by tessera yet", Own),
+    (&["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mq=maybe"], "-device virtio-net-pci,netdev=n0,mq=maybe: Parameter 'mq' expects 'on' or 'off'", Own),
     (&["-device", "virtio-net-pci"], "-device virtio-net-pci: a virtio-net-pci without netdev= (no peer) is not supported by tessera yet", Own),
     (&["-net", "nic"], "-net nic: -net is not supported by tessera yet", Own),
 ];
@@ -259,6 +261,21 @@ fn netdev_and_device_forms() {
 
     // -nic none: nothing.
     assert!(parse(&["-nic", "none"]).0.nics.is_empty());
+
+    // Multiqueue: tap queues=N with mq=on exposes N pairs (the core then has the control queue); without mq=on
+    // one pair, as in QEMU.
+    for (mq, pairs) in [("on", 2u16), ("off", 1)] {
+        let (cfg, _) = parse(&[
+            "-netdev",
+            "tap,id=t0,ifname=tsr0,script=no,downscript=no,queues=2",
+            "-device",
+            &format!("virtio-net-pci,netdev=t0,mq={mq}"),
+        ]);
+        let p = plan::build(&cfg);
+        let ChildConfig::Core(core) = &p.core.config else { panic!("not a core config") };
+        assert_eq!(core.vhost_user_net[0].queue_pairs, pairs);
+        assert_eq!(p.backends[0].args.iter().any(|a| a == "--num-queues"), pairs > 1, "{:?}", p.backends[0].args);
+    }
 }
 
 #[test]

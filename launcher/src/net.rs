@@ -105,9 +105,8 @@ const TAP_KEYS: &[&str] = &[
 ];
 const VHOST_USER_KEYS: &[&str] = &["chardev", "vhostforce", "queues"];
 /// `-device virtio-net-pci` properties Tessera serves, and the other ones QEMU has (refused as not supported).
-const DEVICE_KEYS: &[&str] = &["driver", "id", "netdev", "mac", "addr", "bus"];
+const DEVICE_KEYS: &[&str] = &["driver", "id", "netdev", "mac", "addr", "bus", "mq"];
 const DEVICE_QEMU_KEYS: &[&str] = &[
-    "mq",
     "vectors",
     "csum",
     "guest_csum",
@@ -171,6 +170,8 @@ pub enum NetBackend {
 pub struct Netdev {
     pub id: String,
     pub backend: NetBackend,
+    /// `queues=` (tap): queue pairs the backend serves. A device exposes them with `mq=on`.
+    pub queues: u16,
     /// The option that defined it, for messages.
     pub location: String,
 }
@@ -181,6 +182,8 @@ pub struct Nic {
     pub id: String,
     pub netdev: Netdev,
     pub mac: [u8; 6],
+    /// Queue pairs the guest sees: the netdev's `queues=` with `mq=on`, else 1 (QEMU's `mq` defaults to off).
+    pub queue_pairs: u16,
     pub slot: Option<u8>,
     /// The option that made the device (`-nic ...` or `-device virtio-net-pci,...`).
     pub location: String,
@@ -215,10 +218,11 @@ pub fn read_netdev(net: &mut NetOptions, kv: &KeyVals, location: String) -> Resu
     }
     let id = kv.get("id").ok_or_else(|| Error::MissingParameter("id".into()))?.to_string();
     let (backend, chardev) = netdev_backend(kv, ty, &["type", "id"])?;
+    let queues = if ty == "tap" { queues(kv, None)? } else { 1 };
     if net.netdevs.iter().any(|(n, _)| n.id == id) {
         return Err(Error::DuplicateId { id, kind: "netdev" });
     }
-    net.netdevs.push((Netdev { id, backend, location }, chardev));
+    net.netdevs.push((Netdev { id, backend, queues, location }, chardev));
     Ok(None)
 }
 
@@ -236,10 +240,11 @@ pub fn read_nic(net: &mut NetOptions, kv: &KeyVals, location: String) -> Result<
         return Ok(Some(format!("Supported NIC models:\n{NIC_MODEL}\n")));
     }
     let (backend, chardev) = netdev_backend(kv, ty, &["type", "id", "model", "mac"])?;
+    let queues = if ty == "tap" { queues(kv, None)? } else { 1 };
     let mac = kv.get("mac").map(|m| parse_mac(m).map_err(Error::Message)).transpose()?;
     let id = format!("__org.qemu.nic{}", net.nics.len());
     let model = kv.get("model").map(String::from);
-    net.nics.push(NicOption { netdev: Netdev { id, backend, location }, chardev, mac, model });
+    net.nics.push(NicOption { netdev: Netdev { id, backend, queues, location }, chardev, mac, model });
     Ok(None)
 }
 
@@ -251,6 +256,7 @@ pub fn read_device(net: &mut NetOptions, kv: &KeyVals, location: String) -> Resu
         }
         return Err(Error::PropertyNotFound { owner: NIC_MODEL.into(), property: k.into() });
     }
+    kv.get_bool("mq")?;
     net.devices.push((kv.clone(), location));
     Ok(())
 }
@@ -296,7 +302,9 @@ fn netdev_backend(kv: &KeyVals, ty: &str, own: &[&str]) -> Result<(NetBackend, O
             keys(VHOST_USER_KEYS)?;
             let chardev = kv.get("chardev").ok_or_else(|| Error::MissingParameter("chardev".into()))?;
             kv.get_bool("vhostforce")?;
-            queues(kv)?;
+            // The core could not keep an external backend from receiving on rings beyond the pairs the driver
+            // sets (it would have to disable them); tessera-net receives on the first ring only.
+            queues(kv, Some("a vhost-user netdev"))?;
             Ok((NetBackend::VhostUser { path: String::new(), chardev_location: String::new() }, Some(chardev.into())))
         }
         t if QEMU_NETDEV_TYPES.contains(&t) => Err(Error::NotSupportedYet(format!("-netdev {t}"))),
@@ -304,12 +312,19 @@ fn netdev_backend(kv: &KeyVals, ty: &str, own: &[&str]) -> Result<(NetBackend, O
     }
 }
 
-/// `queues=`: only one queue pair until multiqueue is there (it needs the control queue in the core).
-fn queues(kv: &KeyVals) -> Result<()> {
+/// Most queue pairs tessera-net serves.
+pub const MAX_QUEUES: u16 = 16;
+
+/// `queues=`: queue pairs for tessera-net (`multi` false: only 1, with the reason).
+fn queues(kv: &KeyVals, multi: Option<&str>) -> Result<u16> {
     match kv.get_number("queues")? {
-        None | Some(1) => Ok(()),
+        None | Some(1) => Ok(1),
         Some(0) => Err(Error::Message("queues property must be larger than 0".into())),
-        Some(_) => Err(Error::NotSupportedYet("more than one queue pair on a network device (queues=)".into())),
+        Some(n) => match multi {
+            Some(why) => Err(Error::NotSupportedYet(format!("more than one queue pair on {why} (queues=)"))),
+            None if n <= u64::from(MAX_QUEUES) => Ok(n as u16),
+            None => Err(Error::NotSupportedYet(format!("more than {MAX_QUEUES} queue pairs (queues=)"))),
+        },
     }
 }
 
@@ -395,7 +410,6 @@ fn tap_backend(kv: &KeyVals) -> Result<NetBackend> {
             return Err(Error::NotSupportedYet(format!("tap {k}=on")));
         }
     }
-    queues(kv)?;
     // QEMU runs /etc/qemu-ifup and /etc/qemu-ifdown unless told `no`; Tessera runs no scripts yet.
     for (k, default) in [("script", "/etc/qemu-ifup"), ("downscript", "/etc/qemu-ifdown")] {
         match kv.get(k) {
@@ -473,7 +487,15 @@ pub fn resolve(net: &NetOptions, chardevs: &[ChardevSpec], warnings: &mut Vec<St
     for nic in &net.nics {
         let nd = vhost_user(nic.netdev.clone(), &nic.chardev)?;
         let mac = nic.mac;
-        nics.push(Nic { id: nd.id.clone(), location: nd.location.clone(), mac: next_mac(mac), slot: None, netdev: nd });
+        // -nic has no `mq`: one pair, as in QEMU.
+        nics.push(Nic {
+            id: nd.id.clone(),
+            location: nd.location.clone(),
+            mac: next_mac(mac),
+            queue_pairs: 1,
+            slot: None,
+            netdev: nd,
+        });
     }
     // Models are checked when the machine creates the NICs, after every -netdev (no location, as in QEMU).
     for nic in &net.nics {
@@ -505,8 +527,10 @@ pub fn resolve(net: &NetOptions, chardevs: &[ChardevSpec], warnings: &mut Vec<St
         };
         let (_, slot) = crate::config::pci_props(kv, NIC_MODEL).map_err(at)?;
         let nd = vhost_user(nd.clone(), chardev)?;
+        let mq = kv.get_bool("mq").map_err(at)?.unwrap_or(false);
         nics.push(Nic {
             id: kv.get("id").unwrap_or(netdev).to_string(),
+            queue_pairs: if mq { nd.queues } else { 1 },
             netdev: nd,
             mac: next_mac(mac),
             slot,
@@ -549,6 +573,9 @@ pub fn plan(
                 let listener = add(Resource::NetListener(n));
                 let mut fds = vec![listener];
                 let mut args: Vec<String> = vec!["--socket-fd".into(), "3".into(), "--mac".into(), mac.clone()];
+                if nic.queue_pairs > 1 {
+                    args.extend(["--num-queues".into(), nic.queue_pairs.to_string()]);
+                }
                 match backend {
                     NetBackend::User { options } => {
                         args.push("--user".into());
@@ -575,7 +602,7 @@ pub fn plan(
             id: nic.id.clone(),
             socket: VhostUserSocket::Connected(socket),
             mac: nic.mac,
-            queue_pairs: 1,
+            queue_pairs: nic.queue_pairs,
             slot: nic.slot,
             external,
             origin: nic.location.clone(),

@@ -62,8 +62,17 @@ impl Pump {
             (Some(mem), Some(vrings)) if vrings.len() >= 2 => {
                 let mem = mem.memory();
                 let vnet = self.host.vnet_hdr().then_some(guest_csum);
-                // TX first: what the guest sent may produce answers (ARP, ACKs) to deliver.
-                let sent = transmit(&vrings[1], &mem, &mut self.host);
+                // TX first: what the guest sent may produce answers (ARP, ACKs) to deliver. Every
+                // pair's transmitq feeds the one host side; frames for the guest all go to
+                // receiveq1, which any number of pairs in use includes (virtio 1.2 §5.1.6.5.5: the
+                // device must not use receive queues beyond the pairs set; pair 1 is always one).
+                let mut sent = 0;
+                for tx in vrings.iter().skip(1).step_by(2) {
+                    sent += transmit(tx, &mem, &mut self.host);
+                    if self.host.tx_blocked() {
+                        break;
+                    }
+                }
                 self.host.take_output(&mut self.backlog);
                 let received = receive(&vrings[0], &mem, &mut self.backlog, mergeable, vnet);
                 sent + received > 0

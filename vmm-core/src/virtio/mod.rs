@@ -107,16 +107,13 @@ pub fn add_pci_devices(
             if d.external && !cfg.ram.shared {
                 return Err(crate::Error::Config(format!("{}: {NEEDS_SHARED_RAM}", d.origin)));
             }
-            if d.queue_pairs != 1 {
-                return Err(crate::Error::Config(format!("{}: more than one queue pair is not supported", d.origin)));
-            }
             let conn = match &d.socket {
                 VhostUserSocket::Path(p) => vhost_user::Connection::Path(p.clone()),
                 VhostUserSocket::Connected(i) => {
                     vhost_user::Connection::Stream(std::os::unix::net::UnixStream::from(fds.take(*i)?))
                 }
             };
-            let dev = vhost_user_net::VhostUserNet::connect(d.origin.clone(), conn, d.mac, ram.clone())?;
+            let dev = vhost_user_net::VhostUserNet::connect(d.origin.clone(), conn, d.mac, d.queue_pairs, ram.clone())?;
             backends.vhost_user.push((d.id.clone(), dev.vhost_user().clone()));
             let bar = bars.alloc(pci::BAR_SIZE, &d.origin)?;
             let slot = match d.slot {
