@@ -2,15 +2,13 @@
 //! between it and the guest's queues; it outlives vhost-user connections, so user-mode
 //! connections and hostfwd listeners survive a front-end reconnect.
 //!
-//! The host side and the frames waiting for the guest live in a [`Pump`] under a mutex. A queue
-//! kick is served right on vhost-user-backend's worker thread that read it ([`NetShared::on_kick`]:
-//! TX to the host side, answers to RX), then the network thread is woken to poll the host side
-//! with a fresh poll set and timeout. Serving the kick on the worker saves a thread hop on every
-//! guest frame (the network thread used to do it after being woken), which is what the
-//! throughput comparison with QEMU's own `-netdev user` showed as the cost (docs/benchmarks.md).
-//! The network thread never holds the mutex while it sleeps in `poll`. libslirp is used from both
-//! threads but only under that mutex, one call at a time; calling `slirp_input` between
-//! `slirp_pollfds_fill` and `slirp_pollfds_poll` is what QEMU's main loop does too.
+//! The host side and the frames waiting for the guest live in a [`Pump`] under a mutex, so that
+//! other threads can reach the host side (the tap's offload settings when the driver acks its
+//! features). vhost-user-backend's worker thread reads the queue kicks and wakes the network
+//! thread, which does the queue work ([`NetShared::on_kick`]). Serving the kick on the worker
+//! itself (one thread hop less per kick) was tried and measured: it was not faster, rather
+//! slower, against QEMU's own `-netdev user` in the same runs (docs/benchmarks.md), so the
+//! network thread keeps all of it. It never holds the mutex while it sleeps in `poll`.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -126,12 +124,9 @@ impl NetShared {
         self.pump.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A queue was kicked: serve it on the calling thread, then let the network thread poll the
-    /// host side again (the frames sent may have opened sockets or armed timers it must watch).
+    /// A queue was kicked: the network thread serves it (see the module comment for why not the
+    /// calling worker thread).
     pub fn on_kick(&self) {
-        if let Some(p) = self.pump().as_mut() {
-            p.run(self);
-        }
         self.kick();
     }
 
