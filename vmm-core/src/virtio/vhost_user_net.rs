@@ -22,7 +22,7 @@ use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMP
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vhost_user::{Connection, DeviceSpec, VhostUser};
@@ -254,46 +254,51 @@ fn ctrl_loop(mut queue: Queue, q: &QueueConfig, stop: &EventFd, max_pairs: u16, 
             return;
         }
         let _ = q.kick.read();
-        let mem = ram.memory();
-        let mut answered = false;
-        loop {
-            let _ = queue.disable_notification(mem);
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let mut cmd = Vec::new();
-                let mut ack: Option<GuestAddress> = None;
-                let mut well_formed = true;
-                for d in chain {
-                    if d.is_write_only() {
-                        // The ack byte is the first device-writable byte (§5.1.6.5).
-                        if ack.is_none() && d.len() > 0 {
-                            ack = Some(d.addr());
-                        }
-                    } else if ack.is_some() || cmd.len() + d.len() as usize > CTRL_MAX_LEN {
-                        // Readable after writable, or larger than any command we know.
-                        well_formed = false;
-                    } else {
-                        let start = cmd.len();
-                        cmd.resize(start + d.len() as usize, 0);
-                        if mem.read_slice(&mut cmd[start..], d.addr()).is_err() {
-                            well_formed = false;
-                        }
-                    }
-                }
-                let status = if well_formed { ctrl_command(&cmd, max_pairs) } else { CTRL_ERR };
-                let written = ack.is_some_and(|a| mem.write_obj(status, a).is_ok());
-                let _ = queue.add_used(mem, head, u32::from(written));
-                answered = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        if answered && queue.needs_notification(mem).unwrap_or(true) {
+        if process_ctrl(&mut queue, ram.memory(), max_pairs) {
             let _ = q.call.write(1);
         }
     }
+}
+
+/// Answer every command made available; returns whether the driver wants an interrupt. Every byte is the
+/// guest's: a malformed chain gets `VIRTIO_NET_ERR` (or nothing, without a writable byte), never a panic.
+fn process_ctrl<M: GuestMemory>(queue: &mut Queue, mem: &M, max_pairs: u16) -> bool {
+    let mut answered = false;
+    loop {
+        let _ = queue.disable_notification(mem);
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut cmd = Vec::new();
+            let mut ack: Option<GuestAddress> = None;
+            let mut well_formed = true;
+            for d in chain {
+                if d.is_write_only() {
+                    // The ack byte is the first device-writable byte (§5.1.6.5).
+                    if ack.is_none() && d.len() > 0 {
+                        ack = Some(d.addr());
+                    }
+                } else if ack.is_some() || cmd.len() + d.len() as usize > CTRL_MAX_LEN {
+                    // Readable after writable, or larger than any command we know.
+                    well_formed = false;
+                } else {
+                    let start = cmd.len();
+                    cmd.resize(start + d.len() as usize, 0);
+                    if mem.read_slice(&mut cmd[start..], d.addr()).is_err() {
+                        well_formed = false;
+                    }
+                }
+            }
+            let status = if well_formed { ctrl_command(&cmd, max_pairs) } else { CTRL_ERR };
+            let written = ack.is_some_and(|a| mem.write_obj(status, a).is_ok());
+            let _ = queue.add_used(mem, head, u32::from(written));
+            answered = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    answered && queue.needs_notification(mem).unwrap_or(true)
 }
 
 /// One control command (`class`, `command`, data): `VIRTIO_NET_OK` or `VIRTIO_NET_ERR`.
@@ -333,6 +338,66 @@ mod tests {
         // Receive mode (class 0) and others: not offered, so refused.
         assert_eq!(ctrl_command(&[0, 0, 1], 2), CTRL_ERR);
         assert_eq!(ctrl_command(&[], 2), CTRL_ERR);
+    }
+
+    /// A control queue of 4 entries in 64 KiB of guest memory: descriptors at 0, avail at 0x100, used at
+    /// 0x200, buffers from 0x1000.
+    fn ctrl_ring(chains: &[&[(u64, u32, bool)]]) -> (vm_memory::GuestMemoryMmap, Queue) {
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut i = 0u16;
+        let mut heads = Vec::new();
+        for chain in chains {
+            heads.push(i);
+            for (n, &(addr, len, writable)) in chain.iter().enumerate() {
+                let last = n + 1 == chain.len();
+                let flags: u16 = if last { 0 } else { 1 } | if writable { 2 } else { 0 };
+                let d = 16 * u64::from(i);
+                mem.write_obj(addr, GuestAddress(d)).unwrap();
+                mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+                mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+                mem.write_obj(i + 1, GuestAddress(d + 14)).unwrap();
+                i += 1;
+            }
+        }
+        for (n, h) in heads.iter().enumerate() {
+            mem.write_obj(*h, GuestAddress(0x104 + 2 * n as u64)).unwrap();
+        }
+        mem.write_obj(heads.len() as u16, GuestAddress(0x102)).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(0), Some(0));
+        q.set_avail_ring_address(Some(0x100), Some(0));
+        q.set_used_ring_address(Some(0x200), Some(0));
+        q.set_ready(true);
+        (mem, q)
+    }
+
+    #[test]
+    fn control_queue_answers_and_survives_bad_chains() {
+        // 1: VQ_PAIRS_SET 2, split header/data/ack. 2: VQ_PAIRS_SET 5 (too many). 3: readable after writable.
+        // 4: no writable byte at all. 5: a 64 KiB command.
+        let (mem, mut q) = ctrl_ring(&[
+            &[(0x1000, 2, false), (0x1002, 2, false), (0x1100, 1, true)],
+            &[(0x2000, 4, false), (0x2100, 1, true)],
+            &[(0x3100, 1, true), (0x3000, 4, false)],
+            &[(0x4000, 4, false)],
+            &[(0x0, 0x10000, false), (0x5100, 1, true)],
+        ]);
+        mem.write_slice(&[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 2, 0], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 5, 0], GuestAddress(0x2000)).unwrap();
+        mem.write_slice(&[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 1, 0], GuestAddress(0x3000)).unwrap();
+        for a in [0x1100u64, 0x2100, 0x3100, 0x5100] {
+            mem.write_obj(0xffu8, GuestAddress(a)).unwrap();
+        }
+        assert!(process_ctrl(&mut q, &mem, 2));
+        let ack = |a: u64| mem.read_obj::<u8>(GuestAddress(a)).unwrap();
+        assert_eq!([ack(0x1100), ack(0x2100), ack(0x3100), ack(0x5100)], [CTRL_OK, CTRL_ERR, CTRL_ERR, CTRL_ERR]);
+        // Every chain was returned, with 1 byte written where there was a byte to write.
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x202)).unwrap(), 5);
+        let used_len = |n: u64| mem.read_obj::<u32>(GuestAddress(0x204 + 8 * n + 4)).unwrap();
+        assert_eq!([used_len(0), used_len(1), used_len(2), used_len(3), used_len(4)], [1, 1, 1, 0, 1]);
+        // Nothing more to do.
+        assert!(!process_ctrl(&mut q, &mem, 2));
     }
 
     #[test]
