@@ -242,7 +242,8 @@ pub fn read_nic(net: &mut NetOptions, kv: &KeyVals, location: String) -> Result<
     let (backend, chardev) = netdev_backend(kv, ty, &["type", "id", "model", "mac"])?;
     let queues = if ty == "tap" { queues(kv, None)? } else { 1 };
     let mac = kv.get("mac").map(|m| parse_mac(m).map_err(Error::Message)).transpose()?;
-    let id = format!("__org.qemu.nic{}", net.nics.len());
+    // QEMU names the netdev after `id=`, else `__org.qemu.nicN`.
+    let id = kv.get("id").map(String::from).unwrap_or_else(|| format!("__org.qemu.nic{}", net.nics.len()));
     let model = kv.get("model").map(String::from);
     net.nics.push(NicOption { netdev: Netdev { id, backend, queues, location }, chardev, mac, model });
     Ok(None)
