@@ -192,6 +192,7 @@ pub fn start(setup: &Setup) -> Core {
         start_paused: false,
         log: LogConfig { items: setup.log_items.clone(), file: None },
         vhost_user_blk,
+        vhost_user_net: Vec::new(),
     };
     control.send(&LauncherToChild::Configure(ChildConfig::Core(cfg)), fds.as_slice()).expect("send Configure");
     drop(fds);

@@ -118,7 +118,8 @@ fn user_networking_throughput_vs_qemu() {
                  ifconfig eth0 up\n\
                  udhcpc -i eth0 -s /udhcpc.sh -q -f -n -t 10 -T 2 >/tmp/dhcp 2>&1 || fail \"dhcp: $(cat /tmp/dhcp)\"\n\
                  # The host closes after the bytes it counts; nc then fails on the extra ones: fine.\n\
-                 echo TESSERA-H2G-READY\nnc -l -p 5001 >/dev/null || fail 'nc -l'\n\
+                 # Listening before READY: hostfwd connects to the guest as soon as the host does.\n\
+                 nc -l -p 5001 >/dev/null & ncpid=$!\nsleep 1\necho TESSERA-H2G-READY\nwait $ncpid || fail 'nc -l'\n\
                  dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.0.2.2 {g2h_port}; true\n\
                  echo TESSERA-G2H-DONE\nsleep 30\n",
                 mib * 16 + 16

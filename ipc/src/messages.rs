@@ -165,6 +165,10 @@ pub struct CoreConfig {
     /// vhost-user block devices on PCI bus 0 (`-device vhost-user-blk-pci`, and `-drive if=virtio` /
     /// `-device virtio-blk-pci` served by a tessera-blk the launcher started), in command-line order.
     pub vhost_user_blk: Vec<VhostUserBlkConfig>,
+    /// virtio-net-pci devices on PCI bus 0 served over vhost-user (`-nic`, `-netdev user|tap` with a tessera-net
+    /// the launcher started, `-netdev vhost-user` with an external backend), in command-line order, placed after
+    /// the block devices.
+    pub vhost_user_net: Vec<VhostUserNetConfig>,
 }
 
 /// One vhost-user-blk-pci device: the core is the vhost-user front end, the backend serves the disk.
@@ -179,6 +183,26 @@ pub struct VhostUserBlkConfig {
     pub slot: Option<u8>,
     /// What the user wrote for this device (`-device vhost-user-blk-pci,chardev=c0`), QEMU's prefix for
     /// errors about it.
+    pub origin: String,
+}
+
+/// One virtio-net-pci device over vhost-user. vhost-user-net backends do not serve the device configuration:
+/// the core builds it (virtio 1.2 §5.1.4) from these values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostUserNetConfig {
+    /// The device's `id=` (or the netdev's), for messages.
+    pub id: String,
+    pub socket: VhostUserSocket,
+    /// `mac=`, or QEMU's default (52:54:00:12:34:56 plus the NIC's index).
+    pub mac: [u8; 6],
+    /// Queue pairs (RX + TX each); 1 unless multiqueue is negotiated with a control queue.
+    pub queue_pairs: u16,
+    /// `addr=` (PCI slot on bus 0); `None` takes the next free one.
+    pub slot: Option<u8>,
+    /// The backend is not one the launcher started (`-netdev vhost-user`): as in QEMU, guest RAM must then be a
+    /// `share=on` memory backend.
+    pub external: bool,
+    /// What the user wrote for this device, QEMU's prefix for errors about it.
     pub origin: String,
 }
 

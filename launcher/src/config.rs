@@ -155,6 +155,8 @@ pub struct VmConfig {
     pub debug_exit: Option<DebugExit>,
     pub vhost_user_blk: Vec<VhostUserBlkSpec>,
     pub drives: Vec<BlkDrive>,
+    /// virtio-net-pci devices and their netdevs (`-nic`, `-netdev`, `-device virtio-net-pci`): see [`crate::net`].
+    pub nics: Vec<crate::net::Nic>,
     pub name: Option<String>,
     pub process_name: Option<String>,
     pub no_reboot: bool,
@@ -540,6 +542,7 @@ struct Raw {
     virtio_blk: Vec<(KeyVals, String)>,
     /// `-blockdev` nodes with their locations.
     blockdevs: Vec<(KeyVals, String)>,
+    net: crate::net::NetOptions,
     machine: KeyVals,
     machine_accel_set: bool,
     accel_opts: Vec<(String, String)>, // (accelerator name, location)
@@ -728,6 +731,8 @@ fn read_option(raw: &mut Raw, o: &ArgOpt, prog: &str) -> Result<Option<Command>>
                     return Err(Error::PropertyNotFound { owner: "vhost-user-blk-pci".into(), property: k.into() });
                 }
                 raw.vhost_user_blk.push((kv, o.location()));
+            } else if crate::net::is_nic_driver(kv.get("driver").unwrap_or_default()) {
+                crate::net::read_device(&mut raw.net, &kv, o.location())?;
             } else if let Some(text) = device(raw, &kv)? {
                 return Ok(Some(Command::Print { text, code: 0 }));
             }
@@ -749,6 +754,13 @@ fn read_option(raw: &mut Raw, o: &ArgOpt, prog: &str) -> Result<Option<Command>>
                 return Err(Error::Message(format!("Duplicate ID '{}' for drive", d.id)));
             }
             raw.drives.push((d, virtio));
+        }
+        Opt::Nic | Opt::Netdev => {
+            let kv = parse_kv(o, raw);
+            let read = if o.def.opt == Opt::Nic { crate::net::read_nic } else { crate::net::read_netdev };
+            if let Some(text) = read(&mut raw.net, &kv, o.location())? {
+                return Ok(Some(Command::Print { text, code: 0 }));
+            }
         }
         Opt::Nographic => raw.nographic = true,
         Opt::Display => {
@@ -1062,7 +1074,7 @@ fn vhost_user_blk(raw: &Raw, kv: &KeyVals) -> Result<VhostUserBlkSpec> {
 }
 
 /// `num-queues=`, `bus=` and `addr=` of a virtio PCI block device.
-fn pci_props(kv: &KeyVals, driver: &str) -> Result<(Option<u16>, Option<u8>)> {
+pub(crate) fn pci_props(kv: &KeyVals, driver: &str) -> Result<(Option<u16>, Option<u8>)> {
     let num_queues = match kv.get("num-queues") {
         None => None,
         Some(v) => {
@@ -1535,6 +1547,8 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         drives.push(BlkDrive { num_queues, slot, location: loc.clone(), ..d.clone() });
     }
 
+    let nics = crate::net::resolve(&raw.net, &raw.chardevs, &mut raw.warnings)?;
+
     Ok(VmConfig {
         accels,
         cpu_model: model,
@@ -1549,6 +1563,7 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         debug_exit: raw.debug_exit.clone(),
         vhost_user_blk,
         drives,
+        nics,
         name: raw.name.clone(),
         process_name: raw.process_name.clone(),
         no_reboot: raw.no_reboot,

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod error;
 pub mod host;
+pub mod net;
 pub mod options;
 pub mod opts;
 pub mod plan;
@@ -114,7 +115,8 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     let core_path = spawn::find_binary(&dir, plan::CORE_BINARY)?;
     let chardev_path =
         if plan.chardevs.is_empty() { None } else { Some(spawn::find_binary(&dir, plan::CHARDEV_BINARY)?) };
-    let blk_path = if plan.backends.is_empty() { None } else { Some(spawn::find_binary(&dir, plan::BLK_BINARY)?) };
+    // Each backend's executable (tessera-blk, tessera-net), in plan order.
+    let backend_paths = plan.backends.iter().map(|b| spawn::find_binary(&dir, b.binary)).collect::<Result<Vec<_>>>()?;
 
     // -runas needs root in the launcher; say so before anything starts (the children would each fail).
     cfg.sandbox.check_launcher().map_err(|e| Error::Sandbox(e.to_string()))?;
@@ -182,10 +184,10 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
             break;
         }
     }
-    // Block backends: they take flags, not a configuration message, and are ready once started (their
+    // Block and network backends: they take flags, not a configuration message, and are ready once started (their
     // listening socket exists already; the core's connection waits in its backlog).
     if outcome.is_none() {
-        for (b, path) in plan.backends.iter().zip(blk_path.iter().cycle()) {
+        for (b, path) in plan.backends.iter().zip(backend_paths.iter()) {
             let fds: Vec<BorrowedFd<'_>> = b.fds.iter().map(|&r| opened.fd(r)).collect();
             match spawn::start_plain(path, b.binary, &b.args, &fds, cfg.daemonize, &cfg.sandbox) {
                 Ok(started) => {

@@ -40,6 +40,9 @@ pub enum Opt {
     Readconfig,
     Monitor,
     Nodefaults,
+    /// `-nic` and `-netdev` (launcher/src/net.rs).
+    Nic,
+    Netdev,
     /// A QEMU option Tessera does not implement yet.
     Unsupported,
     /// Tessera's own debugging aid: print the process graph the command line plans, start nothing.
@@ -114,6 +117,8 @@ pub static OPTIONS: &[OptionDef] = &[
         Opt::Drive,
         "-drive file=IMG,if=virtio|none[,format=raw|qcow2][,readonly=on][,cache=writeback|none][,discard=][,id=]",
     ),
+    def(&["netdev"], true, Some("type"), Opt::Netdev, "-netdev user|tap|vhost-user,id=id[,...]   a network backend for -device virtio-net-pci,netdev=id"),
+    def(&["nic"], true, Some("type"), Opt::Nic, "-nic user|tap|vhost-user|none[,model=virtio-net-pci][,mac=][,...]   a virtio-net-pci NIC and its backend"),
     def(
         &["blockdev"],
         true,
@@ -156,8 +161,6 @@ pub static OPTIONS: &[OptionDef] = &[
     unsupported(&["msg"], true),
     unsupported(&["mtdblock"], true),
     unsupported(&["net"], true),
-    unsupported(&["netdev"], true),
-    unsupported(&["nic"], true),
     unsupported(&["numa"], true),
     unsupported(&["option-rom"], true),
     unsupported(&["overcommit"], true),

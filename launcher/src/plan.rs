@@ -66,6 +66,15 @@ pub enum Resource {
     /// launcher), and the core's connection to it (made before tessera-blk runs: the backlog holds it).
     BlkListener(usize),
     BlkConnect(usize),
+    /// The same for tessera-net number `n` (launcher/src/net.rs).
+    NetListener(usize),
+    NetConnect(usize),
+    /// A tap device, opened by the launcher (it may be privileged, tessera-net is not): `ifname=`, or a new tap
+    /// the kernel names.
+    Tap {
+        ifname: Option<String>,
+        location: String,
+    },
     /// `-kernel` / `-initrd`, read-only.
     Kernel(String),
     Initrd(String),
@@ -103,7 +112,7 @@ pub struct Plan {
     pub resources: Vec<Resource>,
     /// Chardev processes, started first (so nothing the guest prints is lost), then the core.
     pub chardevs: Vec<ChildPlan>,
-    /// Block backends, started after the chardevs and before the core.
+    /// Block and network backends, started after the chardevs and before the core.
     pub backends: Vec<BackendPlan>,
     pub core: ChildPlan,
     /// Accelerators to try in order.
@@ -280,6 +289,8 @@ pub fn build(cfg: &VmConfig) -> Plan {
             origin: d.location.clone(),
         });
     }
+    // NICs: after the disks, so that their PCI slots follow the disks' as the command line has them.
+    let vhost_user_net = crate::net::plan(&cfg.nics, &mut |r| b.add(r), &mut fds, &mut backends);
     let log = log_for(&mut fds);
     let core = CoreConfig {
         name: cfg.name.clone(),
@@ -312,6 +323,7 @@ pub fn build(cfg: &VmConfig) -> Plan {
         start_paused: cfg.start_paused,
         log,
         vhost_user_blk,
+        vhost_user_net,
     };
     Plan {
         resources: b.resources,

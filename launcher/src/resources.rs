@@ -181,6 +181,15 @@ pub fn open_all(plan: &Plan, prog: &str, interrupt: Interrupt<'_>) -> Result<Ope
             Resource::BlkConnect(n) => UnixStream::connect_addr(&blk_socket_addr(*n)?)
                 .map(OwnedFd::from)
                 .map_err(|e| Error::host("connecting to the vhost-user socket of tessera-blk", os_error(e)))?,
+            Resource::NetListener(n) => UnixListener::bind_addr(&crate::net::socket_addr(*n)?)
+                .map(OwnedFd::from)
+                .map_err(|e| Error::host("binding the vhost-user socket of tessera-net", os_error(e)))?,
+            Resource::NetConnect(n) => UnixStream::connect_addr(&crate::net::socket_addr(*n)?)
+                .map(OwnedFd::from)
+                .map_err(|e| Error::host("connecting to the vhost-user socket of tessera-net", os_error(e)))?,
+            Resource::Tap { ifname, location } => {
+                crate::net::open_tap(ifname.as_deref()).map_err(|e| e.at(location.clone()))?
+            }
             Resource::Kernel(path) => {
                 let f = File::open(path).map_err(|e| Error::KernelOpen { path: path.clone(), source: os_error(e) })?;
                 if f.metadata().is_ok_and(|m| m.is_dir()) {

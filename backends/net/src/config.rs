@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 
 use crate::error::{Error, Result};
 
@@ -15,10 +15,15 @@ pub const MAX_QUEUE_PAIRS: u16 = 16;
 /// Serve a virtio-net device to a vhost-user front end (QEMU's `-netdev vhost-user`, tessera-core).
 #[derive(Debug, Parser)]
 #[command(name = "tessera-net", version)]
+#[command(group(ArgGroup::new("socket").required(true).args(["socket_path", "socket_fd"])))]
 pub struct Args {
     /// Path of the vhost-user UNIX socket to listen on (replaced if it exists).
     #[arg(long)]
-    pub socket_path: PathBuf,
+    pub socket_path: Option<PathBuf>,
+    /// An inherited, already listening UNIX socket to serve instead (the launcher binds it before
+    /// starting tessera-net, so the process needs no file system access for it).
+    #[arg(long, value_name = "N")]
+    pub socket_fd: Option<RawFd>,
     /// User-mode networking (the default), with QEMU's `-netdev user` sub-options, comma
     /// separated: net=, host=, dhcpstart=, dns=, hostfwd= (repeatable), guestfwd=cmd:,
     /// restrict=, hostname=, domainname=, dnssearch=, ipv4=, ipv6=.
@@ -34,7 +39,9 @@ pub struct Args {
     /// backend); QEMU's virtio-net-pci uses its own `mac=` property.
     #[arg(long, default_value = "52:54:00:12:34:56")]
     pub mac: String,
-    /// Queue pairs (only 1 for now: multiqueue tap is not implemented yet).
+    /// Queue pairs. All pairs share the one host side (one network thread; multiqueue tap with a
+    /// tap queue per pair is not implemented yet): more pairs let an SMP guest transmit from
+    /// each vCPU without contention, not more throughput.
     #[arg(long, default_value_t = 1)]
     pub num_queues: u16,
     /// Largest virtqueue size the front end may configure (power of two).
@@ -110,10 +117,28 @@ pub enum HostSide {
     TapFd(RawFd),
 }
 
+/// Where the vhost-user socket comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketSource {
+    /// Bind this path (replacing a file there).
+    Path(PathBuf),
+    /// Serve this inherited listening socket.
+    Fd(RawFd),
+}
+
+impl std::fmt::Display for SocketSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketSource::Path(p) => write!(f, "{}", p.display()),
+            SocketSource::Fd(fd) => write!(f, "socket fd {fd}"),
+        }
+    }
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct NetConfig {
-    pub socket_path: PathBuf,
+    pub socket: SocketSource,
     pub host: HostSide,
     pub mac: [u8; 6],
     pub queue_pairs: u16,
@@ -142,19 +167,16 @@ impl TryFrom<Args> for NetConfig {
         if a.num_queues == 0 || a.num_queues > MAX_QUEUE_PAIRS {
             return Err(Error::NumQueues { got: a.num_queues, max: MAX_QUEUE_PAIRS });
         }
-        if a.num_queues > 1 {
-            return Err(Error::Multiqueue);
-        }
         if a.queue_size < 2 || !a.queue_size.is_power_of_two() {
             return Err(Error::QueueSize(a.queue_size));
         }
-        Ok(NetConfig {
-            socket_path: a.socket_path,
-            host,
-            mac: parse_mac(&a.mac)?,
-            queue_pairs: a.num_queues,
-            queue_size: a.queue_size,
-        })
+        let socket = match (a.socket_path, a.socket_fd) {
+            (Some(p), _) => SocketSource::Path(p),
+            (None, Some(fd)) => SocketSource::Fd(fd),
+            // clap's "socket" group requires one of them.
+            (None, None) => return Err(Error::NoSocket),
+        };
+        Ok(NetConfig { socket, host, mac: parse_mac(&a.mac)?, queue_pairs: a.num_queues, queue_size: a.queue_size })
     }
 }
 

@@ -14,8 +14,6 @@ pub enum Error {
     Mac(String),
     #[error("--num-queues must be between 1 and {max}, got {got}")]
     NumQueues { got: u16, max: u16 },
-    #[error("--num-queues above 1 (multiqueue tap) is not implemented in tessera-net yet")]
-    Multiqueue,
     #[error("--queue-size must be a power of two between 2 and 32768, got {0}")]
     QueueSize(u16),
     #[error("exactly one of --user, --tap and --tap-fd may be given")]
@@ -34,6 +32,10 @@ pub enum Error {
     NetThread(#[source] std::io::Error),
     #[error("cannot create the vhost-user daemon for socket {path}: {reason}")]
     Daemon { path: PathBuf, reason: String },
+    #[error("one of --socket-path and --socket-fd is required")]
+    NoSocket,
+    #[error("--socket-fd {0} is not a listening UNIX socket")]
+    NotListening(i32),
     #[error("cannot listen on vhost-user socket {path}: {reason}")]
     Listen { path: PathBuf, reason: String },
 }

@@ -18,6 +18,21 @@ pub const VNET_HDR_LEN: usize = 12;
 pub const MAX_FRAME_LEN: usize = 1500 + 14 + 4;
 /// Smallest frame: an Ethernet header.
 pub const MIN_FRAME_LEN: usize = 14;
+/// Largest frame with segmentation offload (a tap with a vnet header, HOST_TSO/GUEST_TSO
+/// negotiated): a 64 KiB IP packet plus Ethernet and VLAN headers, as Linux's tun takes them.
+pub const MAX_GSO_FRAME_LEN: usize = 65535 + 14 + 4;
+
+/// How TX frames leave [`process_tx_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxMode {
+    /// Plain Ethernet frames (libslirp, a tap without vnet header): the header is stripped and
+    /// must ask for no offload; at most [`MAX_FRAME_LEN`].
+    Plain,
+    /// With the 12-byte virtio-net header in front, for a tap opened with `IFF_VNET_HDR` (its
+    /// `struct virtio_net_hdr_v1` is the same layout): checksum and GSO requests pass through
+    /// to the kernel, which checks them; frames up to [`MAX_GSO_FRAME_LEN`].
+    VnetHdr,
+}
 
 /// One descriptor as the driver described it (address not yet checked).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,9 +76,23 @@ impl std::fmt::Display for TxError {
 
 /// Copies the frame of a TX chain (header stripped) into `buf`.
 pub fn read_tx_frame(mem: &GuestMemoryMmap, descs: &[Desc], buf: &mut Vec<u8>) -> Result<(), TxError> {
+    read_tx_frame_with(mem, descs, buf, TxMode::Plain)
+}
+
+/// Copies a TX chain into `buf` as `mode` wants it.
+pub fn read_tx_frame_with(
+    mem: &GuestMemoryMmap,
+    descs: &[Desc],
+    buf: &mut Vec<u8>,
+    mode: TxMode,
+) -> Result<(), TxError> {
     buf.clear();
     let total: u64 = descs.iter().map(|d| u64::from(d.len)).sum();
-    if total > (VNET_HDR_LEN + MAX_FRAME_LEN) as u64 {
+    let max = match mode {
+        TxMode::Plain => MAX_FRAME_LEN,
+        TxMode::VnetHdr => MAX_GSO_FRAME_LEN,
+    };
+    if total > (VNET_HDR_LEN + max) as u64 {
         return Err(TxError::TooLong(total));
     }
     if total < (VNET_HDR_LEN + MIN_FRAME_LEN) as u64 {
@@ -77,6 +106,10 @@ pub fn read_tx_frame(mem: &GuestMemoryMmap, descs: &[Desc], buf: &mut Vec<u8>) -
         buf.resize(start + d.len as usize, 0);
         mem.read_slice(&mut buf[start..], GuestAddress(d.addr))
             .map_err(|_| TxError::OutsideMemory { addr: d.addr, len: d.len })?;
+    }
+    if mode == TxMode::VnetHdr {
+        // The kernel validates the header (virtio_net_hdr_to_skb) and drops what it cannot do.
+        return Ok(());
     }
     // Header fields (§5.1.6): flags at 0, gso_type at 1. Without CSUM/HOST_TSO negotiated the
     // driver must leave both 0; a frame asking for work we never offered is not sent half-done.
@@ -95,6 +128,16 @@ pub fn read_tx_frame(mem: &GuestMemoryMmap, descs: &[Desc], buf: &mut Vec<u8>) -
 pub fn process_tx(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
+    send: impl FnMut(&[u8]) -> bool,
+) -> Result<usize, virtio_queue::Error> {
+    process_tx_with(queue, mem, TxMode::Plain, send)
+}
+
+/// [`process_tx`], frames made as `mode` says.
+pub fn process_tx_with(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mode: TxMode,
     mut send: impl FnMut(&[u8]) -> bool,
 ) -> Result<usize, virtio_queue::Error> {
     let mut buf = Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME_LEN);
@@ -107,7 +150,7 @@ pub fn process_tx(
         let head = chain.head_index();
         let descs: Vec<Desc> =
             chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }).collect();
-        match read_tx_frame(mem, &descs, &mut buf) {
+        match read_tx_frame_with(mem, &descs, &mut buf, mode) {
             Ok(()) => {
                 if !send(&buf) {
                     queue.set_next_avail(before);
@@ -166,7 +209,21 @@ fn writable_pieces(mem: &GuestMemoryMmap, descs: &[Desc]) -> Option<Pieces> {
 /// (VIRTIO_NET_F_MRG_RXBUF) across as many chains as needed, `num_buffers` telling the driver
 /// how many (§5.1.6.4); otherwise into a single chain.
 pub fn deliver_rx(queue: &mut Queue, mem: &GuestMemoryMmap, frame: &[u8], mergeable: bool) -> RxOutcome {
-    if frame.len() > MAX_FRAME_LEN {
+    deliver_rx_with(queue, mem, [0; VNET_HDR_LEN], frame, mergeable, MAX_FRAME_LEN)
+}
+
+/// [`deliver_rx`] with the header's `flags`, `gso_type`, `hdr_len`, `gso_size`, `csum_start`
+/// and `csum_offset` taken from `hdr` (a tap's vnet header; `num_buffers` is ours to set), and
+/// frames up to `max_len`.
+pub fn deliver_rx_with(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    hdr: [u8; VNET_HDR_LEN],
+    frame: &[u8],
+    mergeable: bool,
+    max_len: usize,
+) -> RxOutcome {
+    if frame.len() > max_len {
         return RxOutcome::Dropped;
     }
     let need = VNET_HDR_LEN + frame.len();
@@ -206,8 +263,8 @@ pub fn deliver_rx(queue: &mut Queue, mem: &GuestMemoryMmap, frame: &[u8], mergea
         }
         return RxOutcome::Dropped;
     }
-    // Header: everything 0 (no offloads), num_buffers = chains used (§5.1.6.4.2).
-    let mut hdr = [0u8; VNET_HDR_LEN];
+    // Header: as given (all 0 without offloads), num_buffers = chains used (§5.1.6.4.2).
+    let mut hdr = hdr;
     let nbuf = chains.len() as u16;
     hdr[10..12].copy_from_slice(&nbuf.to_le_bytes());
     let mut data = Vec::with_capacity(need);

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use log::{error, info};
-use tessera_net::config::{Args, NetConfig};
-use tessera_net::vhost_user::{serve, NetDevice};
+use tessera_net::config::{Args, NetConfig, SocketSource};
+use tessera_net::vhost_user::{serve, serve_fd, NetDevice};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -28,17 +28,15 @@ fn main() -> ExitCode {
     let m = config.mac;
     info!(
         "serving virtio-net (mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}) on {}",
-        m[0],
-        m[1],
-        m[2],
-        m[3],
-        m[4],
-        m[5],
-        config.socket_path.display()
+        m[0], m[1], m[2], m[3], m[4], m[5], config.socket
     );
     let dev =
         Arc::new(NetDevice { mac: config.mac, queue_pairs: config.queue_pairs, queue_size: config.queue_size, net });
-    match serve(&config.socket_path, dev) {
+    let served = match &config.socket {
+        SocketSource::Path(p) => serve(p, dev),
+        SocketSource::Fd(fd) => serve_fd(*fd, dev),
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }

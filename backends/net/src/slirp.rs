@@ -1,6 +1,6 @@
 //! A safe owner of one libslirp instance (QEMU's user-mode network stack).
 //!
-//! libslirp is single-threaded and callback driven: the thread that owns a [`Slirp`] feeds it
+//! libslirp is single-threaded and callback driven: whoever holds a [`Slirp`] (`&mut`) feeds it
 //! guest frames ([`Slirp::input`]), lets it fill a `poll(2)` set ([`Slirp::fill_pollfds`]),
 //! reports the results ([`Slirp::handle_pollfds`]) and fires its timers ([`Slirp::run_timers`]).
 //! Frames for the guest come out through the `send_packet` callback into [`Slirp::take_output`].
@@ -54,6 +54,13 @@ pub struct Slirp {
     _strings: Vec<CString>,
     _dnssearch: Vec<*const c_char>,
 }
+
+// SAFETY: libslirp is not thread-safe but has no thread affinity: it keeps no thread-local state
+// and calls back only into the `Ctx` we own, from within the call that was made into it. Every
+// method here takes `&mut self`, so moving a `Slirp` to another thread, or sharing it behind a
+// `Mutex` (as the network loop does), means one thread at a time uses the instance, its
+// callbacks' `RefCell`s and the raw pointers it holds.
+unsafe impl Send for Slirp {}
 
 fn in_addr(a: Ipv4Addr) -> sys::in_addr {
     sys::in_addr::from(a)

@@ -6,7 +6,10 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::frame::{deliver_rx, process_tx, RxOutcome, MAX_FRAME_LEN, MIN_FRAME_LEN};
+use crate::frame::{
+    deliver_rx, deliver_rx_with, process_tx_with, RxOutcome, TxMode, MAX_FRAME_LEN, MAX_GSO_FRAME_LEN, MIN_FRAME_LEN,
+    VNET_HDR_LEN,
+};
 
 const QUEUE_SIZE: u16 = 16;
 const DESC: u64 = 0x0;
@@ -52,11 +55,18 @@ pub fn fuzz_queues(data: &[u8]) {
     let Some(mut q) = queue(flags & 1 != 0) else {
         return;
     };
+    // Bit 3: the tap-with-vnet-header path (header kept, GSO-sized frames).
+    let vnet = flags & 8 != 0;
     if flags & 2 == 0 {
         let mut frames = 0usize;
+        let (mode, min, max) = if vnet {
+            (TxMode::VnetHdr, VNET_HDR_LEN + MIN_FRAME_LEN, VNET_HDR_LEN + MAX_GSO_FRAME_LEN)
+        } else {
+            (TxMode::Plain, MIN_FRAME_LEN, MAX_FRAME_LEN)
+        };
         for _ in 0..2 {
-            let r = process_tx(&mut q, &mem, |f| {
-                assert!((MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&f.len()), "frame of {} bytes passed", f.len());
+            let r = process_tx_with(&mut q, &mem, mode, |f| {
+                assert!((min..=max).contains(&f.len()), "frame of {} bytes passed", f.len());
                 frames += 1;
                 !frames.is_multiple_of(3)
             });
@@ -65,9 +75,16 @@ pub fn fuzz_queues(data: &[u8]) {
             }
         }
     } else {
-        let frame: Vec<u8> = (0..frame_len.min(2 * MAX_FRAME_LEN)).map(|i| i as u8).collect();
+        let cap = if vnet { MAX_GSO_FRAME_LEN + 1 } else { 2 * MAX_FRAME_LEN };
+        let frame: Vec<u8> = (0..frame_len.min(cap)).map(|i| i as u8).collect();
+        let hdr = [*flags; VNET_HDR_LEN];
         for _ in 0..4 {
-            if let RxOutcome::Delivered(n) = deliver_rx(&mut q, &mem, &frame, flags & 4 != 0) {
+            let outcome = if vnet {
+                deliver_rx_with(&mut q, &mem, hdr, &frame, flags & 4 != 0, MAX_GSO_FRAME_LEN)
+            } else {
+                deliver_rx(&mut q, &mem, &frame, flags & 4 != 0)
+            };
+            if let RxOutcome::Delivered(n) = outcome {
                 assert!((1..=QUEUE_SIZE).contains(&n));
             }
         }
@@ -78,7 +95,7 @@ pub fn fuzz_queues(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Desc, VNET_HDR_LEN};
+    use crate::frame::{process_tx, Desc};
 
     fn write_desc(mem: &GuestMemoryMmap, i: u16, d: Desc, next: Option<u16>) {
         let mut b = [0u8; 16];
@@ -141,6 +158,50 @@ mod tests {
         assert_eq!(n, 5, "every chain is returned");
         assert_eq!(got, vec![frame], "only the good frame is sent");
         assert_eq!(used(&m, 0), (0, 0));
+    }
+
+    #[test]
+    fn tx_with_vnet_header_keeps_offload_requests_and_takes_gso_frames() {
+        use crate::frame::{process_tx_with, TxMode};
+        let m = mem();
+        // Chain 0: a checksum-offload request (flags = NEEDS_CSUM) on a short frame. Chain 1: a
+        // 9000-byte GSO frame. Both go to the tap with their headers.
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        hdr[0] = 1;
+        let mut bytes = hdr.to_vec();
+        bytes.extend_from_slice(&[7u8; 60]);
+        m.write_slice(&bytes, GuestAddress(0x1000)).unwrap();
+        write_desc(&m, 0, Desc { addr: 0x1000, len: 72, writable: false }, None);
+        write_desc(&m, 1, Desc { addr: 0x2000, len: 9000, writable: false }, None);
+        publish(&m, &[0, 1]);
+        let mut q = queue(false).unwrap();
+        let mut got = Vec::new();
+        let n = process_tx_with(&mut q, &m, TxMode::VnetHdr, |f| {
+            got.push(f.to_vec());
+            true
+        })
+        .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(got[0], bytes);
+        assert_eq!(got[1].len(), 9000);
+    }
+
+    #[test]
+    fn rx_with_a_tap_header_passes_it_and_sets_num_buffers() {
+        use crate::frame::{deliver_rx_with, MAX_GSO_FRAME_LEN};
+        let m = mem();
+        write_desc(&m, 0, Desc { addr: 0x4000, len: 4096, writable: true }, None);
+        publish(&m, &[0]);
+        let mut q = queue(false).unwrap();
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        hdr[0] = 2; // DATA_VALID
+        hdr[10] = 9; // num_buffers from the tap is not trusted
+        let frame = [5u8; 3000];
+        assert_eq!(deliver_rx_with(&mut q, &m, hdr, &frame, true, MAX_GSO_FRAME_LEN), RxOutcome::Delivered(1));
+        let mut got = [0u8; VNET_HDR_LEN];
+        m.read_slice(&mut got, GuestAddress(0x4000)).unwrap();
+        assert_eq!(got, [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(used(&m, 0), (0, (VNET_HDR_LEN + 3000) as u32));
     }
 
     #[test]

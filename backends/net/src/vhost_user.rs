@@ -2,6 +2,7 @@
 //! in the network thread ([`crate::netloop`]); the worker thread here only forwards kicks.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
@@ -13,7 +14,9 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -31,22 +34,39 @@ pub struct NetDevice {
     pub net: Arc<NetShared>,
 }
 
+/// Offloads a tap with a vnet header passes through (the kernel's tun does the work on the host
+/// side: `virtio_net_hdr_to_skb`/`_from_skb`). No UFO: Linux's tun no longer accepts it.
+const OFFLOADS: &[u32] = &[
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_ECN,
+];
+
 /// MTU advertised with VIRTIO_NET_F_MTU: what libslirp and a default tap carry.
 pub const MTU: u16 = 1500;
 
 impl NetDevice {
-    /// virtio-net feature bits (virtio 1.2 §5.1.3). No checksum or segmentation offloads: the
-    /// host side (libslirp, a tap opened without IFF_VNET_HDR) takes and gives complete frames.
+    /// virtio-net feature bits (virtio 1.2 §5.1.3). Checksum and TCP segmentation offloads only
+    /// with a tap that has a vnet header ([`OFFLOADS`]): libslirp (and a tap without the
+    /// header) takes and gives complete frames.
     /// `VHOST_USER_F_PROTOCOL_FEATURES` is required by QEMU's vhost-user-net (see [`crate::relay`]
     /// for what that takes with rust-vmm's vhost).
     pub fn features(&self) -> u64 {
-        (1u64 << VIRTIO_F_VERSION_1)
+        let offloads = if self.net.offloads() { OFFLOADS.iter().fold(0u64, |f, b| f | 1 << b) } else { 0 };
+        offloads
+            | (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_STATUS)
             | (1 << VIRTIO_NET_F_MRG_RXBUF)
             | (1 << VIRTIO_NET_F_MTU)
+            | if self.queue_pairs > 1 { 1 << VIRTIO_NET_F_MQ } else { 0 }
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -96,6 +116,7 @@ impl VhostUserBackend for VhostNet {
 
     fn acked_features(&self, features: u64) {
         self.dev.net.set_mergeable(features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0);
+        self.dev.net.set_guest_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -155,21 +176,50 @@ impl VhostUserBackend for VhostNet {
             return Ok(());
         }
         self.dev.net.set_vrings(vrings);
-        self.dev.net.kick();
+        self.dev.net.on_kick();
         Ok(())
     }
 }
 
 /// Serves `dev` on the vhost-user socket at `path`, one front end at a time, forever (bound
-/// once; after a disconnect the next connection is accepted). Each connection goes through
-/// [`crate::relay`] to the daemon, which listens on a private abstract socket. Returns only if
-/// a socket cannot be listened on.
+/// once; after a disconnect the next connection is accepted). Returns only if a socket cannot
+/// be listened on.
 pub fn serve(path: &Path, dev: Arc<NetDevice>) -> Result<()> {
     let listen_err = |e: io::Error| Error::Listen { path: path.to_owned(), reason: e.to_string() };
     if path.exists() {
         let _ = std::fs::remove_file(path);
     }
     let public = UnixListener::bind(path).map_err(listen_err)?;
+    serve_listener(public, path, dev)
+}
+
+/// [`serve`] on an inherited listening socket (`--socket-fd`, bound by the launcher).
+pub fn serve_fd(fd: RawFd, dev: Arc<NetDevice>) -> Result<()> {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`; a bad fd only fails.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if fd < 3 || ret != 0 || accepting == 0 {
+        return Err(Error::NotListening(fd));
+    }
+    // SAFETY: `fd` is an open, listening socket (checked above) that our parent handed to us;
+    // nothing else in this process owns it.
+    let public = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    serve_listener(public, Path::new(&format!("socket fd {fd}")), dev)
+}
+
+/// The serve loop on a listening socket; `path` names it in log lines. Each connection goes
+/// through [`crate::relay`] to the daemon, which listens on a private abstract socket.
+pub fn serve_listener(public: UnixListener, path: &Path, dev: Arc<NetDevice>) -> Result<()> {
+    let listen_err = |e: io::Error| Error::Listen { path: path.to_owned(), reason: e.to_string() };
     // Abstract names are limited to 107 bytes: name it by process, not by the (long) path.
     let name = format!("tessera-net-{}", std::process::id());
     let private_addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(listen_err)?;

@@ -5,6 +5,7 @@
 pub mod pci;
 pub mod vhost_user;
 pub mod vhost_user_blk;
+pub mod vhost_user_net;
 
 use std::sync::Arc;
 
@@ -92,7 +93,7 @@ pub fn add_pci_devices(
 
     let mut root = PciRoot::new();
     let mut backends = Backends::default();
-    if !cfg.vhost_user_blk.is_empty() {
+    if !cfg.vhost_user_blk.is_empty() || !cfg.vhost_user_net.is_empty() {
         let router = engine.msi_router()?;
         let mut bars = BarAllocator::new(MmioWindow::for_layout(ram.layout()));
         for d in &cfg.vhost_user_blk {
@@ -109,6 +110,30 @@ pub fn add_pci_devices(
             };
             let nq = d.num_queues.unwrap_or(cfg.smp.clamp(1, 64) as u16);
             let dev = vhost_user_blk::VhostUserBlk::connect(d.origin.clone(), conn, nq, ram.clone())?;
+            backends.vhost_user.push((d.id.clone(), dev.vhost_user().clone()));
+            let bar = bars.alloc(pci::BAR_SIZE, &d.origin)?;
+            let slot = match d.slot {
+                Some(s) => s,
+                None => {
+                    root.free_slot().ok_or_else(|| crate::Error::Config(format!("{}: PCI bus 0 is full", d.origin)))?
+                }
+            };
+            let f = pci::VirtioPci::new(d.id.clone(), Box::new(dev), bar, router.clone(), log.clone())?;
+            root.add(slot, f)?;
+        }
+        for d in &cfg.vhost_user_net {
+            // As QEMU: an external backend needs share=on RAM. A tessera-net the launcher started maps the core's
+            // memfd, which is always shared (`-netdev user` needs no memory backend in QEMU either).
+            if d.external && !cfg.ram.shared {
+                return Err(crate::Error::Config(format!("{}: {NEEDS_SHARED_RAM}", d.origin)));
+            }
+            let conn = match &d.socket {
+                VhostUserSocket::Path(p) => vhost_user::Connection::Path(p.clone()),
+                VhostUserSocket::Connected(i) => {
+                    vhost_user::Connection::Stream(std::os::unix::net::UnixStream::from(fds.take(*i)?))
+                }
+            };
+            let dev = vhost_user_net::VhostUserNet::connect(d.origin.clone(), conn, d.mac, d.queue_pairs, ram.clone())?;
             backends.vhost_user.push((d.id.clone(), dev.vhost_user().clone()));
             let bar = bars.alloc(pci::BAR_SIZE, &d.origin)?;
             let slot = match d.slot {
