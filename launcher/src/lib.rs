@@ -6,7 +6,7 @@
 //! * [`plan`]: the process graph and the host resources each child gets, as data.
 //! * [`resources`]: opening those resources; [`spawn`]: starting a child on the control-channel contract
 //!   (docs/ARCHITECTURE.md); [`supervise`]: watching the graph and ending it; [`host`]: pid file, daemon,
-//!   terminal.
+//!   terminal; [`restart`]: restarting backends that die; [`qmp`]: the QMP monitor.
 //! * [`error`]: the one error type, with QEMU's wording.
 
 pub mod config;
@@ -15,7 +15,9 @@ pub mod host;
 pub mod options;
 pub mod opts;
 pub mod plan;
+pub mod qmp;
 pub mod resources;
+pub mod restart;
 pub mod spawn;
 pub mod supervise;
 
@@ -148,6 +150,27 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
         };
         resources::open_all(&plan, prog, &mut interrupt)?
     };
+    graph.qmp = {
+        let sfd = &mut graph.sfd;
+        let mut interrupt = || -> Result<()> {
+            match supervise::read_signals(sfd) {
+                (Some(t), _) => Err(Error::Message(t.message())),
+                _ => Ok(()),
+            }
+        };
+        qmp::server::Server::open(&cfg.monitors, prog, &mut interrupt)?
+    };
+    graph.backends = restart::Backends::new(cfg.restart_limit, cfg.sandbox.clone(), cfg.daemonize);
+    graph.backends.external = cfg.vhost_user_blk.iter().map(|d| d.id.clone()).collect();
+    // What restarting a backend needs is kept: its host descriptors, except the serial links (a restart gets
+    // fresh ones, and the core must see the old one close when its chardev dies).
+    for r in plan.chardevs.iter().flat_map(|c| c.fds.iter()).chain(plan.backends.iter().flat_map(|b| b.fds.iter())) {
+        let link = matches!(plan.resources[*r], plan::Resource::SerialChardev(_) | plan::Resource::SerialCore(_));
+        if !link && !graph.backends.kept.iter().any(|(k, _)| k == r) {
+            let fd = opened.fd(*r).try_clone_to_owned().map_err(|e| Error::host("dup", error::os_error(e)))?;
+            graph.backends.kept.push((*r, fd));
+        }
+    }
     for c in plan.chardevs.iter_mut().chain(std::iter::once(&mut plan.core)) {
         resources::finish_config(&mut c.config, &c.fds, &opened, &accel);
     }
@@ -181,16 +204,36 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
             outcome = Some(end);
             break;
         }
+        if let (Some(child), tessera_ipc::messages::ChildConfig::Chardev(cc)) = (graph.children.last_mut(), &c.config) {
+            let links = c
+                .fds
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| matches!(plan.resources[**r], plan::Resource::SerialChardev(_)))
+                .map(|(pos, _)| pos)
+                .collect();
+            let kind = restart::Kind::Chardev { plan: c.clone(), links };
+            child.unit = Some(graph.backends.units.len());
+            let unit = restart::Unit::new(cc.id.clone(), kind, path.clone(), child.pid);
+            graph.backends.units.push(unit);
+        }
     }
     // Block backends: they take flags, not a configuration message, and are ready once started (their
     // listening socket exists already; the core's connection waits in its backlog).
     if outcome.is_none() {
-        for (b, path) in plan.backends.iter().zip(blk_path.iter().cycle()) {
+        for ((b, path), drive) in plan.backends.iter().zip(blk_path.iter().cycle()).zip(&cfg.drives) {
             let fds: Vec<BorrowedFd<'_>> = b.fds.iter().map(|&r| opened.fd(r)).collect();
             match spawn::start_plain(path, b.binary, &b.args, &fds, cfg.daemonize) {
                 Ok(started) => {
                     let mut child = Child::new(b.role, b.label.clone(), started.pid, started.control);
                     child.ready = true;
+                    // The plan's first descriptor of a tessera-blk is its listening socket.
+                    if let Some(&listener) = b.fds.first() {
+                        child.unit = Some(graph.backends.units.len());
+                        let kind = restart::Kind::Blk { plan: b.clone(), listener };
+                        let unit = restart::Unit::new(drive.id.clone(), kind, path.clone(), started.pid);
+                        graph.backends.units.push(unit);
+                    }
                     graph.children.push(child);
                 }
                 Err(e) => {
@@ -218,10 +261,16 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
         if let Some(d) = daemon {
             d.ready();
         }
+        graph.running = true;
         outcome = graph.run(false);
     }
     let end = outcome.unwrap_or(End::Exit(0));
+    if let End::Signal(_) = end {
+        let (name, data) = supervise::signal_event();
+        graph.qmp.event(&name, data);
+    }
     graph.shutdown();
+    graph.qmp.close();
     // The terminal is back to normal before the last words (the chardev may have left it raw if it died).
     drop(terminal);
     if let Some(msg) = supervise::end_message(&end) {
