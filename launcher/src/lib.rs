@@ -212,7 +212,7 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
                 .filter(|(_, r)| matches!(plan.resources[**r], plan::Resource::SerialChardev(_)))
                 .map(|(pos, _)| pos)
                 .collect();
-            let kind = restart::Kind::Chardev { plan: c.clone(), links };
+            let kind = restart::Kind::Chardev { plan: Box::new(c.clone()), links };
             child.unit = Some(graph.backends.units.len());
             let unit = restart::Unit::new(cc.id.clone(), kind, path.clone(), child.pid);
             graph.backends.units.push(unit);

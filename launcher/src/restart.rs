@@ -45,7 +45,7 @@ pub fn backoff(streak: u32) -> Duration {
 pub enum Kind {
     /// A tessera-chardev; `links[i]` is the position in `plan.fds` of its serial link number i (in the order
     /// of the core's UARTs), which gets a fresh socketpair at each start.
-    Chardev { plan: ChildPlan, links: Vec<usize> },
+    Chardev { plan: Box<ChildPlan>, links: Vec<usize> },
     /// A tessera-blk serving a `-drive`; `listener` is the resource number of its listening socket.
     Blk { plan: BackendPlan, listener: usize },
 }

@@ -372,7 +372,9 @@ impl Graph {
                 for &i in &watched {
                     pfds.push(PollFd::new(self.children[i].control.as_fd(), PollFlags::POLLIN));
                 }
-                let qmp_fds = self.qmp.poll_fds();
+                // The monitors serve once the graph is up (a command for the core before it runs would have
+                // nobody to answer it); until then clients wait in the backlog.
+                let qmp_fds = if self.running { self.qmp.poll_fds() } else { Vec::new() };
                 for (fd, _) in &qmp_fds {
                     pfds.push(PollFd::new(*fd, PollFlags::POLLIN));
                 }

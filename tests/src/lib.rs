@@ -2,4 +2,5 @@
 pub mod bins;
 pub mod chardev;
 pub mod linux_guest;
+pub mod qmp;
 pub mod tiny_guest;

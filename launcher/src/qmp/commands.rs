@@ -210,21 +210,14 @@ pub fn parse_request(v: Value) -> Request {
 pub fn negotiate(args: &Map<String, Value>) -> Result<(), QmpError> {
     let def = find("qmp_capabilities").ok_or_else(|| QmpError::generic("internal: no qmp_capabilities"))?;
     check_args(def, args)?;
-    if let Some(Value::Array(list)) = args.get("enable") {
-        for (i, cap) in list.iter().enumerate() {
-            match cap.as_str() {
-                // QEMU monitor/qmp-cmds-control.c qmp_caps_accept.
-                Some("oob") => return Err(QmpError::generic("Capability 'oob' not available")),
-                Some(other) => {
-                    return Err(QmpError::generic(format!("Parameter 'enable[{i}]' does not accept value '{other}'")))
-                }
-                None => {
-                    return Err(QmpError::generic(format!(
-                        "Invalid parameter type for 'enable[{i}]', expected: string"
-                    )))
-                }
-            }
-        }
+    // Every capability a client may name is one Tessera does not offer: the first one is the error.
+    if let Some((i, cap)) = args.get("enable").and_then(Value::as_array).and_then(|l| l.iter().enumerate().next()) {
+        return Err(match cap.as_str() {
+            // QEMU monitor/qmp-cmds-control.c qmp_caps_accept.
+            Some("oob") => QmpError::generic("Capability 'oob' not available"),
+            Some(other) => QmpError::generic(format!("Parameter 'enable[{i}]' does not accept value '{other}'")),
+            None => QmpError::generic(format!("Invalid parameter type for 'enable[{i}]', expected: string")),
+        });
     }
     Ok(())
 }

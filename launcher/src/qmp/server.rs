@@ -113,6 +113,40 @@ fn timestamp() -> Value {
     json!({ "seconds": now.as_secs(), "microseconds": now.subsec_micros() })
 }
 
+/// QEMU's compact JSON (qobject/qjson.c): `{"return": {}, "id": 1}`, a space after each `:` and `,`.
+struct QemuFormatter;
+
+impl serde_json::ser::Formatter for QemuFormatter {
+    fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+pub fn to_qemu_json(v: &Value) -> String {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, QemuFormatter);
+    if serde::Serialize::serialize(v, &mut ser).is_err() {
+        return String::new();
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
 fn error_value(e: &QmpError) -> Value {
     json!({ "class": e.class, "desc": e.desc })
 }
@@ -236,8 +270,8 @@ impl Server {
     fn send(&mut self, i: usize, v: &Value) {
         let m = &mut self.monitors[i];
         let Some(c) = &mut m.client else { return };
-        let text = if m.spec.pretty { serde_json::to_string_pretty(v) } else { serde_json::to_string(v) };
-        let mut text = text.unwrap_or_default();
+        let text = if m.spec.pretty { serde_json::to_string_pretty(v).unwrap_or_default() } else { to_qemu_json(v) };
+        let mut text = text;
         text.push('\n');
         let text = text.replace('\n', "\r\n");
         if c.stream.write_all(text.as_bytes()).is_err() {
