@@ -149,6 +149,10 @@ impl Graph {
             return;
         }
         u.pid = None;
+        if u.state == State::Swapped {
+            // The device is served elsewhere now; this process was on its way out.
+            return;
+        }
         if u.started.elapsed() >= STABLE_AFTER {
             u.streak = 0;
         }
@@ -390,6 +394,8 @@ impl Graph {
         let u = &mut self.backends.units[i];
         u.down_since.get_or_insert_with(Instant::now);
         u.state = State::Running;
+        // The operator's restart starts a new streak (a failed device gets its restarts again).
+        u.streak = 0;
         self.start_unit(i).map_err(|why| {
             let limit = self.backends.limit;
             let u = &mut self.backends.units[i];

@@ -214,7 +214,7 @@ pub fn negotiate(args: &Map<String, Value>) -> Result<(), QmpError> {
     if let Some((i, cap)) = args.get("enable").and_then(Value::as_array).and_then(|l| l.iter().enumerate().next()) {
         return Err(match cap.as_str() {
             // QEMU monitor/qmp-cmds-control.c qmp_caps_accept.
-            Some("oob") => QmpError::generic("Capability 'oob' not available"),
+            Some("oob") => QmpError::generic("Capability oob not available"),
             Some(other) => QmpError::generic(format!("Parameter 'enable[{i}]' does not accept value '{other}'")),
             None => QmpError::generic(format!("Invalid parameter type for 'enable[{i}]', expected: string")),
         });
@@ -264,7 +264,7 @@ mod tests {
             check_args(find("stop").unwrap(), &args(json!({"x": 1}))).unwrap_err().desc,
             "Parameter 'x' is unexpected"
         );
-        assert_eq!(negotiate(&args(json!({"enable": ["oob"]}))).unwrap_err().desc, "Capability 'oob' not available");
+        assert_eq!(negotiate(&args(json!({"enable": ["oob"]}))).unwrap_err().desc, "Capability oob not available");
         assert_eq!(negotiate(&args(json!({}))), Ok(()));
     }
 

@@ -227,12 +227,15 @@ impl Server {
         }
     }
 
-    /// The descriptors to poll for input: a monitor's listener while it has no client, else its client.
+    /// The descriptors to poll for input: a monitor's listener while it has no client, else its client, unless
+    /// that client waits for the core (its further input stays in the socket: what is queued is bounded by one
+    /// read, as QEMU bounds its request queue).
     pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, Token)> {
         (0..self.monitors.len())
-            .map(|i| match &self.monitors[i].client {
-                Some(c) => (c.stream.as_fd(), Token::Client(i)),
-                None => (self.listener_fd(i), Token::Listener(i)),
+            .filter_map(|i| match &self.monitors[i].client {
+                Some(c) if c.busy.is_some() => None,
+                Some(c) => Some((c.stream.as_fd(), Token::Client(i))),
+                None => Some((self.listener_fd(i), Token::Listener(i))),
             })
             .collect()
     }
