@@ -3,7 +3,13 @@
 //! 0 a backend's death ends the VM, as before restarts existed. The graph is the real one (launcher,
 //! tessera-core, tessera-chardev) with a tiny guest on the software CPU; a backend that "keeps dying" is the
 //! real tessera-chardev behind a wrapper script that exits at start once the test says so.
+//!
+//! The launcher's side of reconnecting is tested on its own with a fake core (this test executable re-run as
+//! `fake_core`) that answers what the real core will: it prints through each new serial channel it is given and
+//! speaks vhost-user (GET_FEATURES) to each new tessera-blk connection, then reports the device reconnected.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +17,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
+use tessera_ipc::child::start_child_default;
+use tessera_ipc::messages::{ChildConfig, ChildToLauncher, CoreToChardev, LauncherToChild, Role, VhostUserSocket};
+use tessera_ipc::{Channel, ReceivedFds};
 use tessera_tests::bins;
 use tessera_tests::qmp::{check_count, counting_guest, ticking_guest, Qmp, STEP};
 
@@ -217,4 +226,206 @@ fn a_killed_chardev_is_restarted_and_no_guest_output_is_lost() {
     // After the end, every line the guest printed is in the file, in order, none twice.
     let total = check_count(&std::fs::read_to_string(&serial).unwrap()).unwrap_or_else(|e| panic!("{e}"));
     assert!(total >= lines, "{total} < {lines}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// the launcher's side of reconnecting, with a fake core
+
+/// Not a test: the body of the fake core (see the module comment). It logs what it got to
+/// `$TESSERA_FAKE_DIR/core.log`.
+#[test]
+#[ignore = "run by the launcher as a fake tessera-core, not a test by itself"]
+fn fake_core() {
+    let Ok(dir) = std::env::var("TESSERA_FAKE_DIR") else { return };
+    let log_path = PathBuf::from(dir).join("core.log");
+    let log = |line: String| {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        writeln!(f, "{line}").unwrap();
+    };
+    let mut start = start_child_default(Role::Core).expect("handshake and configuration");
+    let ChildConfig::Core(core) = start.config.clone() else { panic!("not a core's configuration") };
+    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+    for s in &core.serial {
+        let ch = Channel::from_fd(start.fds.take(s.channel).unwrap());
+        ch.send(&CoreToChardev::Output(b"first\n".to_vec()), &[]).unwrap();
+        keep.push(Box::new(ch));
+    }
+    for d in &core.vhost_user_blk {
+        if let VhostUserSocket::Connected(i) = d.socket {
+            keep.push(Box::new(start.fds.take(i).unwrap()));
+        }
+    }
+    start.control.send(&ChildToLauncher::Ready, &[]).unwrap();
+    loop {
+        match start.control.recv::<LauncherToChild>() {
+            Ok((LauncherToChild::SerialReconnect { chardev_id, channel }, fds)) => {
+                let ch = Channel::from_fd(ReceivedFds::new(fds).take(channel).unwrap());
+                ch.send(&CoreToChardev::Output(format!("reconnected {chardev_id}\n").into_bytes()), &[]).unwrap();
+                log(format!("serial-reconnect {chardev_id}"));
+                keep.push(Box::new(ch));
+            }
+            Ok((LauncherToChild::VhostUserReconnect { id, socket }, fds)) => {
+                eprintln!("fake core: reconnect {id}");
+                let VhostUserSocket::Connected(i) = socket else { panic!("a path: {socket:?}") };
+                let mut s = UnixStream::from(ReceivedFds::new(fds).take(i).unwrap());
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                // VHOST_USER_GET_FEATURES (request 1), version 1 flags, no payload; the reply carries a u64.
+                s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+                let mut reply = [0u8; 20];
+                s.read_exact(&mut reply).unwrap();
+                let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+                eprintln!("fake core: {id}: backend features {features:#x}");
+                log(format!("vhost-user-reconnect {id} features {features:#x}"));
+                start.control.send(&ChildToLauncher::BackendReconnected { id, stall_ms: 1 }, &[]).unwrap();
+                keep.push(Box::new(s));
+            }
+            Ok((LauncherToChild::Shutdown, _)) | Err(_) => std::process::exit(0),
+            Ok((other, _)) => log(format!("unexpected {other:?}")),
+        }
+    }
+}
+
+/// A libexec directory with the fake core, the real tessera-chardev and the real tessera-blk.
+fn libexec_with_fake_core(dir: &Path) -> PathBuf {
+    let libexec = dir.join("libexec");
+    std::fs::create_dir(&libexec).unwrap();
+    for (package, name) in [("tessera-chardev", "tessera-chardev"), ("tessera-blk", "tessera-blk")] {
+        std::os::unix::fs::symlink(bins::binary(package, name), libexec.join(name)).unwrap();
+    }
+    let path = libexec.join("tessera-core");
+    let script = format!(
+        "#!/bin/sh\nTESSERA_FAKE_DIR='{}' exec '{}' fake_core --exact --ignored --nocapture --quiet\n",
+        dir.display(),
+        std::env::current_exe().unwrap().display()
+    );
+    std::fs::write(&path, script).unwrap();
+    let mut perm = std::fs::metadata(&path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&path, perm).unwrap();
+    libexec
+}
+
+fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + STEP;
+    while !f() {
+        assert!(Instant::now() < deadline, "waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn core_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("core.log")).unwrap_or_default()
+}
+
+#[test]
+fn a_killed_chardev_is_restarted_on_a_new_serial_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let libexec = libexec_with_fake_core(dir.path());
+    let sock = dir.path().join("qmp.sock").display().to_string();
+    let serial = dir.path().join("serial.txt");
+    let vm =
+        Vm::start(&libexec, Path::new("/dev/null"), &serial, &["-qmp", &format!("unix:{sock},server=on,wait=off")]);
+    wait_for("the core's first words", || vm.serial() == "first\n");
+    let (mut q, _) = Qmp::unix(&sock);
+    q.negotiate();
+    let pid = backend_pid(&mut q, "serial0");
+    kill(pid, Signal::SIGKILL).unwrap();
+    let d = q.event("X_TESSERA_BACKEND_DISCONNECTED");
+    assert_eq!(d["data"]["id"], "serial0");
+    let r = q.event("X_TESSERA_BACKEND_RECONNECTED");
+    assert!(r["data"]["stall-ms"].is_u64(), "{r}");
+    // The core got a new channel, and what it sends through it reaches the same output file.
+    wait_for("the restarted chardev's output", || vm.serial() == "first\nreconnected serial0\n");
+    let new_pid = backend_pid(&mut q, "serial0");
+    assert_ne!(new_pid, pid);
+    assert_eq!(backend(&mut q, "serial0")["restarts"], 1);
+
+    // An operator's restart: the old process is stopped in order, a new one serves.
+    assert_eq!(
+        q.cmd(r#"{"execute": "x-tessera-backend-restart", "arguments": {"id": "serial0"}}"#),
+        json!({"return": {}})
+    );
+    assert_ne!(backend_pid(&mut q, "serial0"), new_pid);
+    wait_for("the second restart's output", || vm.serial().matches("reconnected serial0").count() == 2);
+    assert!(kill(new_pid, None).is_err(), "the old chardev is gone");
+    assert!(!core_log(dir.path()).contains("unexpected"), "{}", core_log(dir.path()));
+    q.cmd(r#"{"execute": "quit"}"#);
+    let (status, stderr) = vm.wait();
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stderr.contains("serial0: restarted tessera-chardev"), "{stderr}");
+}
+
+#[test]
+fn a_killed_tessera_blk_is_restarted_and_a_device_can_be_swapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let libexec = libexec_with_fake_core(dir.path());
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("qmp.sock").display().to_string();
+    let serial = dir.path().join("serial.txt");
+    let vm = Vm::start(
+        &libexec,
+        Path::new("/dev/null"),
+        &serial,
+        &[
+            "-qmp",
+            &format!("unix:{sock},server=on,wait=off"),
+            "-drive",
+            &format!("file={},if=virtio,format=raw,id=drive0", image.display()),
+        ],
+    );
+    wait_for("the core's first words", || vm.serial() == "first\n");
+    let (mut q, _) = Qmp::unix(&sock);
+    q.negotiate();
+    let pid = backend_pid(&mut q, "drive0");
+    kill(pid, Signal::SIGKILL).unwrap();
+    assert_eq!(q.event("X_TESSERA_BACKEND_DISCONNECTED")["data"]["id"], "drive0");
+    let r = q.event("X_TESSERA_BACKEND_RECONNECTED");
+    assert_eq!(r["data"], json!({"id": "drive0", "stall-ms": 1}), "the core's stall is reported");
+    // The new tessera-blk answered the core's GET_FEATURES on the new connection.
+    let log = core_log(dir.path());
+    assert!(log.contains("vhost-user-reconnect drive0 features 0x"), "{log}");
+    let restarted = backend_pid(&mut q, "drive0");
+    assert_ne!(restarted, pid);
+
+    // Swap to a tessera-blk the test runs: the core is pointed at it, the launcher's backend is stopped.
+    let other_sock = dir.path().join("other.sock");
+    struct Reaped(Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _other = Reaped(
+        Command::new(bins::binary("tessera-blk", "tessera-blk"))
+            .arg("--socket-path")
+            .arg(&other_sock)
+            .arg("--image")
+            .arg(&image)
+            .args(["--format", "raw", "--no-locking"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the other backend's socket", || other_sock.exists());
+    let r = q.cmd(&format!(
+        r#"{{"execute": "x-tessera-backend-swap", "arguments": {{"id": "drive0", "socket": "{}"}}}}"#,
+        other_sock.display()
+    ));
+    assert_eq!(r, json!({"return": {}}));
+    q.event("X_TESSERA_BACKEND_RECONNECTED");
+    wait_for("the launcher's tessera-blk to stop", || kill(restarted, None).is_err());
+    assert_eq!(backend(&mut q, "drive0")["state"], "swapped");
+    assert_eq!(core_log(dir.path()).matches("vhost-user-reconnect drive0").count(), 2);
+    let r =
+        q.cmd(r#"{"execute": "x-tessera-backend-swap", "arguments": {"id": "drive0", "socket": "/nonexistent.sock"}}"#);
+    assert!(r["error"]["desc"].as_str().unwrap().starts_with("Failed to connect to '/nonexistent.sock'"), "{r}");
+    let r = q.cmd(r#"{"execute": "x-tessera-backend-swap", "arguments": {"id": "serial0", "socket": "/x"}}"#);
+    assert!(r["error"]["desc"].as_str().unwrap().contains("not a vhost-user device"), "{r}");
+    q.cmd(r#"{"execute": "quit"}"#);
+    let (status, stderr) = vm.wait();
+    assert_eq!(status, 0, "{stderr}");
 }

@@ -313,9 +313,11 @@ impl Graph {
         if let Some(i) = self.unit_index(id) {
             let u = &mut self.backends.units[i];
             u.streak = 0;
-            let Some(since) = u.down_since.take() else { return };
-            let stall = stall_ms.unwrap_or(since.elapsed().as_millis() as u64);
-            self.queue_event("X_TESSERA_BACKEND_RECONNECTED", json!({ "id": id, "stall-ms": stall }));
+            // Once per outage: a chardev's Ready and the core's own report of the same return are one event.
+            if let Some(since) = u.down_since.take() {
+                let stall = stall_ms.unwrap_or(since.elapsed().as_millis() as u64);
+                self.queue_event("X_TESSERA_BACKEND_RECONNECTED", json!({ "id": id, "stall-ms": stall }));
+            }
         } else {
             self.queue_event("X_TESSERA_BACKEND_RECONNECTED", json!({ "id": id, "stall-ms": stall_ms.unwrap_or(0) }));
         }
@@ -368,6 +370,22 @@ impl Graph {
         if let Some(i) = self.unit_index(id) {
             if self.backends.units[i].state == State::Swapped {
                 self.stop_unit_process(i);
+                // Nothing restarts it now: its descriptors are let go (the image's with its locks, which live
+                // as long as the open file does).
+                if let Kind::Blk { plan, .. } = &self.backends.units[i].kind {
+                    let fds = plan.fds.clone();
+                    let used_elsewhere = |r: &usize| {
+                        self.backends.units.iter().enumerate().any(|(j, u)| {
+                            j != i
+                                && match &u.kind {
+                                    Kind::Blk { plan, .. } => plan.fds.contains(r),
+                                    Kind::Chardev { plan, .. } => plan.fds.contains(r),
+                                }
+                        })
+                    };
+                    let drop_now: Vec<usize> = fds.into_iter().filter(|r| !used_elsewhere(r)).collect();
+                    self.backends.kept.retain(|(r, _)| !drop_now.contains(r));
+                }
             }
         }
     }
@@ -429,7 +447,10 @@ impl Graph {
             LauncherToChild::VhostUserReconnect { id: id.to_string(), socket: VhostUserSocket::Connected(FdIndex(0)) };
         core.control.send(&msg, &[stream.as_fd()]).map_err(|e| QmpError::generic(format!("telling the core: {e}")))?;
         if let Some(i) = unit {
-            self.backends.units[i].state = State::Swapped;
+            let u = &mut self.backends.units[i];
+            u.state = State::Swapped;
+            // The switch is an outage of its own, ended by the core's report.
+            u.down_since = Some(Instant::now());
         }
         Ok(())
     }
