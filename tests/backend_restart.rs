@@ -18,7 +18,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tessera_ipc::child::start_child_default;
-use tessera_ipc::messages::{ChildConfig, ChildToLauncher, CoreToChardev, LauncherToChild, Role, VhostUserSocket};
+use tessera_ipc::messages::{
+    ChildConfig, ChildToLauncher, CoreToChardev, LauncherToChild, MonitorCommand, MonitorValue, Role, VhostUserSocket,
+};
 use tessera_ipc::{Channel, ReceivedFds};
 use tessera_tests::bins;
 use tessera_tests::qmp::{check_count, counting_guest, ticking_guest, Qmp, STEP};
@@ -278,6 +280,11 @@ fn fake_core() {
                 log(format!("vhost-user-reconnect {id} features {features:#x}"));
                 start.control.send(&ChildToLauncher::BackendReconnected { id, stall_ms: 1 }, &[]).unwrap();
                 keep.push(Box::new(s));
+            }
+            // EnableEvents (the launcher has a monitor): this fake sends none.
+            Ok((LauncherToChild::Monitor { tag, command: MonitorCommand::EnableEvents }, _)) => {
+                let result = Ok(MonitorValue::Empty);
+                start.control.send(&ChildToLauncher::MonitorReply { tag, result }, &[]).unwrap();
             }
             Ok((LauncherToChild::Shutdown, _)) | Err(_) => std::process::exit(0),
             Ok((other, _)) => log(format!("unexpected {other:?}")),

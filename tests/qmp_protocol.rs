@@ -326,3 +326,57 @@ fn monitor_options_are_checked_like_qemu() {
     let (_, err) = run(&["-tessera-restart-limit", "many"]);
     assert!(err.contains("'many' is not a number"), "{err}");
 }
+
+/// Events of the guest's own doing: a reset (the 0xcf9 reset control register) with `-no-reboot` is a
+/// SHUTDOWN with reason `guest-reset`, an ACPI S5 power-off a SHUTDOWN with reason `guest-shutdown`; a reset
+/// without `-no-reboot` is a RESET with `"guest": true`.
+#[test]
+fn the_guests_resets_and_power_off_are_events() {
+    const RESET: &str = "    mov $0xcf9, %dx\n    mov $0x6, %al\n    outb %al, %dx\n1:  jmp 1b\n";
+    // PM1a_CNT (0x604): SLP_TYP = 0 (the DSDT's \_S5), SLP_EN (bit 13).
+    const POWER_OFF: &str = "    mov $0x604, %dx\n    mov $0x2000, %ax\n    outw %ax, %dx\n1:  jmp 1b\n";
+    for (code, no_reboot, event, data) in [
+        (RESET, true, "SHUTDOWN", json!({"guest": true, "reason": "guest-reset"})),
+        (POWER_OFF, false, "SHUTDOWN", json!({"guest": true, "reason": "guest-shutdown"})),
+        (RESET, false, "RESET", json!({"guest": true, "reason": "guest-reset"})),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = tessera_tests::tiny_guest::pvh_guest(dir.path(), "ev", code, "").unwrap();
+        let sock = dir.path().join("qmp.sock").display().to_string();
+        let mut cmd = bins::launcher_command("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-display", "none", "-serial", "null", "-S", "-kernel"])
+            .arg(&kernel)
+            .args(["-qmp", &format!("unix:{sock},server=on,wait=off")]);
+        if no_reboot {
+            cmd.arg("-no-reboot");
+        }
+        let child = cmd.spawn().unwrap();
+        // (Killed if the test fails: its children follow it.)
+        struct Kill(Option<Child>);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                if let Some(c) = &mut self.0 {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+        let mut child = Kill(Some(child));
+        let (mut q, _) = Qmp::unix(&sock);
+        q.negotiate();
+        // Started paused so that the client is listening before the guest acts.
+        assert_eq!(q.cmd(r#"{"execute": "cont"}"#), json!({"return": {}}));
+        let e = q.event(event);
+        assert_eq!(e["data"], data, "{code}: {e}");
+        if event == "SHUTDOWN" {
+            let out = bins::wait_output(child.0.take().unwrap(), STEP);
+            assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        } else {
+            // A machine that keeps resetting keeps saying so.
+            q.event("RESET");
+            q.cmd(r#"{"execute": "quit"}"#);
+            let out = bins::wait_output(child.0.take().unwrap(), STEP);
+            assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}

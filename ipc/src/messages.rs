@@ -82,6 +82,10 @@ pub enum MonitorCommand {
     SystemPowerdown,
     /// `system_reset`.
     SystemReset,
+    /// Not a QMP command: the launcher serves a monitor, so the core sends [`ChildToLauncher::MonitorEvent`]s
+    /// from now on (a core without a monitor sends none, and launchers or harnesses that predate them never see
+    /// one).
+    EnableEvents,
 }
 
 /// What a [`MonitorCommand`] returns.

@@ -1548,11 +1548,6 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
     }
 
     let monitors = crate::qmp::resolve(&raw.monitors, &raw.chardevs, &serials)?;
-    if raw.start_paused && monitors.is_empty() {
-        return Err(Error::NotSupportedYet(
-            "-S without a QMP monitor (Tessera has no human monitor: add -qmp to start the vCPUs with 'cont')".into(),
-        ));
-    }
 
     Ok(VmConfig {
         accels,

@@ -118,6 +118,12 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
         if plan.chardevs.is_empty() { None } else { Some(spawn::find_binary(&dir, plan::CHARDEV_BINARY)?) };
     let blk_path = if plan.backends.is_empty() { None } else { Some(spawn::find_binary(&dir, plan::BLK_BINARY)?) };
 
+    // QEMU starts its vCPUs from the human monitor when there is no QMP one; Tessera has only QMP.
+    if cfg.start_paused && cfg.monitors.is_empty() {
+        return Err(Error::NotSupportedYet(
+            "-S without a QMP monitor (Tessera has no human monitor: add -qmp to start the vCPUs with 'cont')".into(),
+        ));
+    }
     // -runas needs root in the launcher; say so before anything starts (the children would each fail).
     cfg.sandbox.check_launcher().map_err(|e| Error::Sandbox(e.to_string()))?;
     for note in cfg.sandbox.notes() {
@@ -260,6 +266,14 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     if outcome.is_none() {
         if let Some(d) = daemon {
             d.ready();
+        }
+        if !graph.qmp.is_empty() {
+            // The core's run-state events are for the monitors (tag 0 is never a client's command).
+            if let Err(why) =
+                qmp::server::Link::to_core(&mut graph, 0, tessera_ipc::messages::MonitorCommand::EnableEvents)
+            {
+                err_line(&format!("{prog}: the monitors will miss the core's events: {why}"));
+            }
         }
         graph.running = true;
         outcome = graph.run(false);

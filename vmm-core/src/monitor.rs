@@ -9,6 +9,7 @@
 //! softmmu/runstate.c (QEMU 8.2): `stop` in `prelaunch` stays `prelaunch`; a reset of a machine that was not
 //! running leaves it in `prelaunch`; `cont` after a guest power-off under `-no-shutdown` needs `system_reset`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -60,6 +61,10 @@ pub type PowerButton = Arc<dyn Fn() + Send + Sync>;
 /// The run state shared by the run loop, its vCPU threads and the control thread.
 pub struct VmState {
     gate: Mutex<Gate>,
+    /// `gate.status == Running`, readable without the lock: the vCPUs' fast path between two runs.
+    running: AtomicBool,
+    /// The launcher has a monitor (`MonitorCommand::EnableEvents`): events are sent.
+    events_enabled: AtomicBool,
     changed: Condvar,
     kicks: Mutex<Vec<Arc<dyn VcpuKick>>>,
     power_button: Option<PowerButton>,
@@ -77,6 +82,8 @@ impl VmState {
         let status = if start_paused { RunStatus::Prelaunch } else { RunStatus::Running };
         VmState {
             gate: Mutex::new(Gate { status, active: 0, parked: 0 }),
+            running: AtomicBool::new(status == RunStatus::Running),
+            events_enabled: AtomicBool::new(false),
             changed: Condvar::new(),
             kicks: Mutex::new(Vec::new()),
             power_button,
@@ -95,12 +102,18 @@ impl VmState {
     }
 
     pub fn set_status(&self, status: RunStatus) {
-        self.lock().status = status;
+        let mut g = self.lock();
+        g.status = status;
+        self.running.store(status == RunStatus::Running, Ordering::SeqCst);
+        drop(g);
         self.changed.notify_all();
     }
 
     /// Send a monitor event (nowhere without a sink, e.g. in tests).
     pub fn emit(&self, event: MonitorEvent) {
+        if !self.events_enabled.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(s) = &self.sink {
             s(event);
         }
@@ -126,6 +139,9 @@ impl VmState {
     /// Called by a vCPU thread before each run: returns at once while the machine runs; otherwise parks until
     /// it runs again or `stopping()` says the thread must end.
     pub fn wait_runnable(&self, stopping: &dyn Fn() -> bool) {
+        if self.running.load(Ordering::SeqCst) {
+            return;
+        }
         let mut g = self.lock();
         if g.status == RunStatus::Running {
             return;
@@ -145,7 +161,7 @@ impl VmState {
 
     /// Stop the vCPUs: close the gate, kick them out of guest code, wait until all are parked.
     fn pause(&self, status: RunStatus) -> Result<(), String> {
-        self.lock().status = status;
+        self.set_status(status);
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut g = self.lock();
         while g.parked < g.active {
@@ -171,6 +187,10 @@ impl VmState {
     /// queue (for a reset).
     pub fn handle(&self, command: &MonitorCommand, events: &Sender<VmEvent>) -> Result<MonitorValue, String> {
         match command {
+            MonitorCommand::EnableEvents => {
+                self.events_enabled.store(true, Ordering::SeqCst);
+                Ok(MonitorValue::Empty)
+            }
             MonitorCommand::QueryStatus => {
                 let s = self.status();
                 Ok(MonitorValue::Status { running: s == RunStatus::Running, status: s.name().into() })
@@ -258,6 +278,9 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let t = vcpu(state.clone(), runs.clone(), stop.clone());
         let (tx, _rx) = std::sync::mpsc::channel();
+        // No events until the launcher asks for them.
+        state.emit(MonitorEvent::Powerdown);
+        assert_eq!(state.handle(&MonitorCommand::EnableEvents, &tx), Ok(MonitorValue::Empty));
         assert_eq!(state.handle(&MonitorCommand::Stop, &tx), Ok(MonitorValue::Empty));
         let parked_runs = runs.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
