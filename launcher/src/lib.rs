@@ -227,17 +227,19 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     // Block backends: they take flags, not a configuration message, and are ready once started (their
     // listening socket exists already; the core's connection waits in its backlog).
     if outcome.is_none() {
-        for ((b, path), drive) in plan.backends.iter().zip(blk_path.iter().cycle()).zip(&cfg.drives) {
+        for (b, path) in plan.backends.iter().zip(blk_path.iter().cycle()) {
             let fds: Vec<BorrowedFd<'_>> = b.fds.iter().map(|&r| opened.fd(r)).collect();
             match spawn::start_plain(path, b.binary, &b.args, &fds, cfg.daemonize) {
                 Ok(started) => {
                     let mut child = Child::new(b.role, b.label.clone(), started.pid, started.control);
                     child.ready = true;
-                    // The plan's first descriptor of a tessera-blk is its listening socket.
-                    if let Some(&listener) = b.fds.first() {
+                    // The plan's first descriptor of a vhost-user backend is its listening socket; its label
+                    // names the device (`tessera-blk (drive0)`).
+                    let id = b.label.rsplit_once(" (").and_then(|(_, r)| r.strip_suffix(')'));
+                    if let (Some(&listener), Some(id)) = (b.fds.first(), id) {
                         child.unit = Some(graph.backends.units.len());
-                        let kind = restart::Kind::Blk { plan: b.clone(), listener };
-                        let unit = restart::Unit::new(drive.id.clone(), kind, path.clone(), started.pid);
+                        let kind = restart::Kind::VhostUser { plan: b.clone(), listener };
+                        let unit = restart::Unit::new(id.to_string(), kind, path.clone(), started.pid);
                         graph.backends.units.push(unit);
                     }
                     graph.children.push(child);

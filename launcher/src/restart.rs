@@ -46,8 +46,9 @@ pub enum Kind {
     /// A tessera-chardev; `links[i]` is the position in `plan.fds` of its serial link number i (in the order
     /// of the core's UARTs), which gets a fresh socketpair at each start.
     Chardev { plan: Box<ChildPlan>, links: Vec<usize> },
-    /// A tessera-blk serving a `-drive`; `listener` is the resource number of its listening socket.
-    Blk { plan: BackendPlan, listener: usize },
+    /// A vhost-user backend the launcher started (tessera-blk for a `-drive`; tessera-net will be one too):
+    /// `listener` is the resource number of its listening socket, which a restart serves again.
+    VhostUser { plan: BackendPlan, listener: usize },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +98,7 @@ impl Unit {
     fn binary(&self) -> &'static str {
         match &self.kind {
             Kind::Chardev { plan, .. } => plan.binary,
-            Kind::Blk { plan, .. } => plan.binary,
+            Kind::VhostUser { plan, .. } => plan.binary,
         }
     }
 }
@@ -258,7 +259,7 @@ impl Graph {
                 }
                 self.unit_started(i, pid);
             }
-            Kind::Blk { plan, listener } => {
+            Kind::VhostUser { plan, listener } => {
                 let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
                 for &r in &plan.fds {
                     fds.push(b.kept_fd(r).ok_or_else(|| format!("internal: resource #{r} was not kept"))?);
@@ -372,13 +373,13 @@ impl Graph {
                 self.stop_unit_process(i);
                 // Nothing restarts it now: its descriptors are let go (the image's with its locks, which live
                 // as long as the open file does).
-                if let Kind::Blk { plan, .. } = &self.backends.units[i].kind {
+                if let Kind::VhostUser { plan, .. } = &self.backends.units[i].kind {
                     let fds = plan.fds.clone();
                     let used_elsewhere = |r: &usize| {
                         self.backends.units.iter().enumerate().any(|(j, u)| {
                             j != i
                                 && match &u.kind {
-                                    Kind::Blk { plan, .. } => plan.fds.contains(r),
+                                    Kind::VhostUser { plan, .. } => plan.fds.contains(r),
                                     Kind::Chardev { plan, .. } => plan.fds.contains(r),
                                 }
                         })
@@ -430,7 +431,7 @@ impl Graph {
     pub fn qmp_backend_swap(&mut self, id: &str, socket: &str) -> Result<(), QmpError> {
         let unit = self.unit_index(id);
         let blk = match unit {
-            Some(i) => matches!(self.backends.units[i].kind, Kind::Blk { .. }),
+            Some(i) => matches!(self.backends.units[i].kind, Kind::VhostUser { .. }),
             None => self.backends.external.iter().any(|e| e == id),
         };
         if !blk {
