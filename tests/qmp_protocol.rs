@@ -142,6 +142,11 @@ fn greeting_negotiation_bad_input_and_quit_like_qemu() {
         json!({"return": {"status": "running", "singlestep": false, "running": true}, "id": "single quotes"})
     );
 
+    // Pipelined commands are answered in order, a forwarded one before a local one sent after it.
+    q.send(r#"{"execute": "query-status", "id": 1}{"execute": "query-version", "id": 2}"#);
+    assert_eq!(q.reply()["id"], 1);
+    assert_eq!(q.reply()["id"], 2);
+
     let v = q.cmd(r#"{"execute": "query-version"}"#);
     assert_eq!(v["return"]["qemu"], json!({"micro": 0, "minor": 2, "major": 8}), "{v}");
     let cmds = q.cmd(r#"{"execute": "query-commands"}"#);
