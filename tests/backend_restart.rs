@@ -276,9 +276,13 @@ fn fake_core() {
                 let mut s = UnixStream::from(ReceivedFds::new(fds).take(i).unwrap());
                 s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 // VHOST_USER_GET_FEATURES (request 1), version 1 flags, no payload; the reply carries a u64.
-                s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
                 let mut reply = [0u8; 20];
-                s.read_exact(&mut reply).unwrap();
+                let asked = s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).and_then(|()| s.read_exact(&mut reply));
+                if let Err(e) = asked {
+                    // A backend that died at start: the real core waits for the next reconnect too.
+                    log(format!("vhost-user-reconnect {id} failed: {e}"));
+                    continue;
+                }
                 let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
                 eprintln!("fake core: {id}: backend features {features:#x}");
                 log(format!("vhost-user-reconnect {id} features {features:#x}"));
@@ -296,13 +300,23 @@ fn fake_core() {
     }
 }
 
-/// A libexec directory with the fake core, the real tessera-chardev and the real tessera-blk.
+/// A libexec directory with the fake core, the real tessera-chardev and the real tessera-blk; that one behind a
+/// wrapper that exits with status 9 at start while `dir/blk-dies` exists.
 fn libexec_with_fake_core(dir: &Path) -> PathBuf {
     let libexec = dir.join("libexec");
     std::fs::create_dir(&libexec).unwrap();
-    for (package, name) in [("tessera-chardev", "tessera-chardev"), ("tessera-blk", "tessera-blk")] {
-        std::os::unix::fs::symlink(bins::binary(package, name), libexec.join(name)).unwrap();
-    }
+    std::os::unix::fs::symlink(bins::binary("tessera-chardev", "tessera-chardev"), libexec.join("tessera-chardev"))
+        .unwrap();
+    let blk = libexec.join("tessera-blk");
+    let script = format!(
+        "#!/bin/sh\nif [ -e '{}' ]; then echo 'fragile tessera-blk: dying at start' >&2; exit 9; fi\nexec '{}' \"$@\"\n",
+        dir.join("blk-dies").display(),
+        bins::binary("tessera-blk", "tessera-blk").display()
+    );
+    std::fs::write(&blk, script).unwrap();
+    let mut perm = std::fs::metadata(&blk).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&blk, perm).unwrap();
     let path = libexec.join("tessera-core");
     let script = format!(
         "#!/bin/sh\nTESSERA_FAKE_DIR='{}' exec '{}' fake_core --exact --ignored --nocapture --quiet\n",
@@ -396,8 +410,16 @@ fn a_killed_tessera_blk_is_restarted_and_a_device_can_be_swapped() {
     // The new tessera-blk answered the core's GET_FEATURES on the new connection.
     let log = core_log(dir.path());
     assert!(log.contains("vhost-user-reconnect drive0 features 0x"), "{log}");
+    let first_restart = backend_pid(&mut q, "drive0");
+    assert_ne!(first_restart, pid);
+
+    // An operator's restart: SIGTERM (tessera-blk flushes the image), a new process, a new connection.
+    let r = q.cmd(r#"{"execute": "x-tessera-backend-restart", "arguments": {"id": "drive0"}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    assert!(kill(first_restart, None).is_err(), "the old tessera-blk is gone");
     let restarted = backend_pid(&mut q, "drive0");
-    assert_ne!(restarted, pid);
+    assert_ne!(restarted, first_restart);
+    q.event("X_TESSERA_BACKEND_RECONNECTED");
 
     // Swap to a tessera-blk the test runs: the core is pointed at it, the launcher's backend is stopped.
     let other_sock = dir.path().join("other.sock");
@@ -430,7 +452,7 @@ fn a_killed_tessera_blk_is_restarted_and_a_device_can_be_swapped() {
     q.event("X_TESSERA_BACKEND_RECONNECTED");
     wait_for("the launcher's tessera-blk to stop", || kill(restarted, None).is_err());
     assert_eq!(backend(&mut q, "drive0")["state"], "swapped");
-    assert_eq!(core_log(dir.path()).matches("vhost-user-reconnect drive0").count(), 2);
+    assert_eq!(core_log(dir.path()).matches("vhost-user-reconnect drive0 features").count(), 3);
     let r =
         q.cmd(r#"{"execute": "x-tessera-backend-swap", "arguments": {"id": "drive0", "socket": "/nonexistent.sock"}}"#);
     assert!(r["error"]["desc"].as_str().unwrap().starts_with("Failed to connect to '/nonexistent.sock'"), "{r}");
@@ -439,4 +461,46 @@ fn a_killed_tessera_blk_is_restarted_and_a_device_can_be_swapped() {
     q.cmd(r#"{"execute": "quit"}"#);
     let (status, stderr) = vm.wait();
     assert_eq!(status, 0, "{stderr}");
+}
+
+#[test]
+fn a_tessera_blk_that_keeps_dying_is_reported_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let libexec = libexec_with_fake_core(dir.path());
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("qmp.sock").display().to_string();
+    let vm = Vm::start(
+        &libexec,
+        Path::new("/dev/null"),
+        &dir.path().join("serial.txt"),
+        &[
+            "-qmp",
+            &format!("unix:{sock},server=on,wait=off"),
+            "-drive",
+            &format!("file={},if=virtio,format=raw,id=drive0", image.display()),
+            "-tessera-restart-limit",
+            "4",
+        ],
+    );
+    wait_for("the core's first words", || vm.serial() == "first\n");
+    let (mut q, _) = Qmp::unix(&sock);
+    q.negotiate();
+    let pid = backend_pid(&mut q, "drive0");
+    std::fs::write(dir.path().join("blk-dies"), "").unwrap();
+    kill(pid, Signal::SIGKILL).unwrap();
+    q.event("X_TESSERA_BACKEND_DISCONNECTED");
+    // Backing off: 0, 50, 100, 200 ms between the four restarts.
+    let started = Instant::now();
+    let f = q.event("X_TESSERA_BACKEND_FAILED");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(f["data"]["id"], "drive0");
+    assert_eq!(f["data"]["restarts"], 4);
+    assert!(f["data"]["reason"].as_str().unwrap().contains("exited with status 9"), "{f}");
+    assert_eq!(backend(&mut q, "drive0")["state"], "failed");
+    q.cmd(r#"{"execute": "quit"}"#);
+    let (status, stderr) = vm.wait();
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(stderr.matches("fragile tessera-blk: dying at start").count(), 4, "{stderr}");
 }
