@@ -229,7 +229,7 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     if outcome.is_none() {
         for (b, path) in plan.backends.iter().zip(blk_path.iter().cycle()) {
             let fds: Vec<BorrowedFd<'_>> = b.fds.iter().map(|&r| opened.fd(r)).collect();
-            match spawn::start_plain(path, b.binary, &b.args, &fds, cfg.daemonize) {
+            match spawn::start_plain(path, b.binary, &b.args, &fds, cfg.daemonize, &cfg.sandbox) {
                 Ok(started) => {
                     let mut child = Child::new(b.role, b.label.clone(), started.pid, started.control);
                     child.ready = true;

@@ -270,7 +270,7 @@ impl Graph {
                     .map(UnixListener::from)
                     .and_then(|l| l.local_addr())
                     .map_err(|e| format!("the address of the vhost-user socket: {e}"))?;
-                let started = crate::spawn::start_plain(&u.path, plan.binary, &plan.args, &fds, b.detached)
+                let started = crate::spawn::start_plain(&u.path, plan.binary, &plan.args, &fds, b.detached, &b.sandbox)
                     .map_err(|e| e.to_string())?;
                 let pid = started.pid;
                 let mut child = Child::new(plan.role, plan.label.clone(), pid, started.control);

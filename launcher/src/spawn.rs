@@ -111,12 +111,16 @@ pub fn start(
 /// Start a backend that takes command-line flags (tessera-blk): `fds[i]` becomes its descriptor `3 + i`, and
 /// one more descriptor after them is its end of a liveness link: the launcher watches the other end like a
 /// control channel, so the backend's death is noticed the same way (the backend never reads or writes it).
+///
+/// `sandbox` as for [`start`]: the backend confines itself once it has taken over its descriptors, keeping
+/// exactly the ones it inherited (every other one is close-on-exec by then).
 pub fn start_plain(
     path: &Path,
     binary: &'static str,
     args: &[String],
     fds: &[BorrowedFd<'_>],
     detached: bool,
+    sandbox: &tessera_policy::SandboxOptions,
 ) -> Result<Started> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| Error::host("socketpair", os_error(e)))?;
     let mut sources: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -161,6 +165,9 @@ pub fn start_plain(
             Ok(())
         });
     }
+    // Registered after the hook above, which put the descriptors at 3, 4, ...: this one keeps those only.
+    let keep: Vec<i32> = (0..=fds.len() as i32).map(|i| 3 + i).collect();
+    tessera_policy::prepare_command(&mut cmd, sandbox, &keep);
     let child = cmd.spawn().map_err(|e| Error::Spawn { binary, source: os_error(e) })?;
     drop(theirs);
     let pid = Pid::from_raw(child.id() as i32);

@@ -102,6 +102,19 @@ pub fn enter_from_env(kind: ProcessKind, keep_fds: &[RawFd]) -> Result<SandboxRe
     enter(kind, &options, keep_fds)
 }
 
+/// Every descriptor above 2 open in this process now, for a back end that keeps exactly what it was given and
+/// what it opened for its job (tessera-blk, tessera-net: [`enter_from_env`] with this list). Not for use
+/// between fork and exec (it allocates).
+pub fn open_descriptors() -> Result<Vec<RawFd>, PolicyError> {
+    let listed: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map_err(io_os("listing /proc/self/fd"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    // The listing's own descriptor is in the list and closed by now: F_GETFD leaves it out.
+    // SAFETY: F_GETFD only reads a descriptor's flags; a closed one fails with EBADF.
+    Ok(listed.into_iter().filter(|&fd| fd > 2 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0).collect())
+}
+
 /// Closes every descriptor except 0, 1, 2 and `keep` (close_range over the gaps).
 fn close_other_fds(keep: &[RawFd], flags: libc::c_uint) -> std::io::Result<()> {
     // The keep list is small: sort a stack copy without allocating (this runs in pre_exec too).

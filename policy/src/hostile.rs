@@ -170,3 +170,33 @@ fn allowed_work() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The environment variable a test sets (on the launcher, whose children inherit it) to make one process of a
+/// misbehave build try hostile operations: `PROCESS:OP[,OP...]`, PROCESS being `core`, `chardev`, `blk` or
+/// `net` and each OP one of [`OPERATIONS`].
+#[cfg(feature = "misbehave")]
+pub const MISBEHAVE_ENV: &str = "TESSERA_MISBEHAVE";
+
+/// The hidden test-only entry of a misbehave build (feature `misbehave`, never in a release build): if
+/// [`MISBEHAVE_ENV`] names `process`, performs each operation in order right away and writes one line per
+/// operation to stderr, `tessera-PROCESS: misbehave: OP: denied ERRNO` or `tessera-PROCESS: misbehave: OP:
+/// ALLOWED`, before the next one. An operation the seccomp filter kills ends the process there (SIGSYS): the
+/// line before it says it is about to try it (`misbehave: OP: trying`), so a test knows which call killed it.
+/// Called by each process right after it confined itself.
+#[cfg(feature = "misbehave")]
+pub fn misbehave_from_env(process: &str) {
+    use std::io::Write;
+    let Ok(value) = std::env::var(MISBEHAVE_ENV) else { return };
+    let Some(ops) = value.strip_prefix(process).and_then(|r| r.strip_prefix(':')) else { return };
+    let mut err = std::io::stderr().lock();
+    for op in ops.split(',').filter(|o| !o.is_empty()) {
+        let _ = writeln!(err, "tessera-{process}: misbehave: {op}: trying");
+        let _ = err.flush();
+        let line = match attempt(op) {
+            Ok(()) => format!("tessera-{process}: misbehave: {op}: ALLOWED"),
+            Err(e) => format!("tessera-{process}: misbehave: {op}: denied {e}"),
+        };
+        let _ = writeln!(err, "{line}");
+        let _ = err.flush();
+    }
+}

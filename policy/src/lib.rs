@@ -17,7 +17,9 @@ mod profile;
 mod seccomp;
 pub mod syscalls;
 
-pub use apply::{enter, enter_from_env, pre_exec_child, prepare, prepare_command, Prepared, SandboxReport};
+pub use apply::{
+    enter, enter_from_env, open_descriptors, pre_exec_child, prepare, prepare_command, Prepared, SandboxReport,
+};
 pub use options::{LandlockMode, QemuSubOptions, RunAs, SandboxOptions, SeccompMode, SANDBOX_ENV};
 pub use profile::{
     AllowGroup, ArgOp, ArgRule, ArgValue, ErrnoGroup, LandlockRules, Namespaces, ProcessKind, Profile, Rlimits,

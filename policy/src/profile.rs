@@ -18,12 +18,16 @@ pub enum ProcessKind {
     Chardev,
     /// `tessera-blk`: vhost-user-blk.
     Blk,
-    /// `tessera-net`: vhost-user-net over a tap descriptor (no binary yet; the profile is a draft).
+    /// `tessera-net` over a tap descriptor the launcher passes (`--tap-fd`): no network of its own.
     Net,
+    /// `tessera-net` with user-mode networking (`--user`, libslirp): host sockets in the host's network
+    /// namespace. Same binary as [`ProcessKind::Net`], its own profile (`net-user.toml`).
+    NetUser,
 }
 
 impl ProcessKind {
-    pub const ALL: [ProcessKind; 4] = [ProcessKind::Core, ProcessKind::Chardev, ProcessKind::Blk, ProcessKind::Net];
+    pub const ALL: [ProcessKind; 5] =
+        [ProcessKind::Core, ProcessKind::Chardev, ProcessKind::Blk, ProcessKind::Net, ProcessKind::NetUser];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -31,6 +35,15 @@ impl ProcessKind {
             ProcessKind::Chardev => "chardev",
             ProcessKind::Blk => "blk",
             ProcessKind::Net => "net",
+            ProcessKind::NetUser => "net-user",
+        }
+    }
+
+    /// The program this kind of process is (`tessera-<program>`): both net profiles are tessera-net's.
+    pub fn program(self) -> &'static str {
+        match self {
+            ProcessKind::NetUser => "net",
+            other => other.name(),
         }
     }
 
@@ -44,13 +57,15 @@ impl ProcessKind {
             ProcessKind::Chardev => include_str!("../profiles/chardev.toml"),
             ProcessKind::Blk => include_str!("../profiles/blk.toml"),
             ProcessKind::Net => include_str!("../profiles/net.toml"),
+            ProcessKind::NetUser => include_str!("../profiles/net-user.toml"),
         }
     }
 }
 
+/// The program's name (`tessera-{kind}` in messages), which for tessera-net's two profiles is `net`.
 impl std::fmt::Display for ProcessKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.write_str(self.program())
     }
 }
 

@@ -34,6 +34,8 @@ fn run() -> i32 {
     for w in &report.warnings {
         eprintln!("tessera-core: warning: {w}");
     }
+    #[cfg(feature = "misbehave")]
+    tessera_policy::hostile::misbehave_from_env("core");
     let start = match start_child(Role::Core, fd) {
         Ok(s) => s,
         Err(e) => {

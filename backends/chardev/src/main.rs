@@ -37,6 +37,8 @@ fn main() -> ExitCode {
     for w in &report.warnings {
         let _ = writeln!(std::io::stderr(), "tessera-chardev: warning: {w}");
     }
+    #[cfg(feature = "misbehave")]
+    tessera_policy::hostile::misbehave_from_env("chardev");
     let start = match start_child(Role::Chardev, args.ipc_fd) {
         Ok(s) => s,
         Err(e) => return fail(None, &ChardevError::from(e)),
