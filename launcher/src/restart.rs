@@ -1,7 +1,8 @@
 //! Restarting backends while the guest runs (issue #8). A backend process (tessera-chardev, tessera-blk)
 //! that dies unexpectedly after the graph is up is started again with the same sandbox options and the same
 //! host descriptors (the launcher keeps them: image, terminal, listening sockets, pty, log files), a fresh
-//! channel to the core (a new serial socketpair; a new connection to tessera-blk's listening socket), and the
+//! channel to the core (a new serial socketpair; a fresh listening socket for tessera-blk and a connection to
+//! it), and the
 //! core is told to reconnect (`SerialReconnect`, `VhostUserReconnect`).
 //!
 //! Repeated deaths back off ([`backoff`]: 0, 50 ms, 100 ms, ... up to 2 s). A device whose backend died
@@ -47,7 +48,7 @@ pub enum Kind {
     /// of the core's UARTs), which gets a fresh socketpair at each start.
     Chardev { plan: Box<ChildPlan>, links: Vec<usize> },
     /// A vhost-user backend the launcher started (tessera-blk for a `-drive`; tessera-net will be one too):
-    /// `listener` is the resource number of its listening socket, which a restart serves again.
+    /// `listener` is the resource number of its first listening socket; each restart gets a fresh one.
     VhostUser { plan: BackendPlan, listener: usize },
 }
 
@@ -113,11 +114,13 @@ pub struct Backends {
     pub detached: bool,
     /// vhost-user devices whose backend the user runs (`-device vhost-user-blk-pci`): swappable only.
     pub external: Vec<String>,
+    /// Numbers the listening sockets of restarted vhost-user backends.
+    next_socket: u64,
 }
 
 impl Backends {
     pub fn new(limit: u32, sandbox: tessera_policy::SandboxOptions, detached: bool) -> Backends {
-        Backends { units: Vec::new(), limit, kept: Vec::new(), sandbox, detached, external: Vec::new() }
+        Backends { units: Vec::new(), limit, kept: Vec::new(), sandbox, detached, external: Vec::new(), next_socket: 0 }
     }
 
     fn kept_fd(&self, resource: usize) -> Option<BorrowedFd<'_>> {
@@ -134,6 +137,17 @@ impl Backends {
             })
             .min()
     }
+}
+
+/// A listening unix socket at a private abstract address (`tessera-<launcher pid>-restart<n>`), nothing on disk.
+fn fresh_listener(counter: &mut u64) -> Result<(UnixListener, std::os::unix::net::SocketAddr), String> {
+    use std::os::linux::net::SocketAddrExt;
+    *counter += 1;
+    let name = format!("tessera-{}-restart{counter}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| format!("naming the vhost-user socket: {e}"))?;
+    let l = UnixListener::bind_addr(&addr).map_err(|e| format!("binding the vhost-user socket: {e}"))?;
+    Ok((l, addr))
 }
 
 impl Graph {
@@ -213,6 +227,10 @@ impl Graph {
     fn start_unit(&mut self, i: usize) -> Result<(), String> {
         let core = self.children.iter().position(|c| c.role == Role::Core && c.exited.is_none() && c.channel_open);
         let Some(core) = core else { return Err("the core is gone".into()) };
+        let fresh = match self.backends.units[i].kind {
+            Kind::VhostUser { .. } => Some(fresh_listener(&mut self.backends.next_socket)?),
+            Kind::Chardev { .. } => None,
+        };
         let b = &self.backends;
         let u = &b.units[i];
         match &u.kind {
@@ -260,16 +278,18 @@ impl Graph {
                 self.unit_started(i, pid);
             }
             Kind::VhostUser { plan, listener } => {
+                // A fresh listening socket for each start (at a new private abstract address): a connection
+                // made for a backend that died at once dies with it, instead of waiting in a kept socket's
+                // backlog for the next backend to take it first.
+                let (fresh, addr) = fresh.ok_or("internal: no listener")?;
                 let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
                 for &r in &plan.fds {
-                    fds.push(b.kept_fd(r).ok_or_else(|| format!("internal: resource #{r} was not kept"))?);
+                    if r == *listener {
+                        fds.push(fresh.as_fd());
+                    } else {
+                        fds.push(b.kept_fd(r).ok_or_else(|| format!("internal: resource #{r} was not kept"))?);
+                    }
                 }
-                let listener_fd = b.kept_fd(*listener).ok_or("internal: the listener was not kept")?;
-                let addr = listener_fd
-                    .try_clone_to_owned()
-                    .map(UnixListener::from)
-                    .and_then(|l| l.local_addr())
-                    .map_err(|e| format!("the address of the vhost-user socket: {e}"))?;
                 let started = crate::spawn::start_plain(&u.path, plan.binary, &plan.args, &fds, b.detached, &b.sandbox)
                     .map_err(|e| e.to_string())?;
                 let pid = started.pid;
@@ -279,8 +299,8 @@ impl Graph {
                 let id = u.id.clone();
                 drop(fds);
                 self.children.push(child);
-                // The listening socket is the same one: the connection waits in its backlog until tessera-blk
-                // accepts it.
+                drop(fresh);
+                // The connection waits in the backlog until the backend accepts it.
                 let stream = UnixStream::connect_addr(&addr).map_err(|e| format!("connecting to tessera-blk: {e}"))?;
                 let msg = LauncherToChild::VhostUserReconnect { id, socket: VhostUserSocket::Connected(FdIndex(0)) };
                 self.children[core]
