@@ -10,7 +10,8 @@
 //! (QMP `X_TESSERA_BACKEND_FAILED` and a log line) and left disconnected; the VM goes on. The streak ends when
 //! the backend stays up for [`STABLE_AFTER`] or the core reports the device reconnected. `-tessera-restart-limit
 //! 0` turns restarts off: a backend's death ends the VM, as before restarts existed. The core's death always
-//! ends the VM. See docs/ARCHITECTURE.md "Exit and supervision".
+//! ends the VM, and so does a backend's death by its seccomp filter (SIGSYS: a sandbox violation). See
+//! docs/ARCHITECTURE.md "Exit and supervision".
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -226,6 +226,18 @@ impl Graph {
             self.deaths.clear();
             return Some(End::Failed(message));
         }
+        if !self.deaths.is_empty() {
+            // A backend that exited while the VM ends (a chardev leaves once the core closed its serial
+            // channels) is no crash: the core's Exit, if it came meanwhile, is the news.
+            for i in 0..self.children.len() {
+                if self.children[i].channel_open {
+                    if let Some(end) = self.read_messages(i) {
+                        self.deaths.clear();
+                        return Some(end);
+                    }
+                }
+            }
+        }
         for (unit, pid, how, _) in std::mem::take(&mut self.deaths) {
             self.backend_died(unit, pid, how);
         }
@@ -244,7 +256,10 @@ impl Graph {
             if c.expected_end {
                 continue;
             }
-            if let (true, Some(unit)) = (restart, c.unit) {
+            // A process its seccomp filter killed (SIGSYS) tried what its sandbox forbids: it may be under a
+            // guest's control, so it is not given another try; the graph ends as for any fatal death.
+            let sandbox_kill = matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _));
+            if let (true, Some(unit), false) = (restart, c.unit, sandbox_kill) {
                 c.channel_open = false;
                 let signaled = matches!(status, WaitStatus::Signaled(..));
                 self.deaths.push((unit, c.pid, describe(status), signaled));
@@ -435,6 +450,9 @@ impl Graph {
     /// Stop every child: `Shutdown` to the core first, then to the others, then SIGKILL after the grace
     /// period. Returns when every child has been reaped.
     pub fn shutdown(&mut self) {
+        // The VM is ending: no more restarts, and deaths from here on (a chardev leaves once the core is gone)
+        // are not news.
+        self.running = false;
         let _ = self.reap();
         for wave in [true, false] {
             let mut any = false;
