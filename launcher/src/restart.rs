@@ -174,18 +174,16 @@ impl Graph {
         }
         u.streak += 1;
         let label = u.binary();
-        u.last_death = format!("{label} (pid {pid}) {how}");
+        u.last_death = format!("{label} (pid {pid}) died: {how}");
         let id = u.id.clone();
+        let reason = u.last_death.clone();
         let first = u.down_since.is_none();
         if first {
             u.down_since = Some(Instant::now());
         }
         crate::err_line(&format!("tessera: {id}: {label} (pid {pid}) died: {how}"));
         if first {
-            self.queue_event(
-                "X_TESSERA_BACKEND_DISCONNECTED",
-                json!({ "id": id, "reason": format!("{label} (pid {pid}) died: {how}") }),
-            );
+            self.queue_event("X_TESSERA_BACKEND_DISCONNECTED", json!({ "id": id, "reason": reason }));
         }
         self.schedule_or_fail(unit, limit);
     }
