@@ -371,6 +371,9 @@ fn a_killed_chardev_is_restarted_on_a_new_serial_channel() {
         json!({"return": {}})
     );
     assert_ne!(backend_pid(&mut q, "serial0"), new_pid);
+    let d = q.event("X_TESSERA_BACKEND_DISCONNECTED");
+    assert_eq!(d["data"], json!({"id": "serial0", "reason": "x-tessera-backend-restart"}));
+    q.event("X_TESSERA_BACKEND_RECONNECTED");
     wait_for("the second restart's output", || vm.serial().matches("reconnected serial0").count() == 2);
     assert!(kill(new_pid, None).is_err(), "the old chardev is gone");
     assert!(!core_log(dir.path()).contains("unexpected"), "{}", core_log(dir.path()));

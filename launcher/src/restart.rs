@@ -428,10 +428,18 @@ impl Graph {
         if self.backends.units[i].state == State::Swapped {
             return Err(QmpError::generic(format!("'{id}' was swapped to another backend")));
         }
+        let was_up = self.backends.units[i].down_since.is_none();
         self.stop_unit_process(i);
         let u = &mut self.backends.units[i];
         u.down_since.get_or_insert_with(Instant::now);
         u.state = State::Running;
+        if was_up {
+            self.queue_event(
+                "X_TESSERA_BACKEND_DISCONNECTED",
+                json!({ "id": id, "reason": "x-tessera-backend-restart" }),
+            );
+        }
+        let u = &mut self.backends.units[i];
         // The operator's restart starts a new streak (a failed device gets its restarts again).
         u.streak = 0;
         self.start_unit(i).map_err(|why| {
