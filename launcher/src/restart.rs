@@ -298,9 +298,11 @@ impl Graph {
                 let id = u.id.clone();
                 drop(fds);
                 self.children.push(child);
-                drop(fresh);
-                // The connection waits in the backlog until the backend accepts it.
+                // Connected while the launcher still holds the listener too, so that a backend that already died
+                // is reported by its exit status (SIGCHLD) rather than by a refused connection; the connection
+                // waits in the backlog until the backend accepts it, and is reset if it dies first.
                 let stream = UnixStream::connect_addr(&addr).map_err(|e| format!("connecting to tessera-blk: {e}"))?;
+                drop(fresh);
                 let msg = LauncherToChild::VhostUserReconnect { id, socket: VhostUserSocket::Connected(FdIndex(0)) };
                 self.children[core]
                     .control
