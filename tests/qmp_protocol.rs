@@ -385,3 +385,61 @@ fn the_guests_resets_and_power_off_are_events() {
         }
     }
 }
+
+/// `-no-shutdown`: the guest's power-off stops it (SHUTDOWN, STOP, status `shutdown`); `cont` wants a reset
+/// first; `system_reset` leaves it in `prelaunch` until `cont`, as QEMU.
+#[test]
+fn no_shutdown_keeps_a_powered_off_guest_until_reset_and_cont() {
+    let dir = tempfile::tempdir().unwrap();
+    let code = format!(
+        "{}    mov $0x604, %dx\n    mov $0x2000, %ax\n    outw %ax, %dx\n1:  jmp 1b\n",
+        tessera_tests::tiny_guest::asm::print("msg")
+    );
+    let kernel = tessera_tests::tiny_guest::pvh_guest(
+        dir.path(),
+        "off",
+        &code,
+        &tessera_tests::tiny_guest::asm::string("msg", "on\n"),
+    )
+    .unwrap();
+    let sock = dir.path().join("qmp.sock").display().to_string();
+    let serial = dir.path().join("serial.txt");
+    let child = bins::launcher_command("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-display", "none", "-no-shutdown", "-S", "-kernel"])
+        .arg(&kernel)
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .args(["-qmp", &format!("unix:{sock},server=on,wait=off")])
+        .spawn()
+        .unwrap();
+    let vm = Vm { child: Some(child), serial: serial.clone(), _dir: dir };
+    let (mut q, _) = Qmp::unix(&sock);
+    q.negotiate();
+    q.cmd(r#"{"execute": "cont"}"#);
+    q.event("RESUME");
+    assert_eq!(q.event("SHUTDOWN")["data"], json!({"guest": true, "reason": "guest-shutdown"}));
+    q.event("STOP");
+    let r = q.cmd(r#"{"execute": "query-status"}"#);
+    assert_eq!(r["return"], json!({"status": "shutdown", "singlestep": false, "running": false}));
+    let r = q.cmd(r#"{"execute": "cont"}"#);
+    assert_eq!(error_class(&r), ("GenericError", "Resetting the Virtual Machine is required"));
+    assert_eq!(q.cmd(r#"{"execute": "system_reset"}"#), json!({"return": {}}));
+    q.event("RESET");
+    let deadline = Instant::now() + STEP;
+    loop {
+        let r = q.cmd(r#"{"execute": "query-status"}"#);
+        if r["return"]["status"] == "prelaunch" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(vm.serial(), "on\n", "the guest did not run again before cont");
+    q.cmd(r#"{"execute": "cont"}"#);
+    q.event("RESUME");
+    assert_eq!(q.event("SHUTDOWN")["data"]["reason"], "guest-shutdown");
+    vm.wait_serial("the second boot", |s| s == "on\non\n");
+    q.cmd(r#"{"execute": "quit"}"#);
+    let (status, stderr) = vm.wait();
+    assert_eq!(status, 0, "{stderr}");
+}
