@@ -181,14 +181,13 @@ fn with_restart_limit_0_a_backend_death_ends_the_vm() {
     assert!(stderr.contains(&format!("tessera-chardev (pid {pid}) died: killed by signal 9")), "{stderr}");
 }
 
-/// Needs the core's side of `SerialReconnect` (buffering the guest's output while the chardev is away), which
-/// the `reconnect` branch adds; on a core without it the first restart ends the VM. Tried against that branch
-/// (merged locally, 18:05 UTC): restarts work (stalls of 10-20 ms) but a line the core had already handed to the
-/// chardev that was killed is lost (`00000029 where 00000028 was expected`): output in the dead chardev's socket
-/// buffer or memory is gone with it. Zero loss needs the chardev to acknowledge what it wrote and the core to
-/// replay what was not acknowledged after `SerialReconnect`.
+/// With the core's side of `SerialReconnect` (buffering the guest's output while the chardev is away) restarts
+/// work (stalls of 10-40 ms), but a line or a few that the core had already handed to the chardev that was killed
+/// are lost (`00000032 where 0000002b was expected`): output in the dead chardev's socket buffer or memory is
+/// gone with it. Zero loss needs the chardev to acknowledge what it wrote and the core to replay what was not
+/// acknowledged after `SerialReconnect`.
 #[test]
-#[ignore = "needs the core side of SerialReconnect (branch reconnect) and acknowledged serial output to lose nothing under kill -9"]
+#[ignore = "loses what the killed chardev had received but not written: needs acknowledged serial output (core + chardev)"]
 fn a_killed_chardev_is_restarted_and_no_guest_output_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let libexec = libexec_with_fragile_chardev(dir.path(), &dir.path().join("never"));
@@ -509,10 +508,8 @@ fn a_tessera_blk_that_keeps_dying_is_reported_failed() {
 }
 
 /// The whole path with the real core: a tessera-blk killed three times (and once restarted by the operator) is
-/// restarted, the core restores the device each time and reports its stall. Needs the core's vhost-user reconnect
-/// (branch reconnect); passed against it merged locally (stalls of 9-34 ms).
+/// restarted, the core restores the device each time and reports its stall (9-40 ms on the development host).
 #[test]
-#[ignore = "needs the core side of VhostUserReconnect (branch reconnect); run with --ignored once merged"]
 fn a_killed_tessera_blk_is_restarted_and_the_real_core_restores_the_device() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");

@@ -320,8 +320,8 @@ fn raw_direct_two_queues_discard_serial() {
 
 /// The serve loop is the skeleton of "restart a backend, the guest keeps running": stop
 /// tessera-blk between two guest I/O phases, start a new one on the same socket, and the guest
-/// continues on it (QEMU reconnects). With no request in flight at the restart, nothing is lost;
-/// requests in flight would be (INFLIGHT_SHMFD is not implemented yet, docs/blk.md).
+/// continues on it (QEMU reconnects). Restarts with requests in flight (SIGKILL under load) are
+/// tests/blk_restart_inflight.rs.
 #[test]
 fn backend_restart_while_guest_idle() {
     ensure_debian_packages(PACKAGES).expect("install packages");

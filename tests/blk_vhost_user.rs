@@ -181,11 +181,14 @@ fn features_and_config_space() {
     assert_eq!(features & BLK_F_RO, 0, "RO offered on a writable export");
 
     let proto = get_u64(&mut s, GET_PROTOCOL_FEATURES);
-    for (bit, name) in [(PROTOCOL_F_MQ, "MQ"), (PROTOCOL_F_REPLY_ACK, "REPLY_ACK"), (PROTOCOL_F_CONFIG, "CONFIG")] {
+    for (bit, name) in [
+        (PROTOCOL_F_MQ, "MQ"),
+        (PROTOCOL_F_REPLY_ACK, "REPLY_ACK"),
+        (PROTOCOL_F_CONFIG, "CONFIG"),
+        (PROTOCOL_F_INFLIGHT_SHMFD, "INFLIGHT_SHMFD"),
+    ] {
         assert_ne!(proto & bit, 0, "protocol feature {name} missing from {proto:#x}");
     }
-    // Not implemented (docs/blk.md): must not be advertised.
-    assert_eq!(proto & PROTOCOL_F_INFLIGHT_SHMFD, 0);
     send(&mut s, SET_PROTOCOL_FEATURES, &(proto & (PROTOCOL_F_MQ | PROTOCOL_F_CONFIG)).to_le_bytes());
     assert_eq!(get_u64(&mut s, GET_QUEUE_NUM), 3);
 

@@ -66,7 +66,7 @@ bench() {
     local label=$1 img=$2 direct=$3 fmt=${4:-raw}
     local tsock=$work/t.sock qsock=$work/q.sock
     local targs=() qcache=off
-    if [ "$direct" = 1 ]; then targs=(--direct); qcache=on; fi
+    if [ "$direct" = 1 ]; then targs=(--direct --aio io_uring); qcache=on; fi
     # Both serve the very same file at once, so image locking is off on both sides (each runs
     # only while the other is idle).
     "$tessera" --socket-path "$tsock" --image "$img" --format "$fmt" --no-locking "${targs[@]}" 2>"$work/tessera.log" &

@@ -31,6 +31,10 @@ pub struct Vm {
     runloop: RunLoop,
     events_tx: Sender<VmEvent>,
     log: Arc<GuestLog>,
+    /// The devices' vhost-user connections, for backend supervision.
+    backends: crate::virtio::Backends,
+    /// The chardev `id=` of each UART in `devices.serials`, for `SerialReconnect`.
+    serial_ids: Vec<String>,
 }
 
 /// How Linux is entered with `accel`: the software CPU skips the decompressor (shared notes §0).
@@ -122,7 +126,7 @@ impl Vm {
                 Arc::new(DebugExit::new(events_tx.clone())),
             )?;
         }
-        crate::virtio::add_pci_devices(&cfg, &mut fds, &mut devices, engine.as_mut(), &ram, &log)?;
+        let backends = crate::virtio::add_pci_devices(&cfg, &mut fds, &mut devices, engine.as_mut(), &ram, &log)?;
         if fds.unused() > 0 {
             log.error(&format!("{} file descriptors from the launcher were not used", fds.unused()));
         }
@@ -155,7 +159,8 @@ impl Vm {
             no_shutdown: cfg.no_shutdown,
             state,
         };
-        Ok(Vm { control, devices, runloop, events_tx, log })
+        let serial_ids = cfg.serial.iter().map(|s| s.chardev_id.clone()).collect();
+        Ok(Vm { control, devices, runloop, events_tx, log, backends, serial_ids })
     }
 
     /// Run the VM to its end and report it to the launcher. Returns the process exit status.
@@ -165,9 +170,16 @@ impl Vm {
                 return report_fatal(&self.control, &format!("cannot start the serial threads: {e}"));
             }
         }
+        if let Err(e) = self.backends.supervise(backend_reporter(&self.control, &self.log)) {
+            return report_fatal(&self.control, &format!("cannot start the backend supervision threads: {e}"));
+        }
         let control = self.control.clone();
         let events = self.events_tx.clone();
         let state = self.runloop.state.clone();
+        let backends = self.backends.clone();
+        let serials: Vec<(String, Arc<SerialPort>)> =
+            self.serial_ids.iter().cloned().zip(self.devices.serials.iter().cloned()).collect();
+        let log = self.log.clone();
         let spawned = std::thread::Builder::new().name("control".into()).spawn(move || loop {
             match control.recv::<LauncherToChild>() {
                 Ok((LauncherToChild::Shutdown, _)) => {
@@ -181,9 +193,11 @@ impl Vm {
                     let result = state.handle(&command, &events);
                     let _ = control.send(&ChildToLauncher::MonitorReply { tag, result }, &[]);
                 }
-                Ok((m @ (LauncherToChild::VhostUserReconnect { .. } | LauncherToChild::SerialReconnect { .. }), _)) => {
-                    let _ = events.send(VmEvent::ControlLost(format!("backend restart is not supported yet: {m:?}")));
-                    return;
+                Ok((LauncherToChild::VhostUserReconnect { id, socket }, fds)) => {
+                    vhost_user_reconnect(&backends, &id, socket, &mut ReceivedFds::new(fds), &log)
+                }
+                Ok((LauncherToChild::SerialReconnect { chardev_id, channel }, fds)) => {
+                    serial_reconnect(&serials, &chardev_id, channel, &mut ReceivedFds::new(fds), &log)
                 }
                 Err(IpcError::Closed) => {
                     let _ = events.send(VmEvent::ControlLost("the launcher closed the control channel".into()));
@@ -219,6 +233,89 @@ impl Vm {
             }
             Outcome::Fatal(message) => report_fatal(&self.control, &message),
         }
+    }
+}
+
+/// What the supervision of vhost-user backends reports: to the launcher (`BackendDisconnected`,
+/// `BackendReconnected`) and to the log.
+fn backend_reporter(control: &Arc<Channel>, log: &Arc<GuestLog>) -> crate::virtio::BackendReport {
+    use crate::virtio::vhost_user::Event;
+    let control = control.clone();
+    let log = log.clone();
+    Arc::new(move |id: &str, e: Event| {
+        let id = id.to_string();
+        match e {
+            Event::Disconnected { reason } => {
+                log.error(&format!("{id}: vhost-user backend disconnected ({reason}); its requests wait"));
+                let _ = control.send(&ChildToLauncher::BackendDisconnected { id, reason }, &[]);
+            }
+            Event::Reconnected { stall, in_flight } => {
+                let stall_ms = stall.as_millis() as u64;
+                log.error(&format!(
+                    "{id}: vhost-user backend reconnected, device restored after {stall_ms} ms \
+                     ({in_flight} requests were in flight)"
+                ));
+                let _ = control.send(&ChildToLauncher::BackendReconnected { id, stall_ms }, &[]);
+            }
+            Event::RestoreFailed { reason } => {
+                log.error(&format!("{id}: cannot restore the device on the new backend connection: {reason}"))
+            }
+        }
+    })
+}
+
+/// `VhostUserReconnect`: hand the new connection (an attached stream, or a path to dial) to the device's
+/// supervisor. A bad message is the launcher's mistake: logged, and the VM goes on.
+fn vhost_user_reconnect(
+    backends: &crate::virtio::Backends,
+    id: &str,
+    socket: tessera_ipc::messages::VhostUserSocket,
+    fds: &mut ReceivedFds,
+    log: &GuestLog,
+) {
+    use crate::virtio::vhost_user::Connection;
+    use tessera_ipc::messages::VhostUserSocket;
+    let Some(vu) = backends.vhost_user(id) else {
+        log.error(&format!("VhostUserReconnect: no vhost-user device has id '{id}'"));
+        return;
+    };
+    let conn = match socket {
+        VhostUserSocket::Path(p) => Connection::Path(p),
+        VhostUserSocket::Connected(i) => match fds.take(i) {
+            Ok(fd) => Connection::Stream(std::os::unix::net::UnixStream::from(fd)),
+            Err(e) => {
+                log.error(&format!("VhostUserReconnect for '{id}': {e}"));
+                return;
+            }
+        },
+    };
+    vu.reconnect_with(conn);
+}
+
+/// `SerialReconnect`: the chardev process behind `chardev_id` was restarted; the first of its UARTs whose
+/// channel is down (else the first) takes the new channel.
+fn serial_reconnect(
+    serials: &[(String, Arc<SerialPort>)],
+    chardev_id: &str,
+    channel: tessera_ipc::messages::FdIndex,
+    fds: &mut ReceivedFds,
+    log: &GuestLog,
+) {
+    let mut ports = serials.iter().filter(|(id, _)| id == chardev_id).map(|(_, p)| p);
+    let Some(first) = ports.clone().next() else {
+        log.error(&format!("SerialReconnect: no serial port is connected to chardev '{chardev_id}'"));
+        return;
+    };
+    let port = ports.find(|p| p.away_buffered().is_some()).unwrap_or(first);
+    let fd = match fds.take(channel) {
+        Ok(fd) => fd,
+        Err(e) => {
+            log.error(&format!("SerialReconnect for '{chardev_id}': {e}"));
+            return;
+        }
+    };
+    if let Err(e) = port.reconnect(Arc::new(Channel::from_fd(fd))) {
+        log.error(&format!("SerialReconnect for '{chardev_id}': cannot start the input thread: {e}"));
     }
 }
 

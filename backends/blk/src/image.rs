@@ -45,6 +45,17 @@ pub trait BlockIo: Send + Sync {
     fn try_write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.write_at(offset, bufs)
     }
+    /// Whether `try_write_at` can really refuse to wait. False where the host file system has no
+    /// `RWF_NOWAIT` for writes (ext4 buffered writes): then it simply blocks. Default: true.
+    fn nonblocking_writes(&self) -> bool {
+        true
+    }
+    /// The descriptor reads and writes may be submitted on directly, bypassing `read_at` and
+    /// `write_at` (tessera-blk's io_uring path): only for raw images opened with `O_DIRECT`,
+    /// where nothing else happens on the way. Default: none.
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
     /// The guest no longer needs `[offset, offset+len)`; its contents become unspecified.
@@ -236,6 +247,9 @@ pub struct RawImage {
     /// `RWF_NOWAIT` still believed to work on this file for [reads, writes] (cleared on
     /// EOPNOTSUPP: ext4, for one, supports it for buffered reads but not buffered writes).
     nowait: [AtomicBool; 2],
+    /// The file lives in memory (tmpfs): its writes never wait for a device, with or without
+    /// `RWF_NOWAIT` (tmpfs refuses the flag for writes).
+    memory_fs: bool,
     /// The format was probed: refuse guest writes that would make the next probe see qcow2
     /// (QEMU restricts writes to block 0 of probed raw images for the same reason).
     guard_probe: bool,
@@ -243,6 +257,22 @@ pub struct RawImage {
 
 /// Most iovecs one `preadv`/`pwritev` accepts (`IOV_MAX` on Linux).
 const IOV_MAX: usize = 1024;
+/// Whether `file` is on tmpfs (or another memory file system).
+fn on_memory_fs(file: &File) -> bool {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
+    // SAFETY: statfs is plain data, zero is a valid value; fstatfs writes at most its size.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and a pointer to a statfs we own.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let t = st.f_type as libc::c_long;
+    [TMPFS_MAGIC, RAMFS_MAGIC, HUGETLBFS_MAGIC].contains(&t)
+}
+
 /// Alignment of bounce buffers for `O_DIRECT`; 4 KiB satisfies every common logical block size.
 const DIRECT_ALIGN: usize = 4096;
 
@@ -258,6 +288,7 @@ impl RawImage {
         // Seeking to the end works for regular files and block devices alike.
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         Ok(RawImage {
+            memory_fs: on_memory_fs(&file),
             file,
             size,
             direct: opts.direct,
@@ -271,6 +302,7 @@ impl RawImage {
     pub fn from_file(mut file: File, direct: bool) -> io::Result<Self> {
         let size = file.seek(SeekFrom::End(0))?;
         Ok(RawImage {
+            memory_fs: on_memory_fs(&file),
             file,
             size,
             direct,
@@ -296,8 +328,9 @@ impl RawImage {
                 // This file system cannot do it: block inline from now on.
                 if nowait.swap(false, Ordering::Relaxed) {
                     log::info!(
-                        "the host file system does not support RWF_NOWAIT for {}; those run on the queue thread",
-                        if write { "writes" } else { "reads" }
+                        "the host file system does not support RWF_NOWAIT for {}; those run on the queue thread{}",
+                        if write { "writes" } else { "reads" },
+                        if write && !self.memory_fs { " at queue depth 1, in the I/O pool deeper" } else { "" }
                     );
                 }
                 self.transfer(offset, bufs, write)
@@ -349,12 +382,21 @@ impl BlockIo for RawImage {
         self.size
     }
 
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        // A probed raw image guards its first bytes in `write_at`, so it keeps that path.
+        (self.direct && !self.guard_probe).then(|| self.file.as_raw_fd())
+    }
+
     fn read_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.transfer(offset, bufs, false)
     }
 
     fn try_read_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.try_transfer(offset, bufs, false)
+    }
+
+    fn nonblocking_writes(&self) -> bool {
+        self.memory_fs || self.nowait[1].load(Ordering::Relaxed)
     }
 
     fn try_write_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {

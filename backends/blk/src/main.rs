@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         queue_size: config.queue_size,
         io_threads: config.io_threads,
         direct: config.image.direct,
+        io_uring: config.aio == tessera_blk::config::Aio::IoUring,
     });
     let served = match socket {
         Socket::Bound(l, p) => serve_listener(l, &p, dev),

@@ -128,6 +128,83 @@ pub fn try_process_request(
     complete_request(mem, descs, disk, props, true)
 }
 
+/// An `IN` or `OUT` request, validated and resolved into guest memory, for a caller that runs
+/// the transfer itself (tessera-blk's io_uring path); [`finish_rw`] then writes its status.
+pub struct RwRequest<'m> {
+    pub write: bool,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    pub bufs: Vec<GuestSlice<'m>>,
+    /// Bytes to transfer.
+    pub len: u32,
+    pub status: GuestAddress,
+}
+
+/// The request in `descs` as an [`RwRequest`] if it is a well-formed `IN`, or `OUT` on a
+/// writable disk, with a usable status byte; `None` for anything else, including every malformed
+/// request: those go through [`process_request`], which reports them.
+pub fn prepare_rw<'m>(
+    mem: &'m GuestMemoryMmap,
+    descs: &[Desc],
+    disk: &dyn BlockIo,
+    props: &DiskProps,
+) -> Option<RwRequest<'m>> {
+    let last = descs.last().filter(|d| d.writable && d.len > 0)?;
+    let status = GuestAddress(last.addr).checked_add(u64::from(last.len) - 1)?;
+    if !mem.check_range(status, 1, Permissions::Write) {
+        return None;
+    }
+    let first_writable = descs.iter().position(|d| d.writable).unwrap_or(descs.len());
+    if descs[first_writable..].iter().any(|d| !d.writable) {
+        return None;
+    }
+    let mut readable = Vec::with_capacity(first_writable);
+    for d in &descs[..first_writable] {
+        resolve(mem, d.addr, d.len, &mut readable).ok()?;
+    }
+    let mut header = [0u8; HEADER_LEN];
+    let data_out = take_prefix(&readable, &mut header).ok()?;
+    let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
+    ]);
+    let (write, bufs) = match req_type {
+        VIRTIO_BLK_T_IN => {
+            let mut writable = Vec::with_capacity(descs.len() - first_writable);
+            let lastidx = descs.len() - 1;
+            for (i, d) in descs.iter().enumerate().skip(first_writable) {
+                let len = if i == lastidx { d.len - 1 } else { d.len };
+                resolve(mem, d.addr, len, &mut writable).ok()?;
+            }
+            (false, writable)
+        }
+        VIRTIO_BLK_T_OUT if !props.read_only => (true, data_out),
+        _ => return None,
+    };
+    let len = total_len(&bufs);
+    if len == 0 || !len.is_multiple_of(SECTOR_SIZE) {
+        return None;
+    }
+    let offset = check_range(disk, sector, len).ok()?;
+    Some(RwRequest { write, offset, bufs, len: u32::try_from(len).ok()?, status })
+}
+
+/// Completes an [`RwRequest`] whose transfer ended with `result`: writes its status byte and
+/// returns the used length (§2.7.8).
+pub fn finish_rw(mem: &GuestMemoryMmap, write: bool, len: u32, status: GuestAddress, result: io::Result<()>) -> u32 {
+    let (byte, written) = match result {
+        Ok(()) => (VIRTIO_BLK_S_OK as u8, if write { 0 } else { len }),
+        Err(e) => {
+            guest_error(format_args!("host I/O for request type {} failed: {e}", u32::from(write)));
+            (VIRTIO_BLK_S_IOERR as u8, 0)
+        }
+    };
+    if mem.write_obj(byte, status).is_err() {
+        return 0;
+    }
+    written.saturating_add(1)
+}
+
 fn complete_request(
     mem: &GuestMemoryMmap,
     descs: &[Desc],

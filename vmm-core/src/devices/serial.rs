@@ -2,6 +2,10 @@
 //! to the chardev process over the serial channel ([`CoreToChardev::Output`]), received bytes come back as
 //! [`ChardevToCore::Input`] and enter the RX FIFO as the guest drains it, a [`ChardevToCore::Break`] shows as
 //! LSR.BI, and the interrupt goes to an [`IrqLine`] (the ISA IRQ of the port).
+//!
+//! The chardev process may go away and come back (issue #8: a crash restarted by the launcher). Meanwhile the
+//! guest keeps running and what it prints is kept, up to [`AWAY_BUFFER`] bytes (the oldest dropped and counted
+//! beyond that); [`SerialPort::reconnect`] takes the new channel and sends that first.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -36,6 +40,9 @@ const OUTPUT_LIMIT: usize = 256 * 1024;
 /// The input thread stops reading the channel while this much input waits for the guest, so a flood from the
 /// host side is held back by the socket instead of growing the core's memory.
 const INPUT_LIMIT: usize = 64 * 1024;
+/// Guest output kept while the chardev process is away. A guest printing at the software CPU's speed fills this
+/// in well over a minute, far longer than a restart takes.
+pub const AWAY_BUFFER: usize = 1 << 20;
 
 /// An interrupt line a device can raise. The ISA serial interrupt is edge-triggered here: each call is one pulse.
 pub trait IrqLine: Send + Sync {
@@ -55,13 +62,22 @@ impl Trigger for IrqTrigger {
 /// Transmitted bytes on their way to the chardev process.
 struct OutputState {
     buf: Vec<u8>,
-    /// Set when the channel failed: output is dropped from then on (logged once).
+    /// Set when the channel failed (the chardev process is away): output is kept in `buf`, up to
+    /// [`AWAY_BUFFER`], until [`SerialPort::reconnect`].
     broken: bool,
+    /// Bytes dropped (the oldest first) because `buf` was full while the channel was broken.
+    dropped: u64,
+    /// Why the channel broke; logged once the guest's output is actually being kept (a chardev that closes as
+    /// the VM ends is not worth a line).
+    away_reason: Option<String>,
     stop: bool,
+    /// The channel to the chardev process; replaced by a reconnect.
+    channel: Arc<Channel>,
+    /// Counts the channels: an input thread of a replaced channel must not mark its successor broken.
+    generation: u64,
 }
 
 struct Output {
-    channel: Arc<Channel>,
     state: Mutex<OutputState>,
     /// Signalled when bytes arrive (for the flusher) and when the buffer drains (for a waiting vCPU).
     cond: Condvar,
@@ -76,31 +92,46 @@ impl Output {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Take what is buffered and send it. Returns false once the channel is broken.
+    /// Take what is buffered and send it. Returns false while the channel is broken (the bytes stay buffered).
     fn send_pending(&self) -> bool {
         let _order = self.send_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let batch = {
+        let (batch, channel, generation) = {
             let mut st = self.lock();
             if st.broken {
-                st.buf.clear();
                 return false;
             }
-            std::mem::take(&mut st.buf)
+            (std::mem::take(&mut st.buf), st.channel.clone(), st.generation)
         };
         self.cond.notify_all();
-        if batch.is_empty() {
-            return true;
-        }
-        if let Err(e) = self.channel.send(&CoreToChardev::Output(batch), &[]) {
-            let mut st = self.lock();
-            st.broken = true;
-            st.buf.clear();
-            drop(st);
-            self.cond.notify_all();
-            self.log.error(&format!("{}: output to the chardev process is lost: {e}", self.name));
-            return false;
+        // A message body is at most 1 MiB (tessera-ipc's frame limit); what was kept while the chardev was away
+        // can be that much.
+        let mut sent = 0;
+        while sent < batch.len() {
+            let end = batch.len().min(sent + OUTPUT_LIMIT);
+            if let Err(e) = channel.send(&CoreToChardev::Output(batch[sent..end].to_vec()), &[]) {
+                // Kept for the next chardev process: the bytes of this batch go first, before what the guest
+                // wrote since.
+                let mut st = self.lock();
+                let mut rest = batch[sent..].to_vec();
+                rest.extend_from_slice(&st.buf);
+                st.buf = rest;
+                if st.generation == generation {
+                    self.mark_broken(&mut st, &e.to_string());
+                }
+                return false;
+            }
+            sent = end;
         }
         true
+    }
+
+    /// The chardev process is away: keep the guest's output from now on.
+    fn mark_broken(&self, st: &mut OutputState, why: &str) {
+        if !st.broken {
+            st.broken = true;
+            st.away_reason = Some(why.to_string());
+            self.cond.notify_all();
+        }
     }
 
     /// The flusher thread: sends what the guest transmits, at most [`OUTPUT_LATENCY`] after it was written.
@@ -108,10 +139,11 @@ impl Output {
         loop {
             {
                 let mut st = self.lock();
-                while st.buf.is_empty() && !st.stop && !st.broken {
+                // While the chardev process is away the bytes stay buffered: wait for a reconnect.
+                while (st.buf.is_empty() || st.broken) && !st.stop {
                     st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
                 }
-                if st.stop || st.broken {
+                if st.stop {
                     return;
                 }
                 if st.buf.len() < OUTPUT_BATCH {
@@ -122,9 +154,7 @@ impl Output {
                     }
                 }
             }
-            if !self.send_pending() {
-                return;
-            }
+            self.send_pending();
         }
     }
 }
@@ -141,8 +171,20 @@ impl Write for OutputWriter {
             st = out.cond.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         if st.broken {
-            // The chardev side is gone: the byte is lost, as on a UART with nothing attached. Not an error for
-            // the guest.
+            // The chardev side is away: keep the bytes for its successor, the newest AWAY_BUFFER of them. Trimmed
+            // in steps of a quarter so a guest printing into a full buffer does not move a MiB per byte.
+            if let Some(why) = st.away_reason.take() {
+                out.log.error(&format!(
+                    "{}: the chardev process is away ({why}); keeping up to {AWAY_BUFFER} bytes of guest output",
+                    out.name
+                ));
+            }
+            st.buf.extend_from_slice(data);
+            if st.buf.len() > AWAY_BUFFER + AWAY_BUFFER / 4 {
+                let excess = st.buf.len() - AWAY_BUFFER;
+                st.buf.drain(..excess);
+                st.dropped += excess as u64;
+            }
             return Ok(data.len());
         }
         let was_empty = st.buf.is_empty();
@@ -184,8 +226,15 @@ impl SerialPort {
     /// A UART named `name` (for messages) talking to the chardev process over `channel`, raising `irq`.
     pub fn new(name: String, channel: Arc<Channel>, irq: Arc<dyn IrqLine>, log: Arc<GuestLog>) -> Arc<SerialPort> {
         let output = Arc::new(Output {
-            channel,
-            state: Mutex::new(OutputState { buf: Vec::new(), broken: false, stop: false }),
+            state: Mutex::new(OutputState {
+                buf: Vec::new(),
+                broken: false,
+                dropped: 0,
+                away_reason: None,
+                stop: false,
+                channel,
+                generation: 0,
+            }),
             cond: Condvar::new(),
             send_lock: Mutex::new(()),
             name: name.clone(),
@@ -212,14 +261,57 @@ impl SerialPort {
     pub fn start(self: &Arc<Self>) -> io::Result<()> {
         let out = self.output.clone();
         std::thread::Builder::new().name(format!("{}-tx", self.name)).spawn(move || out.flusher())?;
+        self.start_input()
+    }
+
+    fn start_input(self: &Arc<Self>) -> io::Result<()> {
+        let (channel, generation) = {
+            let st = self.output.lock();
+            (st.channel.clone(), st.generation)
+        };
         let me = self.clone();
-        std::thread::Builder::new().name(format!("{}-rx", self.name)).spawn(move || me.input_loop())?;
+        std::thread::Builder::new()
+            .name(format!("{}-rx", self.name))
+            .spawn(move || me.input_loop(&channel, generation))?;
         Ok(())
     }
 
-    fn input_loop(&self) {
+    /// The chardev process was restarted: `channel` replaces the old channel. What the guest printed meanwhile
+    /// is sent first (by the output thread, in order), then output and input go on as before.
+    pub fn reconnect(self: &Arc<Self>, channel: Arc<Channel>) -> io::Result<()> {
+        let dropped = {
+            let mut st = self.output.lock();
+            st.channel = channel;
+            st.generation += 1;
+            st.broken = false;
+            st.away_reason = None;
+            std::mem::take(&mut st.dropped)
+        };
+        self.output.cond.notify_all();
+        if dropped > 0 {
+            self.log.error(&format!(
+                "{}: {dropped} bytes of guest output were dropped while the chardev process was away",
+                self.name
+            ));
+        }
+        self.start_input()
+    }
+
+    /// Bytes kept for the chardev process while it is away (`None` while it is connected).
+    pub fn away_buffered(&self) -> Option<(usize, u64)> {
+        let st = self.output.lock();
+        st.broken.then_some((st.buf.len(), st.dropped))
+    }
+
+    fn input_loop(&self, channel: &Channel, generation: u64) {
+        let gone = |why: &str| {
+            let mut st = self.output.lock();
+            if st.generation == generation && !st.stop {
+                self.output.mark_broken(&mut st, why);
+            }
+        };
         loop {
-            match self.output.channel.recv::<ChardevToCore>() {
+            match channel.recv::<ChardevToCore>() {
                 Ok((msg, _fds)) => match msg {
                     ChardevToCore::Input(bytes) => {
                         self.push_input(&bytes);
@@ -230,10 +322,11 @@ impl SerialPort {
                     }
                     ChardevToCore::Break => self.push_break(),
                 },
-                Err(IpcError::Closed) => return,
+                // The chardev process went away (or the VM is ending): output is kept until a reconnect.
+                Err(IpcError::Closed) => return gone("it closed the serial channel"),
                 Err(e) => {
                     self.log.error(&format!("{}: input from the chardev process stopped: {e}", self.name));
-                    return;
+                    return gone(&e.to_string());
                 }
             }
         }
@@ -413,6 +506,91 @@ mod tests {
         assert_eq!(lsr & (LSR_BREAK | 1), LSR_BREAK | 1);
         assert_eq!(inb(&p, 5) & LSR_BREAK, 0);
         assert_eq!(inb(&p, 0), 0, "the break character is a zero byte");
+    }
+
+    /// Read Output messages until `want` bytes arrived (or a few seconds passed).
+    fn receive(chardev: &Channel, want: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        chardev.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.len() < want && std::time::Instant::now() < deadline {
+            match chardev.try_recv::<CoreToChardev>() {
+                Ok((CoreToChardev::Output(b), _)) => got.extend(b),
+                Err(IpcError::WouldBlock) => std::thread::sleep(Duration::from_millis(2)),
+                Err(e) => panic!("receive: {e}"),
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn output_while_the_chardev_is_away_is_kept_and_sent_first_on_reconnect() {
+        let (p, chardev, _) = port();
+        p.start().unwrap();
+        for b in b"before " {
+            p.write(0, &[*b]);
+        }
+        assert_eq!(receive(&chardev, 7), b"before ");
+        drop(chardev);
+        // The input thread sees the hang-up; whatever the guest prints from then on is kept.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while p.away_buffered().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(p.away_buffered().is_some(), "the closed channel was noticed");
+        let text: Vec<u8> = (0..5000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        for b in &text {
+            p.write(0, &[*b]);
+        }
+        assert_eq!(p.away_buffered(), Some((text.len(), 0)));
+        let (core, chardev) = Channel::pair().unwrap();
+        p.reconnect(Arc::new(core)).unwrap();
+        for b in b"after" {
+            p.write(0, &[*b]);
+        }
+        let got = receive(&chardev, text.len() + 5);
+        let mut want = text.clone();
+        want.extend_from_slice(b"after");
+        assert_eq!(got, want, "everything, in order, nothing twice");
+        // Input flows again on the new channel.
+        p.write(1, &[1]);
+        chardev.set_nonblocking(false).unwrap();
+        chardev.send(&ChardevToCore::Input(b"k".to_vec()), &[]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while inb(&p, 5) & 1 == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(inb(&p, 0), b'k');
+        p.stop();
+    }
+
+    #[test]
+    fn the_away_buffer_keeps_the_newest_bytes_and_counts_the_dropped_ones() {
+        let (p, chardev, _) = port();
+        drop(chardev);
+        // No threads: the failed flush marks the channel broken.
+        p.write(0, b"x");
+        p.flush();
+        let total = AWAY_BUFFER * 2;
+        let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+        for c in data.chunks(4096) {
+            OutputWriter(p.output.clone()).write_all(c).unwrap();
+        }
+        let (kept, dropped) = p.away_buffered().unwrap();
+        assert!((AWAY_BUFFER..=AWAY_BUFFER + AWAY_BUFFER / 4).contains(&kept), "kept {kept}");
+        assert_eq!(kept as u64 + dropped, total as u64 + 1);
+        let (core, chardev) = Channel::pair().unwrap();
+        p.reconnect(Arc::new(core)).unwrap();
+        // More than a socket buffer: sent while this thread reads.
+        let sender = {
+            let p = p.clone();
+            std::thread::spawn(move || p.flush())
+        };
+        let got = receive(&chardev, kept);
+        sender.join().unwrap();
+        assert_eq!(got.len(), kept);
+        assert_eq!(&got[..], &data[total - kept..], "the newest bytes, in order");
+        p.stop();
     }
 
     #[test]

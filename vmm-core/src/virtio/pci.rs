@@ -11,6 +11,7 @@
 //! | 0x4000 | MSI-X table |
 //! | 0x5000 | MSI-X pending bit array |
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::{
@@ -84,6 +85,11 @@ pub struct VirtioPci {
     kicks: Vec<Arc<EventFd>>,
     calls: Vec<Arc<EventFd>>,
     routes: Vec<Arc<dyn MsiRoute>>,
+    /// The configuration-change interrupt (the device signals it through its [`super::ConfigNotifier`]) and its
+    /// route, which follows `config_msix_vector`.
+    config_route: Arc<dyn MsiRoute>,
+    /// `config_generation` (§4.1.4.3): moves on with each configuration change.
+    config_generation: Arc<AtomicU8>,
     log: Arc<GuestLog>,
 }
 
@@ -140,6 +146,17 @@ impl VirtioPci {
         let kicks = (0..nq).map(|_| evt()).collect::<Result<Vec<_>, _>>()?;
         let calls = (0..nq).map(|_| evt()).collect::<Result<Vec<_>, _>>()?;
         let routes = calls.iter().map(|c| router.route(c.clone())).collect::<Result<Vec<_>, _>>()?;
+        let config_call = evt()?;
+        let config_route = router.route(config_call.clone())?;
+        let config_generation = Arc::new(AtomicU8::new(0));
+        let mut dev = dev;
+        {
+            let generation = config_generation.clone();
+            dev.set_config_notifier(Arc::new(move || {
+                generation.fetch_add(1, Ordering::SeqCst);
+                let _ = config_call.write(1);
+            }));
+        }
         let inner = Inner {
             cfg,
             msix,
@@ -153,7 +170,17 @@ impl VirtioPci {
             queues: sizes.into_iter().map(Queue::new).collect(),
             doorbells_at: None,
         };
-        let v = Arc::new(VirtioPci { name, inner: Mutex::new(inner), router, kicks, calls, routes, log });
+        let v = Arc::new(VirtioPci {
+            name,
+            inner: Mutex::new(inner),
+            router,
+            kicks,
+            calls,
+            routes,
+            config_route,
+            config_generation,
+            log,
+        });
         {
             let mut i = lock(&v.inner);
             v.sync_doorbells(&mut i)?;
@@ -191,6 +218,13 @@ impl VirtioPci {
             if let Err(e) = r.set(msg) {
                 self.log.error(&format!("{}: cannot route the interrupt of queue {q}: {e}", self.name));
             }
+        }
+        let msg = match i.config_vector {
+            NO_VECTOR => None,
+            v => i.msix.message(&i.cfg, v),
+        };
+        if let Err(e) = self.config_route.set(msg) {
+            self.log.error(&format!("{}: cannot route the configuration interrupt: {e}", self.name));
         }
     }
 
@@ -231,8 +265,7 @@ impl VirtioPci {
             0x10 => u64::from(i.config_vector),
             0x12 => i.queues.len() as u64,
             0x14 => u64::from(i.status),
-            // config_generation: the configuration never changes under the driver (no config-change events).
-            0x15 => 0,
+            0x15 => u64::from(self.config_generation.load(Ordering::SeqCst)),
             0x16 => u64::from(i.queue_select),
             0x18 => q.map_or(0, |q| u64::from(q.size)),
             0x1a => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
@@ -274,7 +307,10 @@ impl VirtioPci {
                 1 => set_half(&mut i.driver_features, true),
                 _ => {}
             },
-            0x10 => i.config_vector = if v as u16 >= i.msix.vectors() { NO_VECTOR } else { v as u16 },
+            0x10 => {
+                i.config_vector = if v as u16 >= i.msix.vectors() { NO_VECTOR } else { v as u16 };
+                self.sync_routes(i);
+            }
             0x14 => self.status_write(i, v as u8),
             0x16 => i.queue_select = v as u16,
             // Queue fields are the driver's to set before DRIVER_OK (§4.1.4.3.2); later writes are ignored.
@@ -395,6 +431,9 @@ impl VirtioPci {
                         bits |= 1 << v;
                     }
                 }
+                if i.config_vector != NO_VECTOR && self.config_route.pending() {
+                    bits |= 1 << i.config_vector;
+                }
                 let b = bits.to_le_bytes();
                 let s = (o - MSIX_PBA) as usize;
                 let n = d.len().min(16 - s);
@@ -474,6 +513,7 @@ mod tests {
 
     struct FakeDev {
         activated: Activated,
+        notify: Arc<Mutex<Option<super::super::ConfigNotifier>>>,
     }
 
     impl VirtioDevice for FakeDev {
@@ -498,6 +538,9 @@ mod tests {
             Ok(())
         }
         fn reset(&mut self) {}
+        fn set_config_notifier(&mut self, n: super::super::ConfigNotifier) {
+            *self.notify.lock().unwrap() = Some(n);
+        }
     }
 
     fn w(d: &VirtioPci, off: u64, v: u64, len: usize) {
@@ -510,12 +553,43 @@ mod tests {
     }
 
     #[test]
+    fn a_configuration_change_moves_the_generation_and_fires_the_config_vector() {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        let router = ThreadedMsiRouter::new(Arc::new(move |m| g.lock().unwrap().push(m))).unwrap();
+        let notify = Arc::new(Mutex::new(None));
+        let dev = FakeDev { activated: Default::default(), notify: notify.clone() };
+        let d = VirtioPci::new("t".into(), Box::new(dev), 0xc000_0000, router, GuestLog::stderr(vec![])).unwrap();
+        // Vector 2 (after the two queues' candidates) for configuration changes, MSI-X on.
+        w(&d, 0x4000 + 32, 0xfee0_0000, 4);
+        w(&d, 0x4000 + 40, 0x44, 4);
+        w(&d, 0x4000 + 44, 0, 4);
+        d.config_write(0x40 + 3, &[0x80]);
+        w(&d, 0x10, 2, 2);
+        assert_eq!(r(&d, 0x10, 2), 2);
+        let before = r(&d, 0x15, 1);
+        let n = notify.lock().unwrap().clone().expect("the transport gave the device a notifier");
+        n();
+        assert_eq!(r(&d, 0x15, 1), (before + 1) & 0xff, "config_generation moved on");
+        let t = Instant::now();
+        while got.lock().unwrap().is_empty() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(*got.lock().unwrap(), vec![MsiMessage { address: 0xfee0_0000, data: 0x44 }]);
+    }
+
+    #[test]
     fn random_guest_accesses_never_panic() {
         let router = ThreadedMsiRouter::new(Arc::new(|_| {})).unwrap();
         let activated = Arc::new(Mutex::new(Vec::new()));
-        let d =
-            VirtioPci::new("t".into(), Box::new(FakeDev { activated }), 0xc000_0000, router, GuestLog::stderr(vec![]))
-                .unwrap();
+        let d = VirtioPci::new(
+            "t".into(),
+            Box::new(FakeDev { activated, notify: Default::default() }),
+            0xc000_0000,
+            router,
+            GuestLog::stderr(vec![]),
+        )
+        .unwrap();
         // xorshift: deterministic, no extra crate.
         let mut x = 0x2545_f491_4f6c_dd1du64;
         let mut next = || {
@@ -563,9 +637,14 @@ mod tests {
         let router = ThreadedMsiRouter::new(Arc::new(move |m| g.lock().unwrap().push(m))).unwrap();
         let activated = Arc::new(Mutex::new(Vec::new()));
         let log = GuestLog::stderr(vec![]);
-        let d =
-            VirtioPci::new("t".into(), Box::new(FakeDev { activated: activated.clone() }), 0xc000_0000, router, log)
-                .unwrap();
+        let d = VirtioPci::new(
+            "t".into(),
+            Box::new(FakeDev { activated: activated.clone(), notify: Default::default() }),
+            0xc000_0000,
+            router,
+            log,
+        )
+        .unwrap();
         assert_eq!(d.bar_lookup(0xc000_3004), Some((0, 0x3004)));
         assert_eq!(d.bar_lookup(0xc000_8000), None);
         let mut id = [0u8; 4];
