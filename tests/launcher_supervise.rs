@@ -266,7 +266,8 @@ fn fatal_is_printed_qemu_style_and_exits_1() {
 #[test]
 fn a_killed_child_is_reported_and_the_graph_stops() {
     let s = Setup::new();
-    let mut l = s.launch(&[], &[]);
+    // Restarts off: the death ends the VM (restarts are tested in backend_restart.rs).
+    let mut l = s.launch(&["-tessera-restart-limit", "0"], &[]);
     let core = s.wait_pid("core");
     let chardev = s.wait_pid("chardev");
     kill(chardev, Signal::SIGKILL).unwrap();

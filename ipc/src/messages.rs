@@ -82,6 +82,10 @@ pub enum MonitorCommand {
     SystemPowerdown,
     /// `system_reset`.
     SystemReset,
+    /// Not a QMP command: the launcher serves a monitor, so the core sends [`ChildToLauncher::MonitorEvent`]s
+    /// from now on (a core without a monitor sends none, and launchers or harnesses that predate them never see
+    /// one).
+    EnableEvents,
 }
 
 /// What a [`MonitorCommand`] returns.
@@ -117,6 +121,26 @@ pub enum ChildToLauncher {
     BackendDisconnected { id: String, reason: String },
     /// Core: device `id` is served again, `stall_ms` after its backend went away.
     BackendReconnected { id: String, stall_ms: u64 },
+    /// Core: the guest's run state changed, or a monitor command acted on it. The launcher turns it into the
+    /// QMP event of the same name; it is sent before the [`ChildToLauncher::MonitorReply`] of the command that
+    /// caused it, as QEMU sends the event before the command's return.
+    MonitorEvent(MonitorEvent),
+}
+
+/// Run-state events of the guest, named after QEMU's QMP events (qapi/run-state.json).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MonitorEvent {
+    /// `STOP`: the vCPUs stopped (`stop`, or a guest power-off with `-no-shutdown`).
+    Stop,
+    /// `RESUME`: they run again (`cont`).
+    Resume,
+    /// `RESET`: the machine was reset; `reason` is QEMU's `ShutdownCause` (`guest-reset`,
+    /// `host-qmp-system-reset`).
+    Reset { guest: bool, reason: String },
+    /// `SHUTDOWN`: the guest powered off or reset with `-no-reboot` (`guest-shutdown`, `guest-reset`).
+    Shutdown { guest: bool, reason: String },
+    /// `POWERDOWN`: the ACPI power button was pressed (`system_powerdown`).
+    Powerdown,
 }
 
 /// Logging set with `-d`/`-D`, passed to every child.

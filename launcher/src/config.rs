@@ -170,6 +170,10 @@ pub struct VmConfig {
     pub dump_plan: bool,
     /// `-sandbox`, `-runas`, `-chroot`, `-run-with`: how every child confines itself (docs/SECURITY.md).
     pub sandbox: tessera_policy::SandboxOptions,
+    /// `-qmp` / `-mon mode=control`: QMP monitors the launcher serves.
+    pub monitors: Vec<crate::qmp::MonitorSpec>,
+    /// `-tessera-restart-limit`: see [`crate::restart`].
+    pub restart_limit: u32,
 }
 
 /// What the command line asks for.
@@ -571,6 +575,8 @@ struct Raw {
     log_file: Option<String>,
     dump_plan: bool,
     help_request: Option<String>,
+    monitors: Vec<crate::qmp::RawMonitor>,
+    restart_limit: Option<u32>,
 }
 
 /// The confinement without any `-sandbox` option: the policy crate's default (on, Landlock when the kernel has
@@ -836,6 +842,12 @@ fn read_option(raw: &mut Raw, o: &ArgOpt, prog: &str) -> Result<Option<Command>>
         }
         Opt::Unsupported => return Err(Error::NotSupportedYet(o.spelled.clone())),
         Opt::DumpPlan => raw.dump_plan = true,
+        Opt::Qmp => raw.monitors.push(crate::qmp::RawMonitor::Qmp { spec: arg.to_string(), location: o.location() }),
+        Opt::Mon => {
+            let kv = parse_kv(o, raw);
+            raw.monitors.push(crate::qmp::mon_option(&kv, o.location())?);
+        }
+        Opt::RestartLimit => raw.restart_limit = Some(restart_limit(arg)?),
     }
     Ok(None)
 }
@@ -931,13 +943,13 @@ fn socket_from_kv(kv: &KeyVals) -> Result<SocketSpec> {
 
 /// `-serial` in QEMU's legacy syntax (`qemu_chr_parse_compat`). `Ok(None)` for `none`; the string names a
 /// chardev (`chardev:id`) or an implicit one to create.
-enum SerialSpec {
+pub(crate) enum SerialSpec {
     None,
     Existing(String),
     New(CharBackend, bool),
 }
 
-fn serial_spec(spec: &str) -> Result<SerialSpec> {
+pub(crate) fn serial_spec(spec: &str) -> Result<SerialSpec> {
     let fail = || Error::SerialBackend(spec.to_string());
     if spec == "none" {
         return Ok(SerialSpec::None);
@@ -1548,6 +1560,7 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
     }
 
     let nics = crate::net::resolve(&raw.net, &raw.chardevs, &mut raw.warnings)?;
+    let monitors = crate::qmp::resolve(&raw.monitors, &raw.chardevs, &serials)?;
 
     Ok(VmConfig {
         accels,
@@ -1575,7 +1588,15 @@ fn check(raw: &mut Raw) -> Result<VmConfig> {
         log_file: raw.log_file.clone(),
         dump_plan: raw.dump_plan,
         sandbox: raw.sandbox.clone(),
+        monitors,
+        restart_limit: raw.restart_limit.unwrap_or(crate::restart::DEFAULT_RESTART_LIMIT),
     })
+}
+
+/// `-tessera-restart-limit N`: a number, 0 allowed (no restarts).
+fn restart_limit(arg: &str) -> Result<u32> {
+    arg.parse::<u32>()
+        .map_err(|_| Error::Message(format!("-tessera-restart-limit: '{arg}' is not a number of restarts")))
 }
 
 /// `-smp`, as QEMU 8.2's `machine_parse_smp_config` computes and checks it for the pc machine (which has

@@ -6,7 +6,7 @@
 //! * [`plan`]: the process graph and the host resources each child gets, as data.
 //! * [`resources`]: opening those resources; [`spawn`]: starting a child on the control-channel contract
 //!   (docs/ARCHITECTURE.md); [`supervise`]: watching the graph and ending it; [`host`]: pid file, daemon,
-//!   terminal.
+//!   terminal; [`restart`]: restarting backends that die; [`qmp`]: the QMP monitor.
 //! * [`error`]: the one error type, with QEMU's wording.
 
 pub mod config;
@@ -16,7 +16,9 @@ pub mod net;
 pub mod options;
 pub mod opts;
 pub mod plan;
+pub mod qmp;
 pub mod resources;
+pub mod restart;
 pub mod spawn;
 pub mod supervise;
 
@@ -118,6 +120,12 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
     // Each backend's executable (tessera-blk, tessera-net), in plan order.
     let backend_paths = plan.backends.iter().map(|b| spawn::find_binary(&dir, b.binary)).collect::<Result<Vec<_>>>()?;
 
+    // QEMU starts its vCPUs from the human monitor when there is no QMP one; Tessera has only QMP.
+    if cfg.start_paused && cfg.monitors.is_empty() {
+        return Err(Error::NotSupportedYet(
+            "-S without a QMP monitor (Tessera has no human monitor: add -qmp to start the vCPUs with 'cont')".into(),
+        ));
+    }
     // -runas needs root in the launcher; say so before anything starts (the children would each fail).
     cfg.sandbox.check_launcher().map_err(|e| Error::Sandbox(e.to_string()))?;
     for note in cfg.sandbox.notes() {
@@ -150,6 +158,27 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
         };
         resources::open_all(&plan, prog, &mut interrupt)?
     };
+    graph.qmp = {
+        let sfd = &mut graph.sfd;
+        let mut interrupt = || -> Result<()> {
+            match supervise::read_signals(sfd) {
+                (Some(t), _) => Err(Error::Message(t.message())),
+                _ => Ok(()),
+            }
+        };
+        qmp::server::Server::open(&cfg.monitors, prog, &mut interrupt)?
+    };
+    graph.backends = restart::Backends::new(cfg.restart_limit, cfg.sandbox.clone(), cfg.daemonize);
+    graph.backends.external = cfg.vhost_user_blk.iter().map(|d| d.id.clone()).collect();
+    // What restarting a backend needs is kept: its host descriptors, except the serial links (a restart gets
+    // fresh ones, and the core must see the old one close when its chardev dies).
+    for r in plan.chardevs.iter().flat_map(|c| c.fds.iter()).chain(plan.backends.iter().flat_map(|b| b.fds.iter())) {
+        let link = matches!(plan.resources[*r], plan::Resource::SerialChardev(_) | plan::Resource::SerialCore(_));
+        if !link && !graph.backends.kept.iter().any(|(k, _)| k == r) {
+            let fd = opened.fd(*r).try_clone_to_owned().map_err(|e| Error::host("dup", error::os_error(e)))?;
+            graph.backends.kept.push((*r, fd));
+        }
+    }
     for c in plan.chardevs.iter_mut().chain(std::iter::once(&mut plan.core)) {
         resources::finish_config(&mut c.config, &c.fds, &opened, &accel);
     }
@@ -183,6 +212,19 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
             outcome = Some(end);
             break;
         }
+        if let (Some(child), tessera_ipc::messages::ChildConfig::Chardev(cc)) = (graph.children.last_mut(), &c.config) {
+            let links = c
+                .fds
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| matches!(plan.resources[**r], plan::Resource::SerialChardev(_)))
+                .map(|(pos, _)| pos)
+                .collect();
+            let kind = restart::Kind::Chardev { plan: Box::new(c.clone()), links };
+            child.unit = Some(graph.backends.units.len());
+            let unit = restart::Unit::new(cc.id.clone(), kind, path.clone(), child.pid);
+            graph.backends.units.push(unit);
+        }
     }
     // Block and network backends: they take flags, not a configuration message, and are ready once started (their
     // listening socket exists already; the core's connection waits in its backlog).
@@ -193,6 +235,15 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
                 Ok(started) => {
                     let mut child = Child::new(b.role, b.label.clone(), started.pid, started.control);
                     child.ready = true;
+                    // The plan's first descriptor of a vhost-user backend is its listening socket; its label
+                    // names the device (`tessera-blk (drive0)`).
+                    let id = b.label.rsplit_once(" (").and_then(|(_, r)| r.strip_suffix(')'));
+                    if let (Some(&listener), Some(id)) = (b.fds.first(), id) {
+                        child.unit = Some(graph.backends.units.len());
+                        let kind = restart::Kind::VhostUser { plan: b.clone(), listener };
+                        let unit = restart::Unit::new(id.to_string(), kind, path.clone(), started.pid);
+                        graph.backends.units.push(unit);
+                    }
                     graph.children.push(child);
                 }
                 Err(e) => {
@@ -220,10 +271,24 @@ pub fn run(cfg: &VmConfig, mut plan: Plan, prog: &str) -> Result<i32> {
         if let Some(d) = daemon {
             d.ready();
         }
+        if !graph.qmp.is_empty() {
+            // The core's run-state events are for the monitors (tag 0 is never a client's command).
+            if let Err(why) =
+                qmp::server::Link::to_core(&mut graph, 0, tessera_ipc::messages::MonitorCommand::EnableEvents)
+            {
+                err_line(&format!("{prog}: the monitors will miss the core's events: {why}"));
+            }
+        }
+        graph.running = true;
         outcome = graph.run(false);
     }
     let end = outcome.unwrap_or(End::Exit(0));
+    if let End::Signal(_) = end {
+        let (name, data) = supervise::signal_event();
+        graph.qmp.event(&name, data);
+    }
     graph.shutdown();
+    graph.qmp.close();
     // The terminal is back to normal before the last words (the chardev may have left it raw if it died).
     drop(terminal);
     if let Some(msg) = supervise::end_message(&end) {

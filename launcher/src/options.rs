@@ -47,6 +47,12 @@ pub enum Opt {
     Unsupported,
     /// Tessera's own debugging aid: print the process graph the command line plans, start nothing.
     DumpPlan,
+    /// `-qmp dev`: a QMP monitor on a listening socket.
+    Qmp,
+    /// `-mon chardev=id,mode=control`.
+    Mon,
+    /// `-tessera-restart-limit N`: backend restarts in a row before a device is reported failed.
+    RestartLimit,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -127,6 +133,9 @@ pub static OPTIONS: &[OptionDef] = &[
         "-blockdev driver=file,node-name=N,filename=IMG | driver=raw|qcow2,node-name=N,file=FILENODE",
     ),
     def(&["tessera-dump-plan"], false, None, Opt::DumpPlan, ""),
+    def(&["qmp"], true, None, Opt::Qmp, "-qmp unix:path,server=on[,wait=off] | tcp:host:port,server=on[,wait=off]   a QMP monitor (docs/qmp.md)"),
+    def(&["mon"], true, Some("chardev"), Opt::Mon, "-mon chardev=id,mode=control[,pretty=on]   a QMP monitor on a socket -chardev"),
+    def(&["tessera-restart-limit"], true, None, Opt::RestartLimit, "-tessera-restart-limit n   restarts of a dying backend in a row before its device is reported failed (default 10; 0: a backend's death ends the VM)"),
     // QEMU 8.2 options Tessera does not implement yet.
     unsupported(&["action"], true),
     unsupported(&["add-fd"], true),
@@ -157,7 +166,6 @@ pub static OPTIONS: &[OptionDef] = &[
     unsupported(&["L"], true),
     unsupported(&["loadvm"], true),
     unsupported(&["mem-path"], true),
-    unsupported(&["mon"], true),
     unsupported(&["msg"], true),
     unsupported(&["mtdblock"], true),
     unsupported(&["net"], true),
@@ -167,7 +175,6 @@ pub static OPTIONS: &[OptionDef] = &[
     unsupported(&["parallel"], true),
     unsupported(&["pflash"], true),
     unsupported(&["plugin"], true),
-    unsupported(&["qmp"], true),
     unsupported(&["qmp-pretty"], true),
     unsupported(&["rtc"], true),
     unsupported(&["sd"], true),

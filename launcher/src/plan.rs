@@ -277,6 +277,7 @@ pub fn build(cfg: &VmConfig) -> Plan {
         backends.push(BackendPlan {
             role: Role::Block,
             binary: BLK_BINARY,
+            // The device id in parentheses is how supervision names the backend (lib.rs, restart.rs).
             label: format!("{BLK_BINARY} ({})", d.id),
             fds: vec![listener, image],
             args,

@@ -12,10 +12,14 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tessera_ipc::messages::{ChildToLauncher, LauncherToChild, Role};
+use serde_json::{json, Value};
+use tessera_ipc::messages::{ChildToLauncher, LauncherToChild, MonitorCommand, Role};
 use tessera_ipc::{Channel, IpcError};
 
 use crate::error::{os_error, Error, Result};
+use crate::qmp::commands::{Host, QmpError};
+use crate::qmp::server::{Link, Server, Token};
+use crate::restart::{Backends, DEFAULT_RESTART_LIMIT};
 
 /// How long children get to exit after `Shutdown` before they are killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -106,6 +110,8 @@ pub struct Child {
     pub exited: Option<WaitStatus>,
     /// True once its end is expected: it sent `Exit`, or it was told to shut down.
     pub expected_end: bool,
+    /// The supervised backend it runs (restarted when it dies; see [`crate::restart`]).
+    pub unit: Option<usize>,
 }
 
 impl Child {
@@ -120,6 +126,7 @@ impl Child {
             ready: false,
             exited: None,
             expected_end: false,
+            unit: None,
         }
     }
 
@@ -154,11 +161,49 @@ impl End {
 pub struct Graph {
     pub children: Vec<Child>,
     pub sfd: SignalFd,
+    /// The QMP monitors (none without -qmp / -mon).
+    pub qmp: Server,
+    /// The backends restarted when they die, once the graph runs.
+    pub backends: Backends,
+    /// QMP events raised while the server was busy, sent at the next turn of the loop.
+    pub events: Vec<(String, Option<Value>)>,
+    /// Deaths of supervised backends seen by the last reap, to be restarted.
+    deaths: Vec<(usize, Pid, String, bool)>,
+    /// Every child got ready: from now on a backend's death is a restart, not the end.
+    pub running: bool,
 }
 
 impl Graph {
     pub fn new(sfd: SignalFd) -> Graph {
-        Graph { children: Vec::new(), sfd }
+        Graph {
+            children: Vec::new(),
+            sfd,
+            qmp: Server::default(),
+            backends: Backends::new(DEFAULT_RESTART_LIMIT, tessera_policy::SandboxOptions::default(), false),
+            events: Vec::new(),
+            deaths: Vec::new(),
+            running: false,
+        }
+    }
+
+    /// Whether the death of `c` is a restart rather than the end of the VM.
+    fn restartable(&self, c: &Child) -> bool {
+        self.running && self.backends.limit > 0 && c.unit.is_some() && c.role != Role::Core
+    }
+
+    /// Send the queued QMP events.
+    fn flush_events(&mut self) {
+        for (name, data) in std::mem::take(&mut self.events) {
+            self.qmp.event(&name, data);
+        }
+    }
+
+    /// Run a QMP step with the server taken out of the graph (its commands act on the graph).
+    fn with_qmp(&mut self, f: impl FnOnce(&mut Server, &mut Graph)) {
+        let mut qmp = std::mem::take(&mut self.qmp);
+        f(&mut qmp, self);
+        self.qmp = qmp;
+        self.flush_events();
     }
 
     /// Reap every child that has exited; an unexpected death ends the graph. When several go at once (the
@@ -167,18 +212,41 @@ impl Graph {
     /// core before the others. A death that is not by a signal waits [`DEATH_SETTLE`] for company first.
     fn reap(&mut self) -> Option<End> {
         let mut worst = self.reap_once(None);
-        if worst.as_ref().is_some_and(|(rank, _)| *rank < 4) {
+        // A backend that exited by itself may have followed the core: wait for the core's death too.
+        let quiet_death = self.deaths.iter().any(|d| !d.3);
+        if quiet_death || worst.as_ref().is_some_and(|(rank, _)| *rank < 4) {
             let deadline = Instant::now() + DEATH_SETTLE;
             while Instant::now() < deadline && self.children.iter().any(|c| c.alive()) {
                 std::thread::sleep(Duration::from_millis(10));
                 worst = self.reap_once(worst);
             }
         }
-        worst.map(|(_, message)| End::Failed(message))
+        // Restartable deaths were set aside; anything else (the core's above all) ends the graph.
+        if let Some((_, message)) = worst {
+            self.deaths.clear();
+            return Some(End::Failed(message));
+        }
+        if !self.deaths.is_empty() {
+            // A backend that exited while the VM ends (a chardev leaves once the core closed its serial
+            // channels) is no crash: the core's Exit, if it came meanwhile, is the news.
+            for i in 0..self.children.len() {
+                if self.children[i].channel_open {
+                    if let Some(end) = self.read_messages(i) {
+                        self.deaths.clear();
+                        return Some(end);
+                    }
+                }
+            }
+        }
+        for (unit, pid, how, _) in std::mem::take(&mut self.deaths) {
+            self.backend_died(unit, pid, how);
+        }
+        None
     }
 
     fn reap_once(&mut self, mut worst: Option<(u8, String)>) -> Option<(u8, String)> {
-        for c in self.children.iter_mut().filter(|c| c.alive()) {
+        let restartable: Vec<bool> = self.children.iter().map(|c| self.restartable(c)).collect();
+        for (c, restart) in self.children.iter_mut().zip(restartable).filter(|(c, _)| c.alive()) {
             let status = match waitpid(c.pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => status,
                 Err(Errno::ECHILD) => WaitStatus::Exited(c.pid, -1),
@@ -186,6 +254,15 @@ impl Graph {
             };
             c.exited = Some(status);
             if c.expected_end {
+                continue;
+            }
+            // A process its seccomp filter killed (SIGSYS) tried what its sandbox forbids: it may be under a
+            // guest's control, so it is not given another try; the graph ends as for any fatal death.
+            let sandbox_kill = matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _));
+            if let (true, Some(unit), false) = (restart, c.unit, sandbox_kill) {
+                c.channel_open = false;
+                let signaled = matches!(status, WaitStatus::Signaled(..));
+                self.deaths.push((unit, c.pid, describe(status), signaled));
                 continue;
             }
             let rank = match status {
@@ -206,50 +283,69 @@ impl Graph {
 
     /// Read what the children sent.
     fn read_messages(&mut self, index: usize) -> Option<End> {
-        let c = &mut self.children[index];
         loop {
-            match c.control.try_recv::<ChildToLauncher>() {
-                Ok((msg, _fds)) => match msg {
-                    ChildToLauncher::Ready => c.ready = true,
-                    ChildToLauncher::Exit { code, reason: _ } => {
-                        c.expected_end = true;
-                        return Some(End::Exit(code));
-                    }
-                    ChildToLauncher::Fatal { message } => {
-                        c.expected_end = true;
-                        return Some(End::Fatal(message));
-                    }
-                    // No monitor and no backend restart yet (issue #8): the core's reports only reach the log.
-                    ChildToLauncher::MonitorReply { .. } => {}
-                    ChildToLauncher::BackendDisconnected { id, reason } => {
-                        eprintln!("tessera: {}: backend of {id} disconnected: {reason}", c.label);
-                    }
-                    ChildToLauncher::BackendReconnected { .. } => {}
-                },
+            let c = &mut self.children[index];
+            let msg = match c.control.try_recv::<ChildToLauncher>() {
+                Ok((msg, _fds)) => msg,
                 Err(IpcError::WouldBlock) => return None,
                 // The process is going away: its exit status (SIGCHLD) says how.
                 Err(IpcError::Closed) => {
                     c.channel_open = false;
                     c.closed_at = Some(Instant::now());
+                    if c.role == Role::Core {
+                        self.with_qmp(|q, g| q.core_gone(g));
+                    }
                     return None;
                 }
                 Err(e) => {
                     c.channel_open = false;
                     return Some(End::Failed(format!("{} (pid {}) broke the control channel: {e}", c.label, c.pid)));
                 }
+            };
+            match msg {
+                ChildToLauncher::Ready => {
+                    c.ready = true;
+                    if let (true, Some(unit)) = (self.running, c.unit) {
+                        self.unit_ready(unit);
+                        self.flush_events();
+                    }
+                }
+                ChildToLauncher::Exit { code, reason: _ } => {
+                    c.expected_end = true;
+                    return Some(End::Exit(code));
+                }
+                ChildToLauncher::Fatal { message } => {
+                    c.expected_end = true;
+                    return Some(End::Fatal(message));
+                }
+                ChildToLauncher::MonitorReply { tag, result } => self.with_qmp(|q, g| q.core_reply(tag, result, g)),
+                ChildToLauncher::MonitorEvent(e) => self.qmp.core_event(&e),
+                ChildToLauncher::BackendDisconnected { id, reason } => {
+                    crate::err_line(&format!("tessera: {id}: backend disconnected: {reason}"));
+                    self.device_disconnected(&id, &reason);
+                    self.flush_events();
+                }
+                ChildToLauncher::BackendReconnected { id, stall_ms } => {
+                    self.device_reconnected(&id, Some(stall_ms));
+                    self.flush_events();
+                }
             }
         }
     }
 
     /// Run until the graph must end. With `until_ready`, return `None` as soon as every child is `Ready`
-    /// (within [`READY_TIMEOUT`]).
+    /// (within [`READY_TIMEOUT`]). The QMP monitors are served all along, and due backend restarts started.
     pub fn run(&mut self, until_ready: bool) -> Option<End> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if until_ready && self.children.iter().all(|c| c.ready) {
                 return None;
             }
-            let timeout = if until_ready {
+            if self.qmp.quit {
+                return Some(End::Exit(0));
+            }
+            let mut wait: Option<Duration> = None;
+            if until_ready {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     let slow: Vec<String> = self
@@ -264,10 +360,8 @@ impl Graph {
                         READY_TIMEOUT.as_secs()
                     )));
                 }
-                PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX)
-            } else {
-                PollTimeout::NONE
-            };
+                wait = Some(left);
+            }
             // A child that closed its control channel but lingers is as good as dead.
             let lingering = self
                 .children
@@ -276,16 +370,28 @@ impl Graph {
             if let Some(c) = lingering {
                 return Some(End::Failed(format!("{} (pid {}) closed its control channel", c.label, c.pid)));
             }
-            let timeout = if self.children.iter().any(|c| c.alive() && c.closed_at.is_some()) {
-                PollTimeout::from(100u8)
-            } else {
-                timeout
+            if self.children.iter().any(|c| c.alive() && c.closed_at.is_some()) {
+                wait = Some(wait.map_or(Duration::from_millis(100), |w| w.min(Duration::from_millis(100))));
+            }
+            if let Some(due) = self.backends.next_due() {
+                let left = due.saturating_duration_since(Instant::now());
+                wait = Some(wait.map_or(left, |w| w.min(left)));
+            }
+            let timeout = match wait {
+                Some(w) => PollTimeout::try_from(w.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX),
+                None => PollTimeout::NONE,
             };
             let watched: Vec<usize> = (0..self.children.len()).filter(|&i| self.children[i].channel_open).collect();
-            let (sig_ready, ready_channels) = {
+            let (sig_ready, ready_channels, ready_qmp) = {
                 let mut pfds = vec![PollFd::new(self.sfd.as_fd(), PollFlags::POLLIN)];
                 for &i in &watched {
                     pfds.push(PollFd::new(self.children[i].control.as_fd(), PollFlags::POLLIN));
+                }
+                // The monitors serve once the graph is up (a command for the core before it runs would have
+                // nobody to answer it); until then clients wait in the backlog.
+                let qmp_fds = if self.running { self.qmp.poll_fds() } else { Vec::new() };
+                for (fd, _) in &qmp_fds {
+                    pfds.push(PollFd::new(*fd, PollFlags::POLLIN));
                 }
                 match poll(&mut pfds, timeout) {
                     Ok(_) | Err(Errno::EINTR) => {}
@@ -295,13 +401,22 @@ impl Graph {
                 let sig = ready(&pfds[0]);
                 let chans: Vec<usize> =
                     watched.iter().zip(&pfds[1..]).filter(|(_, p)| ready(p)).map(|(&i, _)| i).collect();
-                (sig, chans)
+                let qmp: Vec<Token> = qmp_fds
+                    .iter()
+                    .zip(&pfds[1 + watched.len()..])
+                    .filter(|(_, p)| ready(p))
+                    .map(|((_, t), _)| *t)
+                    .collect();
+                (sig, chans, qmp)
             };
             // Messages first: a child that sent Exit and then exited must not be reported as dead.
             for i in ready_channels {
                 if let Some(end) = self.read_messages(i) {
                     return Some(end);
                 }
+            }
+            for token in ready_qmp {
+                self.with_qmp(|q, g| q.ready(token, g));
             }
             if sig_ready {
                 let (term, chld) = read_signals(&mut self.sfd);
@@ -320,7 +435,14 @@ impl Graph {
                     if let Some(end) = self.reap() {
                         return Some(end);
                     }
+                    self.flush_events();
+                    // Children that are gone for good (restarted ones) leave the list.
+                    self.children.retain(|c| c.alive() || c.unit.is_none());
                 }
+            }
+            if self.running {
+                self.restart_due();
+                self.flush_events();
             }
         }
     }
@@ -328,6 +450,9 @@ impl Graph {
     /// Stop every child: `Shutdown` to the core first, then to the others, then SIGKILL after the grace
     /// period. Returns when every child has been reaped.
     pub fn shutdown(&mut self) {
+        // The VM is ending: no more restarts, and deaths from here on (a chardev leaves once the core is gone)
+        // are not news.
+        self.running = false;
         let _ = self.reap();
         for wave in [true, false] {
             let mut any = false;
@@ -391,6 +516,35 @@ impl Graph {
             }
         }
     }
+}
+
+impl Host for Graph {
+    fn backend_restart(&mut self, id: &str) -> std::result::Result<(), QmpError> {
+        self.qmp_backend_restart(id)
+    }
+
+    fn backend_swap(&mut self, id: &str, socket: &str) -> std::result::Result<(), QmpError> {
+        self.qmp_backend_swap(id, socket)
+    }
+
+    fn backends(&self) -> Value {
+        self.qmp_backends()
+    }
+}
+
+impl Link for Graph {
+    fn to_core(&mut self, tag: u64, command: MonitorCommand) -> std::result::Result<(), String> {
+        let core = self.children.iter().find(|c| c.role == Role::Core && c.alive() && c.channel_open && c.ready);
+        let Some(core) = core else { return Err("the VM is not running yet".into()) };
+        core.control
+            .send(&LauncherToChild::Monitor { tag, command }, &[])
+            .map_err(|e| format!("the core cannot be reached: {e}"))
+    }
+}
+
+/// QEMU's SHUTDOWN event when the launcher is told to terminate.
+pub fn signal_event() -> (String, Option<Value>) {
+    ("SHUTDOWN".into(), Some(json!({ "guest": false, "reason": "host-signal" })))
 }
 
 /// The error text of an [`End`] that prints one.

@@ -3,4 +3,5 @@ pub mod bins;
 pub mod chardev;
 pub mod linux_guest;
 pub mod misbehave;
+pub mod qmp;
 pub mod tiny_guest;

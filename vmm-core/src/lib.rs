@@ -31,6 +31,7 @@ pub mod devices;
 pub mod guestlog;
 pub mod kvm;
 pub mod memory;
+pub mod monitor;
 pub mod pci;
 pub mod runloop;
 pub mod tcg;

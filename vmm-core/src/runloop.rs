@@ -14,7 +14,9 @@ use tessera_vcpu::{IoHandler, Vcpu, VcpuExit};
 use crate::boot::AcpiInfo;
 use crate::devices::serial::IrqLine;
 use crate::devices::Devices;
+use crate::monitor::{RunStatus, VmState};
 use crate::Error;
+use tessera_ipc::messages::MonitorEvent;
 
 /// Something that happened that the run loop must act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +33,8 @@ pub enum VmEvent {
     LauncherShutdown,
     /// The control channel to the launcher broke.
     ControlLost(String),
+    /// The monitor asked for a reset (`system_reset`; its event went out already, see [`crate::monitor`]).
+    MonitorReset,
 }
 
 /// Makes a running vCPU return from [`Vcpu::run`] with [`VcpuExit::Interrupted`] soon, from any thread.
@@ -66,6 +70,10 @@ pub trait Engine: Send {
     fn acpi(&self) -> Option<AcpiInfo> {
         None
     }
+    /// The machine's ACPI power button (`system_powerdown`), if it has ACPI.
+    fn power_button(&self) -> Option<crate::monitor::PowerButton> {
+        None
+    }
 }
 
 /// How the VM ended.
@@ -98,6 +106,8 @@ pub struct RunLoop {
     pub events_tx: Sender<VmEvent>,
     pub no_reboot: bool,
     pub no_shutdown: bool,
+    /// The run state the monitor reads and changes; vCPU threads pass its gate before each run.
+    pub state: Arc<VmState>,
 }
 
 /// How long stopping vCPUs may take before the run loop gives up on them.
@@ -183,20 +193,32 @@ impl RunLoop {
             let events = self.events_tx.clone();
             let stop = stopping.clone();
             let vcpu = h.vcpu;
+            let state = self.state.clone();
+            state.enter();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu_thread(index, vcpu, io, events, stop))
-                .map_err(|e| Error::Thread { what: "a vCPU thread", source: e })?;
+                .spawn(move || {
+                    vcpu_thread(index, vcpu, io, events, stop, &state);
+                    state.leave();
+                })
+                .map_err(|e| {
+                    self.state.leave();
+                    Error::Thread { what: "a vCPU thread", source: e }
+                })?;
             threads.push(t);
         }
+        self.state.set_kicks(kicks.clone());
         Ok(Running { threads, kicks, stopping })
     }
 
     /// Wait for the event that ends this run: `Some(outcome)` ends the VM, `None` reboots it.
     fn wait(&mut self, running: Running) -> Option<Outcome> {
         let mut running = Some(running);
+        let state = self.state.clone();
         let stop = |r: &mut Option<Running>| {
             if let Some(r) = r.take() {
+                // No monitor kick may reach a thread that is being joined (see `VmState::pause`).
+                state.set_kicks(Vec::new());
                 if !r.stop() {
                     return Err(Outcome::Fatal("a vCPU did not stop within 3 seconds".into()));
                 }
@@ -215,17 +237,37 @@ impl RunLoop {
                     })
                 }
                 VmEvent::Reset(why) if self.no_reboot => {
-                    break Some(Outcome::Exit { code: 0, reason: format!("{why} (-no-reboot)") })
+                    self.state.emit(MonitorEvent::Shutdown { guest: true, reason: "guest-reset".into() });
+                    break Some(Outcome::Exit { code: 0, reason: format!("{why} (-no-reboot)") });
                 }
-                VmEvent::Reset(_) => break None,
+                VmEvent::Reset(_) => {
+                    self.state.emit(MonitorEvent::Reset { guest: true, reason: "guest-reset".into() });
+                    break None;
+                }
+                VmEvent::MonitorReset if self.no_reboot => {
+                    break Some(Outcome::Exit { code: 0, reason: "system_reset from the monitor (-no-reboot)".into() })
+                }
+                // QEMU: a machine that was not running is in `prelaunch` after the reset, and waits for `cont`.
+                VmEvent::MonitorReset => {
+                    if self.state.status() != RunStatus::Running {
+                        self.state.set_status(RunStatus::Prelaunch);
+                    }
+                    break None;
+                }
                 VmEvent::PowerOff(why) if self.no_shutdown => {
                     // QEMU -no-shutdown: the guest stops, the processes stay until told otherwise.
+                    self.state.emit(MonitorEvent::Shutdown { guest: true, reason: "guest-shutdown".into() });
+                    self.state.set_status(RunStatus::Shutdown);
+                    self.state.emit(MonitorEvent::Stop);
                     if let Err(o) = stop(&mut running) {
                         break Some(o);
                     }
                     let _ = why;
                 }
-                VmEvent::PowerOff(why) => break Some(Outcome::Exit { code: 0, reason: why }),
+                VmEvent::PowerOff(why) => {
+                    self.state.emit(MonitorEvent::Shutdown { guest: true, reason: "guest-shutdown".into() });
+                    break Some(Outcome::Exit { code: 0, reason: why });
+                }
                 VmEvent::Failed(m) => break Some(Outcome::Fatal(m)),
                 VmEvent::LauncherShutdown => break Some(Outcome::Shutdown),
                 VmEvent::ControlLost(m) => break Some(Outcome::LauncherGone(m)),
@@ -244,9 +286,15 @@ fn vcpu_thread(
     io: Arc<dyn ResettableIo>,
     events: Sender<VmEvent>,
     stop: Arc<AtomicBool>,
+    state: &VmState,
 ) {
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         while !stop.load(Ordering::SeqCst) {
+            // Paused by the monitor (or -S): wait here, state kept, until `cont` or the end of this run.
+            state.wait_runnable(&|| stop.load(Ordering::SeqCst));
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
             let exit = match vcpu.run(io.as_ref()) {
                 Ok(exit) => exit,
                 Err(e) => return Some(VmEvent::Failed(format!("vCPU {index}: {e}"))),
@@ -422,6 +470,7 @@ mod tests {
             events_tx: tx,
             no_reboot,
             no_shutdown: false,
+            state: Arc::new(VmState::new(false, no_reboot, None, None)),
         };
         let mut started = 0;
         let outcome = rl.run(&mut || started += 1);

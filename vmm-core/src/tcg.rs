@@ -502,6 +502,12 @@ impl Engine for TcgEngine {
     fn acpi(&self) -> Option<AcpiInfo> {
         Some(self.acpi_info)
     }
+
+    /// PWRBTN_STS in the PM1a event block; the guest sees an SCI when it enabled PWRBTN_EN (ACPI 6.5 §4.8.3.1).
+    fn power_button(&self) -> Option<crate::monitor::PowerButton> {
+        let platform = self.platform.clone();
+        Some(Arc::new(move || platform.lock().unwrap_or_else(|e| e.into_inner()).press_power_button()))
+    }
 }
 
 #[cfg(test)]

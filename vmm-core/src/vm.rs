@@ -61,12 +61,6 @@ impl Vm {
             None => Box::new(std::io::stderr()),
         };
         let log = GuestLog::new(cfg.log.items.clone(), log_out);
-        if cfg.start_paused {
-            return Err(Error::Config(
-                "-S: starting with the vCPUs paused needs a monitor to resume them, which Tessera does not have yet"
-                    .into(),
-            ));
-        }
         if cfg.serial.len() > ISA_SERIAL_PORTS.len() {
             return Err(Error::Config(format!(
                 "only {} ISA serial ports exist, {} were configured",
@@ -148,6 +142,13 @@ impl Vm {
             };
             entry.apply(vcpu)
         });
+        let sink_channel = control.clone();
+        let sink: crate::monitor::EventSink = Arc::new(move |event| {
+            // A lost event means a lost channel, which the control thread reports.
+            let _ = sink_channel.send(&ChildToLauncher::MonitorEvent(event), &[]);
+        });
+        let state =
+            Arc::new(crate::monitor::VmState::new(cfg.start_paused, cfg.no_reboot, engine.power_button(), Some(sink)));
         let runloop = RunLoop {
             engine,
             io: devices.clone(),
@@ -156,6 +157,7 @@ impl Vm {
             events_tx: events_tx.clone(),
             no_reboot: cfg.no_reboot,
             no_shutdown: cfg.no_shutdown,
+            state,
         };
         let serial_ids = cfg.serial.iter().map(|s| s.chardev_id.clone()).collect();
         Ok(Vm { control, devices, runloop, events_tx, log, backends, serial_ids })
@@ -173,6 +175,7 @@ impl Vm {
         }
         let control = self.control.clone();
         let events = self.events_tx.clone();
+        let state = self.runloop.state.clone();
         let backends = self.backends.clone();
         let serials: Vec<(String, Arc<SerialPort>)> =
             self.serial_ids.iter().cloned().zip(self.devices.serials.iter().cloned()).collect();
@@ -185,10 +188,9 @@ impl Vm {
                 }
                 // A second configuration is not part of the protocol; the launcher is confused but alive.
                 Ok((LauncherToChild::Configure(_), _)) => {}
-                // Backend restart and the monitor are not implemented in the core yet (issue #8): say so rather
-                // than leave the launcher waiting for an answer.
+                // The monitor's guest-facing commands (crate::monitor); events go out before the reply.
                 Ok((LauncherToChild::Monitor { tag, command }, _)) => {
-                    let result = Err(format!("{command:?} is not supported by this tessera-core yet"));
+                    let result = state.handle(&command, &events);
                     let _ = control.send(&ChildToLauncher::MonitorReply { tag, result }, &[]);
                 }
                 Ok((LauncherToChild::VhostUserReconnect { id, socket }, fds)) => {
