@@ -592,7 +592,8 @@ pub fn plan(
                 backends.push(BackendPlan {
                     role: Role::Net,
                     binary: NET_BINARY,
-                    label: format!("{NET_BINARY} ({})", nic.netdev.id),
+                    // The label names the device as the core knows it, which is how restarts and QMP find it.
+                    label: format!("{NET_BINARY} ({})", nic.id),
                     fds,
                     args,
                 });
