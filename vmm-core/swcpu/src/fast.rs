@@ -111,12 +111,15 @@ pub(crate) enum Op {
         s: u8,
         sz: u8,
         three: bool,
+        /// The flags are read before being overwritten (see `drop_dead_flags`); false skips computing them.
+        f: bool,
     },
     /// Shift/rotate group on a register by an immediate or CL; `op` as in `alu::shift`.
     ShiftR {
         op: u8,
         d: u8,
         sz: u8,
+        f: bool,
     },
     /// SETcc on AL..BL/SPL..R15L.
     SetccR {
@@ -134,11 +137,13 @@ pub(crate) enum Op {
         d: u8,
         s: u8,
         sz: u8,
+        f: bool,
     },
     AluRI {
         op: u8,
         d: u8,
         sz: u8,
+        f: bool,
     },
     IncDec {
         d: u8,
@@ -244,7 +249,7 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
             let three = i.op_count() == 3;
             match (reg32_64(i, 0), reg32_64(i, 1)) {
                 (Some((d, sz)), Some((s, sz1))) if sz == sz1 && (!three || is_imm(i.op_kind(2))) => {
-                    Op::ImulRR { d, s, sz, three }
+                    Op::ImulRR { d, s, sz, three, f: true }
                 }
                 _ => Op::Generic,
             }
@@ -264,7 +269,7 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
                 || is_imm(i.op_kind(1))
                 || (i.op_kind(1) == OpKind::Register && i.op1_register() == iced_x86::Register::CL);
             match reg32_64(i, 0) {
-                Some((d, sz)) if count_ok => Op::ShiftR { op, d, sz },
+                Some((d, sz)) if count_ok => Op::ShiftR { op, d, sz, f: true },
                 _ => Op::Generic,
             }
         }
@@ -332,8 +337,8 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
                 _ => TEST,
             };
             match (reg32_64(i, 0), reg32_64(i, 1)) {
-                (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::AluRR { op, d, s, sz },
-                (Some((d, sz)), None) if is_imm(i.op_kind(1)) => Op::AluRI { op, d, sz },
+                (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::AluRR { op, d, s, sz, f: true },
+                (Some((d, sz)), None) if is_imm(i.op_kind(1)) => Op::AluRI { op, d, sz, f: true },
                 (Some((d, sz)), None) if i.op_kind(1) == OpKind::Memory && mem_sz(i) == Some(sz) => {
                     Op::AluRM { op, d, sz }
                 }
@@ -385,6 +390,52 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
             Code::Retnq => Op::Ret64,
             _ => Op::Generic,
         },
+    }
+}
+
+/// How an op touches the arithmetic flags, for `drop_dead_flags`: (reads them, overwrites all six, may fault or
+/// leave the block early). A fault delivers an exception whose frame holds RFLAGS as of the faulting
+/// instruction, and an early block exit (a write to a code page) lets the next block read them, so both count as
+/// reads.
+fn flag_use(op: &Op, i: &Instruction) -> (bool, bool) {
+    match *op {
+        Op::MovRR { .. } | Op::MovRI { .. } | Op::Lea { .. } | Op::MovxRR { .. } | Op::Nop | Op::JmpRel => {
+            (false, false)
+        }
+        Op::AluRR { op, .. } | Op::AluRI { op, .. } => (op == ADC || op == SBB, true),
+        Op::ImulRR { .. } => (false, true),
+        // Shifts by a nonzero immediate write all six flags; by CL (maybe 0) or rotates they keep some.
+        Op::ShiftR { op: 4..=7, sz, .. } if i.op_count() == 2 && is_imm(i.op_kind(1)) => {
+            (false, i.immediate(1) & if sz == 8 { 63 } else { 31 } != 0)
+        }
+        // Everything else reads flags, keeps some of them (INC/DEC keep CF), touches memory (may fault), or
+        // is generic.
+        _ => (true, false),
+    }
+}
+
+/// Marks the flag results nobody can observe: within a block, an instruction's flags are dead when a later
+/// instruction overwrites all six before any instruction reads them, may fault, or may end the block
+/// (everything between runs on registers only, so nothing can interrupt it: interrupts are taken between
+/// blocks). Their ops then skip computing flags. Flags are live at the end of the block. The run loop executes
+/// a block's first instruction alone under an interrupt shadow, through the generic path, which always
+/// computes flags.
+pub(crate) fn drop_dead_flags(ops: &mut [Op], insns: &[Instruction]) {
+    let mut live = true;
+    for (op, i) in ops.iter_mut().zip(insns).rev() {
+        let (reads, kills) = flag_use(op, i);
+        if !live {
+            match op {
+                Op::AluRR { f, .. } | Op::AluRI { f, .. } | Op::ImulRR { f, .. } => *f = false,
+                Op::ShiftR { f, .. } if kills => *f = false,
+                _ => {}
+            }
+        }
+        if reads {
+            live = true;
+        } else if kills {
+            live = false;
+        }
     }
 }
 
@@ -453,6 +504,21 @@ impl Exec<'_> {
             self.put(d, sz, r);
         }
         self.c.rflags = (self.c.rflags & !ARITH) | f;
+    }
+
+    /// `alu` for an instruction whose flags nobody reads (`drop_dead_flags`): the result only.
+    #[inline(always)]
+    fn alu_nf(&mut self, op: u8, d: u8, sz: u8, a: u64, b: u64) {
+        let r = match op {
+            ADD => a.wrapping_add(b),
+            SUB => a.wrapping_sub(b),
+            AND => a & b,
+            OR => a | b,
+            XOR => a ^ b,
+            CMP | TEST => return,
+            _ => self.calc(op, sz, a, b).0,
+        };
+        self.put(d, sz, r);
     }
 
     /// Executes `i` through its pre-decoded form `op` (`Op::Generic` goes to `step`).
@@ -525,13 +591,18 @@ impl Exec<'_> {
                 self.put(d, sz, v);
                 Ok(())
             }
-            Op::ImulRR { d, s, sz, three } => {
+            Op::ImulRR { d, s, sz, three, f } => {
                 let z = sz as usize;
                 let (a, b) = if three {
                     (self.get(s, sz), i.immediate(2) & mask(z))
                 } else {
                     (self.get(d, sz), self.get(s, sz))
                 };
+                if !f {
+                    // The low half of a product does not depend on signedness.
+                    self.put(d, sz, a.wrapping_mul(b));
+                    return Ok(());
+                }
                 let p = sext(a, z) as i128 * sext(b, z) as i128;
                 let lo = p as u64 & mask(z);
                 let ovf = sext(lo, z) as i128 != p;
@@ -540,7 +611,19 @@ impl Exec<'_> {
                 self.c.rflags = (self.c.rflags & !ARITH) | f;
                 Ok(())
             }
-            Op::ShiftR { op, d, sz } => {
+            Op::ShiftR { op, d, sz, f } => {
+                if !f {
+                    // Only SHL/SAL/SHR/SAR by a nonzero immediate count lose their flags (`drop_dead_flags`).
+                    let cnt = (i.immediate(1) as u32) & if sz == 8 { 63 } else { 31 };
+                    let a = self.get(d, sz);
+                    let r = match op {
+                        4 | 6 => a << cnt,
+                        5 => a >> cnt,
+                        _ => (sext(a, sz as usize) >> cnt) as u64,
+                    };
+                    self.put(d, sz, r);
+                    return Ok(());
+                }
                 let cnt = if i.op_count() < 2 {
                     1
                 } else if i.op_kind(1) == OpKind::Register {
@@ -607,15 +690,23 @@ impl Exec<'_> {
                 self.c.rip = i.near_branch_target();
                 Ok(())
             }
-            Op::AluRR { op, d, s, sz } => {
+            Op::AluRR { op, d, s, sz, f } => {
                 let (a, b) = (self.get(d, sz), self.get(s, sz));
-                self.alu(op, d, sz, a, b);
+                if f {
+                    self.alu(op, d, sz, a, b);
+                } else {
+                    self.alu_nf(op, d, sz, a, b);
+                }
                 Ok(())
             }
-            Op::AluRI { op, d, sz } => {
+            Op::AluRI { op, d, sz, f } => {
                 let a = self.get(d, sz);
                 let b = i.immediate(1) & mask(sz as usize);
-                self.alu(op, d, sz, a, b);
+                if f {
+                    self.alu(op, d, sz, a, b);
+                } else {
+                    self.alu_nf(op, d, sz, a, b);
+                }
                 Ok(())
             }
             Op::IncDec { d, sz, dec } => {

@@ -300,6 +300,9 @@ impl SoftVcpu {
                 }
                 ex.c.cur_ip = ex.c.rip;
                 ex.c.rip = i.next_ip();
+                // Under an interrupt shadow only the first instruction runs: the generic path computes the flags
+                // that `drop_dead_flags` may have left to a later instruction of the block.
+                let op = if had_shadow { fast::Op::Generic } else { op };
                 match ex.step_op(op, i) {
                     Ok(()) => ex.c.instructions += 1,
                     Err(Fault::Exc(v, e)) => {
@@ -412,9 +415,10 @@ impl Exec<'_> {
         }
         let page = gpa & !0xfff;
         let used = (dec.position()).min(avail);
-        let ops = insns.iter().map(|i| fast::classify(i, bits)).collect();
+        let mut ops: Vec<fast::Op> = insns.iter().map(|i| fast::classify(i, bits)).collect();
+        fast::drop_dead_flags(&mut ops, &insns);
         let b = Arc::new(Block {
-            ops,
+            ops: ops.into_boxed_slice(),
             insns: insns.into_boxed_slice(),
             gpa,
             bytes: buf[..used].to_vec().into_boxed_slice(),
