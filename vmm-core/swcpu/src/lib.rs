@@ -238,6 +238,10 @@ impl SoftVcpu {
         let irq = self.irq.clone();
         let budget = self.budget;
         let mut ex = Exec { c: &mut self.cpu, io };
+        // The block that ran last, the cache generation it was fetched in, and whether it is in the cache (so
+        // that it is alive while the generation is unchanged); its links give the next block.
+        let mut prev: *const Block = std::ptr::null();
+        let mut prev_gen = u64::MAX;
         loop {
             if shared.kick.load(Ordering::Relaxed) && shared.kick.swap(false, Ordering::SeqCst) {
                 return VcpuExit::Interrupted;
@@ -275,11 +279,37 @@ impl SoftVcpu {
                 *w = false;
                 continue;
             }
-            let blk = match ex.fetch_block() {
+            let rip = ex.c.rip;
+            let mode = ex.c.cpl as u32 | ex.c.bitness() << 8;
+            let gen = ex.c.cache.gen;
+            let linked = if prev_gen == gen {
+                // SAFETY: `prev` was in the cache when fetched in generation `gen` (prev_gen is only set for
+                // cached blocks), and blocks leave the cache only with a generation bump, so it is alive.
+                let p = unsafe { &*prev };
+                let l = p.links[(rip != p.end_ip) as usize].get();
+                (l.rip == rip && l.gen == gen && l.mode == mode).then_some(l.to)
+            } else {
+                None
+            };
+            let fetched = match linked {
+                Some(b) => Ok((b, true)),
+                None => ex.fetch_block(),
+            };
+            let blk = match fetched {
                 // SAFETY: `fetch_block` keeps the block alive (in the cache or `cache.retired`) until its next
-                // call, which comes after the last use of `blk` in this iteration; blocks are only read
-                // through shared references (`runs` is a `Cell`).
-                Ok(b) => unsafe { &*b },
+                // call, which comes after the last use of `blk` in this iteration; a linked block is in the
+                // cache (links are made only to cached blocks and die with the generation). Blocks are only
+                // read through shared references (`runs` and `links` are `Cell`s).
+                Ok((b, cached)) => {
+                    if linked.is_none() && prev_gen == gen && ex.c.cache.gen == gen && cached {
+                        // SAFETY: as above, `prev` is alive: no generation bump since it was fetched.
+                        let p = unsafe { &*prev };
+                        p.links[(rip != p.end_ip) as usize].set(cpu::Link { rip, gen, mode, to: b });
+                    }
+                    prev = b;
+                    prev_gen = if cached { ex.c.cache.gen } else { u64::MAX };
+                    unsafe { &*b }
+                }
                 Err(Fault::Exc(v, e)) => {
                     ex.c.cur_ip = ex.c.rip;
                     if let Some(exit) = ex.raise(v, e, Event::Exception) {
@@ -354,9 +384,10 @@ impl Exec<'_> {
         Some(VcpuExit::Reset)
     }
 
-    /// The block at RIP. The pointer stays valid until the next call: the block is owned by the cache or, if
-    /// removed from it (or never cached), by `cache.retired`, which only this function empties.
-    fn fetch_block(&mut self) -> Res<*const Block> {
+    /// The block at RIP, and whether it is in the cache (page-crossing instructions are not). The pointer stays
+    /// valid until the next call: the block is owned by the cache or, if removed from it (or never cached), by
+    /// `cache.retired`, which only this function empties.
+    fn fetch_block(&mut self) -> Res<(*const Block, bool)> {
         if !self.c.cache.retired.is_empty() {
             self.c.cache.retired.clear();
         }
@@ -368,7 +399,7 @@ impl Exec<'_> {
         let slot = (rip as usize ^ (rip >> 12) as usize) & (cpu::FAST_BLOCKS - 1);
         if let Some((k, b)) = &self.c.cache.fast[slot] {
             if *k == key {
-                return Ok(Arc::as_ptr(b));
+                return Ok((Arc::as_ptr(b), true));
             }
         }
         let b = match self.c.cache.map.get(&key) {
@@ -377,12 +408,13 @@ impl Exec<'_> {
         };
         let p = Arc::as_ptr(&b);
         // Blocks spanning two pages (decoded per use) are not cached anywhere.
-        if self.c.cache.map.contains_key(&key) {
+        let cached = self.c.cache.map.contains_key(&key);
+        if cached {
             self.c.cache.fast[slot] = Some((key, b));
         } else {
             self.c.cache.retired.push(b);
         }
-        Ok(p)
+        Ok((p, cached))
     }
 
     #[cold]
@@ -417,7 +449,10 @@ impl Exec<'_> {
         let used = (dec.position()).min(avail);
         let mut ops: Vec<fast::Op> = insns.iter().map(|i| fast::classify(i, bits)).collect();
         fast::drop_dead_flags(&mut ops, &insns);
+        let end_ip = insns.last().map_or(rip, |i| i.next_ip());
         let b = Arc::new(Block {
+            end_ip,
+            links: Default::default(),
             ops: ops.into_boxed_slice(),
             insns: insns.into_boxed_slice(),
             gpa,
@@ -448,6 +483,8 @@ impl Exec<'_> {
         let mut dec = Decoder::with_ip(bits, &b, rip, DecoderOptions::NONE);
         let i = dec.decode();
         Ok(Arc::new(Block {
+            end_ip: i.next_ip(),
+            links: Default::default(),
             ops: Box::new([fast::classify(&i, bits)]),
             insns: vec![i].into_boxed_slice(),
             gpa,
