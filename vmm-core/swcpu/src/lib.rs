@@ -296,10 +296,6 @@ impl SoftVcpu {
                 None => ex.fetch_block(),
             };
             let blk = match fetched {
-                // SAFETY: `fetch_block` keeps the block alive (in the cache or `cache.retired`) until its next
-                // call, which comes after the last use of `blk` in this iteration; a linked block is in the
-                // cache (links are made only to cached blocks and die with the generation). Blocks are only
-                // read through shared references (`runs` and `links` are `Cell`s).
                 Ok((b, cached)) => {
                     if linked.is_none() && prev_gen == gen && ex.c.cache.gen == gen && cached {
                         // SAFETY: as above, `prev` is alive: no generation bump since it was fetched.
@@ -308,6 +304,10 @@ impl SoftVcpu {
                     }
                     prev = b;
                     prev_gen = if cached { ex.c.cache.gen } else { u64::MAX };
+                    // SAFETY: `fetch_block` keeps the block alive (in the cache or `cache.retired`) until its
+                    // next call, which comes after the last use of `blk` in this iteration; a linked block is in
+                    // the cache (links are made only to cached blocks and die with the generation). Blocks are
+                    // only read through shared references (`runs` and `links` are `Cell`s).
                     unsafe { &*b }
                 }
                 Err(Fault::Exc(v, e)) => {
