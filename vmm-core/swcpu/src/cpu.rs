@@ -395,15 +395,16 @@ impl Cpu {
     /// entry flushed before this vCPU executes it, which is exactly when a fill happens.
     pub fn validate_code_page(&mut self, gpa_page: u64) {
         let Some(keys) = self.cache.page_blocks.get(&gpa_page) else { return };
-        let mut stale = false;
+        // One copy of the page, then every block compared against it (blocks never cross the page).
         let mut buf = [0u8; 0x1000];
+        let mut stale = !self.ram.read(gpa_page, &mut buf);
         for k in keys {
+            if stale {
+                break;
+            }
             if let Some(b) = self.cache.map.get(k) {
-                let n = b.bytes.len();
-                if !self.ram.read(b.gpa, &mut buf[..n]) || buf[..n] != b.bytes[..] {
-                    stale = true;
-                    break;
-                }
+                let off = (b.gpa & 0xfff) as usize;
+                stale = buf.get(off..off + b.bytes.len()) != Some(&b.bytes[..]);
             }
         }
         if stale {

@@ -142,6 +142,7 @@ impl VcpuHandle {
     }
     /// Instructions retired by the vCPU as of the start of its current block (readable from device code the
     /// vCPU calls, e.g. to advance an instruction-driven clock before a timer register is read).
+    #[inline]
     pub fn retired_instructions(&self) -> u64 {
         self.0.retired.load(Ordering::Relaxed)
     }
