@@ -626,8 +626,8 @@ impl Exec<'_> {
 
     /// Executes `i` through its pre-decoded form `op` (`Op::Generic` goes to `step`).
     #[inline(always)]
-    pub fn step_op(&mut self, op: Op, i: &Instruction) -> Res<()> {
-        match op {
+    pub fn step_op(&mut self, op: &Op, i: &Instruction) -> Res<()> {
+        match *op {
             Op::Generic => self.step(i),
             Op::MovRR { d, s, sz } => {
                 let v = self.c.gpr[s as usize & 15];

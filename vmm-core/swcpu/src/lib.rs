@@ -324,36 +324,62 @@ impl SoftVcpu {
             // `-d in_asm`-style tracing (target `swcpu::insn`), checked once per block to keep the loop cheap.
             let trace = log::log_enabled!(target: "swcpu::insn", log::Level::Trace);
             ex.c.end_block = false;
-            let n = if had_shadow { 1 } else { blk.insns.len() };
-            for (i, &op) in blk.insns[..n].iter().zip(&blk.ops[..n]) {
+            if had_shadow {
+                // Under an interrupt shadow only the first instruction runs, through the generic path: it
+                // computes the flags that `drop_dead_flags` may have left to a later instruction of the block.
+                let i = &blk.insns[0];
                 if trace {
                     log::trace!(target: "swcpu::insn", "{:#x}: {i}", ex.c.rip);
                 }
                 ex.c.cur_ip = ex.c.rip;
                 ex.c.rip = i.next_ip();
-                // Under an interrupt shadow only the first instruction runs: the generic path computes the flags
-                // that `drop_dead_flags` may have left to a later instruction of the block.
-                let op = if had_shadow { fast::Op::Generic } else { op };
-                match ex.step_op(op, i) {
-                    Ok(()) => ex.c.instructions += 1,
-                    Err(Fault::Exc(v, e)) => {
-                        ex.c.rip = ex.c.cur_ip;
-                        if let Some(exit) = ex.raise(v, e, Event::Exception) {
-                            return exit;
-                        }
-                        break;
-                    }
-                    Err(Fault::Exit(x)) => {
-                        ex.c.rip = ex.c.cur_ip;
-                        return x;
+                let r = ex.step(i);
+                ex.c.shadow = false;
+                match ex.retire(r) {
+                    Some(Some(exit)) => return exit,
+                    _ => continue,
+                }
+            }
+            for (i, op) in blk.insns.iter().zip(blk.ops.iter()) {
+                if trace {
+                    log::trace!(target: "swcpu::insn", "{:#x}: {i}", ex.c.rip);
+                }
+                ex.c.cur_ip = ex.c.rip;
+                ex.c.rip = i.next_ip();
+                let r = ex.step_op(op, i);
+                if r.is_err() {
+                    match ex.retire(r) {
+                        Some(Some(exit)) => return exit,
+                        _ => break,
                     }
                 }
+                ex.c.instructions += 1;
                 if ex.c.end_block {
                     break;
                 }
             }
-            if had_shadow {
-                ex.c.shadow = false;
+        }
+    }
+}
+
+impl Exec<'_> {
+    /// After one instruction: counts it if it completed, else rewinds RIP and delivers its exception.
+    /// `None`: it completed; `Some(None)`: an exception was delivered (leave the block); `Some(Some(exit))`:
+    /// `run` returns `exit`.
+    #[inline(always)]
+    fn retire(&mut self, r: Res<()>) -> Option<Option<VcpuExit>> {
+        match r {
+            Ok(()) => {
+                self.c.instructions += 1;
+                None
+            }
+            Err(Fault::Exc(v, e)) => {
+                self.c.rip = self.c.cur_ip;
+                Some(self.raise(v, e, Event::Exception))
+            }
+            Err(Fault::Exit(x)) => {
+                self.c.rip = self.c.cur_ip;
+                Some(Some(x))
             }
         }
     }
