@@ -629,8 +629,17 @@ fn make_case(rng: &mut Rng) -> Option<(Instruction, Vec<u8>)> {
     if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory) {
         let addr32 = i.memory_base().size() == 4 || i.memory_index().size() == 4;
         i.set_memory_base(if addr32 { Register::EBX } else { Register::RBX });
-        i.set_memory_index(Register::None);
-        i.set_memory_index_scale(1);
+        // A third of the cases also get an index, R12 scaled by 1-8 (R12 holds 0..0xff then, see
+        // `INDEX_REG`), so the pre-decoded address forms of `fast` are compared too. Not for BT/BTS/BTR/BTC,
+        // whose bit offset already moves the address.
+        let index = rng.below(3) == 0 && !matches!(i.mnemonic(), M::Bt | M::Bts | M::Btr | M::Btc);
+        if index {
+            i.set_memory_index(if addr32 { Register::R12D } else { Register::R12 });
+            i.set_memory_index_scale(1 << rng.below(4));
+        } else {
+            i.set_memory_index(Register::None);
+            i.set_memory_index_scale(1);
+        }
         let disp = (rng.below(0x1000) as i64 - 0x800) as u64;
         i.set_memory_displacement64(if addr32 { disp & 0xffff_ffff } else { disp });
         i.set_memory_displ_size(if addr32 { 4 } else { 8 });
@@ -645,6 +654,10 @@ fn make_case(rng: &mut Rng) -> Option<(Instruction, Vec<u8>)> {
     }
     Some((i2, code))
 }
+
+/// The index register of rewritten memory operands (`make_case`): GPR 12, kept below 0x100 so that
+/// `RBX_VAL + disp + R12 * 8` stays inside DATA.
+const INDEX_REG: usize = 12;
 
 /// Page tables (in the system area's spare pages) mapping the system area's 2 MiB page and the test region
 /// with 4 KiB user pages, nothing else.
@@ -678,7 +691,7 @@ fn iced_flags(b: u32) -> u64 {
 /// A run of 2-6 random instructions (one block on the soft side, so the dead-flag elimination of `fast` is
 /// exercised: early instructions whose flags a later one overwrites skip computing them). Returns the last
 /// instruction, the code, and the flags left undefined at the end. Rejected: RBX writers before the last
-/// instruction (RBX addresses the memory operands), instructions needing special register setups, count-in-CL
+/// instruction (RBX and R12 address the memory operands), instructions needing special register setups, count-in-CL
 /// shifts (their flag effect depends on CL, which earlier instructions change), and flag reads while a flag is undefined.
 fn make_sequence(rng: &mut Rng, regs: &[u64; 17]) -> Option<(Instruction, Vec<u8>, u64, String)> {
     let n = 2 + rng.below(5) as usize;
@@ -704,8 +717,10 @@ fn make_sequence(rng: &mut Rng, regs: &[u64; 17]) -> Option<(Instruction, Vec<u8
             return None;
         }
         if k + 1 < n {
-            let writes_rbx = (0..i.op_count())
-                .any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).full_register() == Register::RBX);
+            let writes_rbx = (0..i.op_count()).any(|n| {
+                i.op_kind(n) == OpKind::Register
+                    && matches!(i.op_register(n).full_register(), Register::RBX | Register::R12)
+            });
             if writes_rbx || matches!(i.mnemonic(), M::Cmpxchg8b | M::Cmpxchg16b) {
                 return None;
             }
@@ -773,6 +788,7 @@ fn differential(sequences: bool) {
             for r in seq_regs.iter_mut() {
                 *r = rng.value();
             }
+            seq_regs[INDEX_REG] = rng.below(0x100);
             let Some((i, c, u, t)) = make_sequence(&mut rng, &seq_regs) else { continue };
             seq_undef = u;
             seq_text = t;
@@ -794,6 +810,7 @@ fn differential(sequences: bool) {
             regs = seq_regs;
         }
         regs[3] = RBX_VAL;
+        regs[INDEX_REG] = rng.below(0x100);
         // Sometimes point the memory operand at unmapped memory (on both sides) to compare #PF delivery.
         if rng.below(16) == 0 {
             regs[3] = BASE + 0x9000 + rng.below(0x1000);
