@@ -138,6 +138,8 @@ impl InterruptSignal {
     }
 
     /// Whether a maskable interrupt is waiting for this CPU.
+    // Inlined into the software CPU's interrupt check, which runs at every block boundary.
+    #[inline]
     pub fn is_pending(&self) -> bool {
         self.pending.load(Ordering::Acquire)
     }
@@ -148,6 +150,8 @@ impl InterruptSignal {
     }
 
     /// Earliest guest time at which a timer event is due (call [`Platform::poll`] then).
+    // Inlined into the software CPU's interrupt check, which runs at every block boundary.
+    #[inline]
     pub fn next_deadline_ns(&self) -> Option<u64> {
         match self.deadline_ns.load(Ordering::Acquire) {
             u64::MAX => None,

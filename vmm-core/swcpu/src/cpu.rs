@@ -120,11 +120,37 @@ pub(crate) struct Block {
     pub bytes: Box<[u8]>,
     /// Number of times this block ran (the JIT's trigger later).
     pub runs: std::cell::Cell<u32>,
+    /// Where the block falls through to (the IP after its last instruction).
+    pub end_ip: u64,
+    /// The blocks that ran after this one, for the fall-through exit (0) and any other exit (1): the run loop
+    /// takes the next block from here instead of translating RIP and looking it up (see `Link`).
+    pub links: [std::cell::Cell<Link>; 2],
 }
 
-// SAFETY: `runs` is only touched by the thread that owns the `Cpu` (blocks are shared through `Arc` only so
-// that the executing block survives its own invalidation); `Cell<u32>` has no pointers.
+/// A cached successor: valid while `BlockCache::gen` still equals `gen` (no block was dropped and no TLB
+/// entry was invalidated since, so `to` is alive and RIP still translates to it) and the CPU is in the same
+/// mode (CPL, decoder bitness) as when the link was made.
+#[derive(Clone, Copy)]
+pub(crate) struct Link {
+    pub rip: u64,
+    pub gen: u64,
+    pub mode: u32,
+    pub to: *const Block,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link { rip: 0, gen: u64::MAX, mode: 0, to: std::ptr::null() }
+    }
+}
+
+// SAFETY: `runs` and `links` are only touched by the thread that owns the `Cpu` (blocks are shared through
+// `Arc` only so that the executing block survives its own invalidation); a link's pointer is dereferenced only
+// by that thread, and only while the cache generation it was made in is current.
 unsafe impl Sync for Block {}
+// SAFETY: as for `Sync`: the link pointers are plain addresses of blocks the owning CPU's cache keeps alive; a
+// vCPU moved to another thread takes its cache (and so all blocks its links point to) along.
+unsafe impl Send for Block {}
 
 /// (linear RIP, guest physical address | decoder bitness << 56).
 pub(crate) type BlockKey = (u64, u64);
@@ -141,6 +167,9 @@ pub(crate) struct BlockCache {
     pub page_blocks: HashMap<u64, Vec<BlockKey>, BuildIdHasher>,
     pub decoded: u64,
     pub invalidations: u64,
+    /// Bumped whenever a block leaves the cache or a translation is invalidated: every `Link` older than
+    /// this is dead.
+    pub gen: u64,
     /// Blocks removed from the cache (and blocks never cached, such as page-crossing ones) are kept here
     /// until the next block fetch, because the running block may be among them: the run loop holds a plain
     /// pointer to the current block instead of an `Arc` clone (two atomic operations per block saved).
@@ -307,6 +336,7 @@ impl Cpu {
     }
 
     pub fn flush_tlb(&mut self, keep_global: bool) {
+        self.cache.gen += 1;
         for e in self.tlb.iter_mut() {
             if !(keep_global && e.global) {
                 e.tag = 0;
@@ -318,6 +348,7 @@ impl Cpu {
     /// cached as 4 KiB entries here, so every entry pointing into the same large page must go too; entries
     /// are few, so all entries whose linear address lies in the surrounding 2 MiB are dropped.
     pub fn invlpg(&mut self, la: u64) {
+        self.cache.gen += 1;
         let big = la >> 21;
         for e in self.tlb.iter_mut() {
             if e.tag != 0 && ((e.tag & !TLB_VALID) >> 9) == big & ((1 << 43) - 1) {
@@ -341,6 +372,7 @@ impl Cpu {
     /// A write touched `gpa_page`, which holds code: drop its blocks.
     pub fn invalidate_code_page(&mut self, gpa_page: u64) {
         if let Some(keys) = self.cache.page_blocks.remove(&gpa_page) {
+            self.cache.gen += 1;
             for k in keys {
                 if let Some(b) = self.cache.map.remove(&k) {
                     self.cache.retired.push(b);
@@ -363,15 +395,16 @@ impl Cpu {
     /// entry flushed before this vCPU executes it, which is exactly when a fill happens.
     pub fn validate_code_page(&mut self, gpa_page: u64) {
         let Some(keys) = self.cache.page_blocks.get(&gpa_page) else { return };
-        let mut stale = false;
+        // One copy of the page, then every block compared against it (blocks never cross the page).
         let mut buf = [0u8; 0x1000];
+        let mut stale = !self.ram.read(gpa_page, &mut buf);
         for k in keys {
+            if stale {
+                break;
+            }
             if let Some(b) = self.cache.map.get(k) {
-                let n = b.bytes.len();
-                if !self.ram.read(b.gpa, &mut buf[..n]) || buf[..n] != b.bytes[..] {
-                    stale = true;
-                    break;
-                }
+                let off = (b.gpa & 0xfff) as usize;
+                stale = buf.get(off..off + b.bytes.len()) != Some(&b.bytes[..]);
             }
         }
         if stale {
@@ -381,6 +414,7 @@ impl Cpu {
     }
 
     pub fn flush_code_cache(&mut self) {
+        self.cache.gen += 1;
         self.cache.fast.iter_mut().for_each(|e| *e = None);
         self.cache.retired.extend(self.cache.map.drain().map(|(_, b)| b));
         self.cache.page_blocks.clear();

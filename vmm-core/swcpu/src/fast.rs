@@ -7,10 +7,10 @@
 //! semantics are those of the corresponding arms of `step` (checked by the differential test, which runs
 //! through the same loop).
 
-use iced_x86::{Code, Instruction, Mnemonic as M, OpKind};
+use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
 
 use crate::alu::{self, cond, mask, sext};
-use crate::cpu::{Exec, Res, AF, ARITH, CF, OF, SEG_SS, ZF};
+use crate::cpu::{Exec, Res, AF, ARITH, CF, OF, SEG_FS, SEG_GS, SEG_SS, ZF};
 use crate::exec::gpr_info;
 
 /// ALU operation of `AluRR`/`AluRI`.
@@ -26,6 +26,7 @@ const SBB: u8 = 8;
 
 /// A pre-decoded instruction form. Register numbers are GPR indices (0 = RAX .. 15 = R15); `sz` is 4 or 8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub(crate) enum Op {
     Generic,
     MovRR {
@@ -41,15 +42,18 @@ pub(crate) enum Op {
     MovRM {
         d: u8,
         sz: u8,
+        m: Mem,
     },
     /// Store: memory operand <- register.
     MovMR {
         s: u8,
         sz: u8,
+        m: Mem,
     },
     /// Memory <- immediate; `sz` is the memory operand size (1, 2, 4 or 8).
     MovMI {
         sz: u8,
+        m: Mem,
     },
     /// Register 32/64 <- memory of `ssz` bytes, zero- or sign-extended.
     MovxRM {
@@ -57,42 +61,50 @@ pub(crate) enum Op {
         sz: u8,
         ssz: u8,
         signed: bool,
+        m: Mem,
     },
     Lea {
         d: u8,
         sz: u8,
+        m: Mem,
     },
     /// Register op memory (register destination).
     AluRM {
         op: u8,
         d: u8,
         sz: u8,
+        m: Mem,
     },
     /// CMP/TEST memory, immediate (no write); `sz` is the memory operand size.
     CmpMI {
         op: u8,
         sz: u8,
+        m: Mem,
     },
     /// CMP/TEST memory, register (no write).
     CmpMR {
         op: u8,
         s: u8,
         sz: u8,
+        m: Mem,
     },
     JmpRel,
     /// Read-modify-write of memory with an immediate / a register source (ADD, SUB, AND, OR, XOR, ADC, SBB).
     RmwMI {
         op: u8,
         sz: u8,
+        m: Mem,
     },
     RmwMR {
         op: u8,
         s: u8,
         sz: u8,
+        m: Mem,
     },
     IncDecM {
         sz: u8,
         dec: bool,
+        m: Mem,
     },
     /// NOP, PAUSE, fences, ENDBR, prefetches (no architectural effect here).
     Nop,
@@ -111,12 +123,15 @@ pub(crate) enum Op {
         s: u8,
         sz: u8,
         three: bool,
+        /// The flags are read before being overwritten (see `drop_dead_flags`); false skips computing them.
+        f: bool,
     },
     /// Shift/rotate group on a register by an immediate or CL; `op` as in `alu::shift`.
     ShiftR {
         op: u8,
         d: u8,
         sz: u8,
+        f: bool,
     },
     /// SETcc on AL..BL/SPL..R15L.
     SetccR {
@@ -134,11 +149,13 @@ pub(crate) enum Op {
         d: u8,
         s: u8,
         sz: u8,
+        f: bool,
     },
     AluRI {
         op: u8,
         d: u8,
         sz: u8,
+        f: bool,
     },
     IncDec {
         d: u8,
@@ -157,6 +174,57 @@ pub(crate) enum Op {
     },
     CallRel64,
     Ret64,
+}
+
+/// A memory operand's address, pre-decoded for 64-bit code: `disp + base + (index << shift)` (iced's
+/// `memory_displacement64` already holds the absolute target of RIP-relative operands), truncated to 32 bits
+/// with an address-size prefix, plus the FS or GS base. Anything else (other modes, EIP-relative) is `SLOW` and
+/// goes through `Exec::ea`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Mem {
+    /// GPR index, or `NO_REG`.
+    base: u8,
+    index: u8,
+    /// Scale shift (bits 0-1) and `MF_*` flags.
+    fl: u8,
+}
+const NO_REG: u8 = 16;
+const MF_A32: u8 = 4;
+const MF_FS: u8 = 8;
+const MF_GS: u8 = 16;
+const MF_SLOW: u8 = 32;
+
+fn mem_of(i: &Instruction, bits: u32) -> Mem {
+    let slow = Mem { base: NO_REG, index: NO_REG, fl: MF_SLOW };
+    if bits != 64 {
+        return slow;
+    }
+    let mut fl = 0;
+    let mut reg = |r: Register| match r {
+        Register::None | Register::RIP => Some(NO_REG),
+        r => match gpr_info(r) {
+            Some((idx, 8, false)) => Some(idx as u8),
+            Some((idx, 4, false)) => {
+                fl |= MF_A32;
+                Some(idx as u8)
+            }
+            _ => None,
+        },
+    };
+    let (Some(base), Some(index)) = (reg(i.memory_base()), reg(i.memory_index())) else { return slow };
+    fl |= match i.memory_index_scale() {
+        1 => 0,
+        2 => 1,
+        4 => 2,
+        _ => 3,
+    };
+    fl |= match i.memory_segment() {
+        Register::FS => MF_FS,
+        Register::GS => MF_GS,
+        Register::ES | Register::CS | Register::SS | Register::DS => 0,
+        _ => return slow,
+    };
+    Mem { base, index, fl }
 }
 
 /// A 32/64-bit GPR operand: (index, size).
@@ -198,6 +266,11 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
         return Op::Generic;
     }
     let long = bits == 64;
+    let m = if i.op_count() > 0 && (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory) {
+        mem_of(i, bits)
+    } else {
+        Mem { base: NO_REG, index: NO_REG, fl: MF_SLOW }
+    };
     match i.mnemonic() {
         M::Mov if i.op_count() == 2 => {
             let (k0, k1) = (i.op_kind(0), i.op_kind(1));
@@ -205,19 +278,19 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
                 (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::MovRR { d, s, sz },
                 (Some((d, sz)), None) if is_imm(k1) => Op::MovRI { d, sz },
                 (Some((d, sz)), None) if k1 == OpKind::Memory && i.memory_size().size() == sz as usize => {
-                    Op::MovRM { d, sz }
+                    Op::MovRM { d, sz, m }
                 }
                 (None, Some((s, sz))) if k0 == OpKind::Memory && i.memory_size().size() == sz as usize => {
-                    Op::MovMR { s, sz }
+                    Op::MovMR { s, sz, m }
                 }
                 (None, None) if k0 == OpKind::Memory && is_imm(k1) && mem_sz(i).is_some() => {
-                    Op::MovMI { sz: mem_sz(i).unwrap_or(8) }
+                    Op::MovMI { sz: mem_sz(i).unwrap_or(8), m }
                 }
                 _ => Op::Generic,
             }
         }
-        m @ (M::Movzx | M::Movsx | M::Movsxd) if i.op_kind(1) == OpKind::Memory => match (reg32_64(i, 0), mem_sz(i)) {
-            (Some((d, sz)), Some(ssz)) if ssz < sz => Op::MovxRM { d, sz, ssz, signed: m != M::Movzx },
+        mn @ (M::Movzx | M::Movsx | M::Movsxd) if i.op_kind(1) == OpKind::Memory => match (reg32_64(i, 0), mem_sz(i)) {
+            (Some((d, sz)), Some(ssz)) if ssz < sz => Op::MovxRM { d, sz, ssz, signed: mn != M::Movzx, m },
             _ => Op::Generic,
         },
         M::Nop
@@ -244,7 +317,7 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
             let three = i.op_count() == 3;
             match (reg32_64(i, 0), reg32_64(i, 1)) {
                 (Some((d, sz)), Some((s, sz1))) if sz == sz1 && (!three || is_imm(i.op_kind(2))) => {
-                    Op::ImulRR { d, s, sz, three }
+                    Op::ImulRR { d, s, sz, three, f: true }
                 }
                 _ => Op::Generic,
             }
@@ -264,7 +337,7 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
                 || is_imm(i.op_kind(1))
                 || (i.op_kind(1) == OpKind::Register && i.op1_register() == iced_x86::Register::CL);
             match reg32_64(i, 0) {
-                Some((d, sz)) if count_ok => Op::ShiftR { op, d, sz },
+                Some((d, sz)) if count_ok => Op::ShiftR { op, d, sz, f: true },
                 _ => Op::Generic,
             }
         }
@@ -313,14 +386,14 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
             _ => Op::Generic,
         },
         M::Lea => match reg32_64(i, 0) {
-            Some((d, sz)) => Op::Lea { d, sz },
+            Some((d, sz)) => Op::Lea { d, sz, m },
             None => Op::Generic,
         },
         M::Jmp if matches!(i.op_kind(0), OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64) => {
             Op::JmpRel
         }
-        m @ (M::Add | M::Sub | M::And | M::Or | M::Xor | M::Cmp | M::Test | M::Adc | M::Sbb) if i.op_count() == 2 => {
-            let op = match m {
+        mn @ (M::Add | M::Sub | M::And | M::Or | M::Xor | M::Cmp | M::Test | M::Adc | M::Sbb) if i.op_count() == 2 => {
+            let op = match mn {
                 M::Add => ADD,
                 M::Adc => ADC,
                 M::Sbb => SBB,
@@ -332,32 +405,32 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
                 _ => TEST,
             };
             match (reg32_64(i, 0), reg32_64(i, 1)) {
-                (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::AluRR { op, d, s, sz },
-                (Some((d, sz)), None) if is_imm(i.op_kind(1)) => Op::AluRI { op, d, sz },
+                (Some((d, sz)), Some((s, sz1))) if sz == sz1 => Op::AluRR { op, d, s, sz, f: true },
+                (Some((d, sz)), None) if is_imm(i.op_kind(1)) => Op::AluRI { op, d, sz, f: true },
                 (Some((d, sz)), None) if i.op_kind(1) == OpKind::Memory && mem_sz(i) == Some(sz) => {
-                    Op::AluRM { op, d, sz }
+                    Op::AluRM { op, d, sz, m }
                 }
                 (None, None) if (op == CMP || op == TEST) && i.op_kind(0) == OpKind::Memory && is_imm(i.op_kind(1)) => {
-                    mem_sz(i).map_or(Op::Generic, |sz| Op::CmpMI { op, sz })
+                    mem_sz(i).map_or(Op::Generic, |sz| Op::CmpMI { op, sz, m })
                 }
                 (None, Some((s, sz)))
                     if (op == CMP || op == TEST) && i.op_kind(0) == OpKind::Memory && mem_sz(i) == Some(sz) =>
                 {
-                    Op::CmpMR { op, s, sz }
+                    Op::CmpMR { op, s, sz, m }
                 }
                 (None, None) if i.op_kind(0) == OpKind::Memory && is_imm(i.op_kind(1)) => {
-                    mem_sz(i).map_or(Op::Generic, |sz| Op::RmwMI { op, sz })
+                    mem_sz(i).map_or(Op::Generic, |sz| Op::RmwMI { op, sz, m })
                 }
                 (None, Some((s, sz))) if i.op_kind(0) == OpKind::Memory && mem_sz(i) == Some(sz) => {
-                    Op::RmwMR { op, s, sz }
+                    Op::RmwMR { op, s, sz, m }
                 }
                 _ => Op::Generic,
             }
         }
-        m @ (M::Inc | M::Dec) => match reg32_64(i, 0) {
-            Some((d, sz)) => Op::IncDec { d, sz, dec: m == M::Dec },
+        mn @ (M::Inc | M::Dec) => match reg32_64(i, 0) {
+            Some((d, sz)) => Op::IncDec { d, sz, dec: mn == M::Dec },
             None if i.op_kind(0) == OpKind::Memory => {
-                mem_sz(i).map_or(Op::Generic, |sz| Op::IncDecM { sz, dec: m == M::Dec })
+                mem_sz(i).map_or(Op::Generic, |sz| Op::IncDecM { sz, dec: mn == M::Dec, m })
             }
             None => Op::Generic,
         },
@@ -385,6 +458,52 @@ pub(crate) fn classify(i: &Instruction, bits: u32) -> Op {
             Code::Retnq => Op::Ret64,
             _ => Op::Generic,
         },
+    }
+}
+
+/// How an op touches the arithmetic flags, for `drop_dead_flags`: (reads them, overwrites all six, may fault or
+/// leave the block early). A fault delivers an exception whose frame holds RFLAGS as of the faulting
+/// instruction, and an early block exit (a write to a code page) lets the next block read them, so both count as
+/// reads.
+fn flag_use(op: &Op, i: &Instruction) -> (bool, bool) {
+    match *op {
+        Op::MovRR { .. } | Op::MovRI { .. } | Op::Lea { .. } | Op::MovxRR { .. } | Op::Nop | Op::JmpRel => {
+            (false, false)
+        }
+        Op::AluRR { op, .. } | Op::AluRI { op, .. } => (op == ADC || op == SBB, true),
+        Op::ImulRR { .. } => (false, true),
+        // Shifts by a nonzero immediate write all six flags; by CL (maybe 0) or rotates they keep some.
+        Op::ShiftR { op: 4..=7, sz, .. } if i.op_count() == 2 && is_imm(i.op_kind(1)) => {
+            (false, i.immediate(1) & if sz == 8 { 63 } else { 31 } != 0)
+        }
+        // Everything else reads flags, keeps some of them (INC/DEC keep CF), touches memory (may fault), or
+        // is generic.
+        _ => (true, false),
+    }
+}
+
+/// Marks the flag results nobody can observe: within a block, an instruction's flags are dead when a later
+/// instruction overwrites all six before any instruction reads them, may fault, or may end the block
+/// (everything between runs on registers only, so nothing can interrupt it: interrupts are taken between
+/// blocks). Their ops then skip computing flags. Flags are live at the end of the block. The run loop executes
+/// a block's first instruction alone under an interrupt shadow, through the generic path, which always
+/// computes flags.
+pub(crate) fn drop_dead_flags(ops: &mut [Op], insns: &[Instruction]) {
+    let mut live = true;
+    for (op, i) in ops.iter_mut().zip(insns).rev() {
+        let (reads, kills) = flag_use(op, i);
+        if !live {
+            match op {
+                Op::AluRR { f, .. } | Op::AluRI { f, .. } | Op::ImulRR { f, .. } => *f = false,
+                Op::ShiftR { f, .. } if kills => *f = false,
+                _ => {}
+            }
+        }
+        if reads {
+            live = true;
+        } else if kills {
+            live = false;
+        }
     }
 }
 
@@ -455,10 +574,60 @@ impl Exec<'_> {
         self.c.rflags = (self.c.rflags & !ARITH) | f;
     }
 
+    /// Offset of a memory operand (what LEA computes) from its pre-decoded form.
+    #[inline(always)]
+    fn ea_off_m(&self, m: Mem, i: &Instruction) -> u64 {
+        if m.fl & MF_SLOW != 0 {
+            return self.ea_off(i);
+        }
+        let mut a = i.memory_displacement64();
+        if m.base < NO_REG {
+            a = a.wrapping_add(self.c.gpr[m.base as usize & 15]);
+        }
+        if m.index < NO_REG {
+            a = a.wrapping_add(self.c.gpr[m.index as usize & 15] << (m.fl & 3));
+        }
+        if m.fl & MF_A32 != 0 {
+            a &= 0xffff_ffff;
+        }
+        a
+    }
+
+    /// Linear address of a memory operand from its pre-decoded form (64-bit mode: only FS and GS have bases).
+    #[inline(always)]
+    fn ea_m(&self, m: Mem, i: &Instruction) -> u64 {
+        if m.fl & MF_SLOW != 0 {
+            return self.ea(i);
+        }
+        let a = self.ea_off_m(m, i);
+        if m.fl & (MF_FS | MF_GS) == 0 {
+            a
+        } else if m.fl & MF_FS != 0 {
+            a.wrapping_add(self.c.seg[SEG_FS].base)
+        } else {
+            a.wrapping_add(self.c.seg[SEG_GS].base)
+        }
+    }
+
+    /// `alu` for an instruction whose flags nobody reads (`drop_dead_flags`): the result only.
+    #[inline(always)]
+    fn alu_nf(&mut self, op: u8, d: u8, sz: u8, a: u64, b: u64) {
+        let r = match op {
+            ADD => a.wrapping_add(b),
+            SUB => a.wrapping_sub(b),
+            AND => a & b,
+            OR => a | b,
+            XOR => a ^ b,
+            CMP | TEST => return,
+            _ => self.calc(op, sz, a, b).0,
+        };
+        self.put(d, sz, r);
+    }
+
     /// Executes `i` through its pre-decoded form `op` (`Op::Generic` goes to `step`).
     #[inline(always)]
-    pub fn step_op(&mut self, op: Op, i: &Instruction) -> Res<()> {
-        match op {
+    pub fn step_op(&mut self, op: &Op, i: &Instruction) -> Res<()> {
+        match *op {
             Op::Generic => self.step(i),
             Op::MovRR { d, s, sz } => {
                 let v = self.c.gpr[s as usize & 15];
@@ -469,49 +638,49 @@ impl Exec<'_> {
                 self.put(d, sz, i.immediate(1));
                 Ok(())
             }
-            Op::MovRM { d, sz } => {
-                let a = self.ea(i);
+            Op::MovRM { d, sz, m } => {
+                let a = self.ea_m(m, i);
                 let v = self.read(a, sz as usize)?;
                 self.put(d, sz, v);
                 Ok(())
             }
-            Op::MovMR { s, sz } => {
-                let a = self.ea(i);
+            Op::MovMR { s, sz, m } => {
+                let a = self.ea_m(m, i);
                 let v = self.c.gpr[s as usize & 15];
                 self.write(a, sz as usize, v)
             }
-            Op::MovMI { sz } => {
-                let a = self.ea(i);
+            Op::MovMI { sz, m } => {
+                let a = self.ea_m(m, i);
                 self.write(a, sz as usize, i.immediate(1))
             }
-            Op::MovxRM { d, sz, ssz, signed } => {
-                let a = self.ea(i);
+            Op::MovxRM { d, sz, ssz, signed, m } => {
+                let a = self.ea_m(m, i);
                 let v = self.read(a, ssz as usize)?;
                 let v = if signed { sext(v, ssz as usize) as u64 } else { v };
                 self.put(d, sz, v);
                 Ok(())
             }
-            Op::Lea { d, sz } => {
-                let a = self.ea_off(i);
+            Op::Lea { d, sz, m } => {
+                let a = self.ea_off_m(m, i);
                 self.put(d, sz, a);
                 Ok(())
             }
-            Op::AluRM { op, d, sz } => {
-                let a = self.ea(i);
+            Op::AluRM { op, d, sz, m } => {
+                let a = self.ea_m(m, i);
                 let b = self.read(a, sz as usize)?;
                 let v = self.get(d, sz);
                 self.alu(op, d, sz, v, b);
                 Ok(())
             }
-            Op::CmpMI { op, sz } => {
-                let a = self.ea(i);
+            Op::CmpMI { op, sz, m } => {
+                let a = self.ea_m(m, i);
                 let v = self.read(a, sz as usize)?;
                 let b = i.immediate(1) & mask(sz as usize);
                 self.alu(op, 0, sz, v, b);
                 Ok(())
             }
-            Op::CmpMR { op, s, sz } => {
-                let a = self.ea(i);
+            Op::CmpMR { op, s, sz, m } => {
+                let a = self.ea_m(m, i);
                 let v = self.read(a, sz as usize)?;
                 let b = self.get(s, sz);
                 self.alu(op, 0, sz, v, b);
@@ -525,13 +694,18 @@ impl Exec<'_> {
                 self.put(d, sz, v);
                 Ok(())
             }
-            Op::ImulRR { d, s, sz, three } => {
+            Op::ImulRR { d, s, sz, three, f } => {
                 let z = sz as usize;
                 let (a, b) = if three {
                     (self.get(s, sz), i.immediate(2) & mask(z))
                 } else {
                     (self.get(d, sz), self.get(s, sz))
                 };
+                if !f {
+                    // The low half of a product does not depend on signedness.
+                    self.put(d, sz, a.wrapping_mul(b));
+                    return Ok(());
+                }
                 let p = sext(a, z) as i128 * sext(b, z) as i128;
                 let lo = p as u64 & mask(z);
                 let ovf = sext(lo, z) as i128 != p;
@@ -540,7 +714,19 @@ impl Exec<'_> {
                 self.c.rflags = (self.c.rflags & !ARITH) | f;
                 Ok(())
             }
-            Op::ShiftR { op, d, sz } => {
+            Op::ShiftR { op, d, sz, f } => {
+                if !f {
+                    // Only SHL/SAL/SHR/SAR by a nonzero immediate count lose their flags (`drop_dead_flags`).
+                    let cnt = (i.immediate(1) as u32) & if sz == 8 { 63 } else { 31 };
+                    let a = self.get(d, sz);
+                    let r = match op {
+                        4 | 6 => a << cnt,
+                        5 => a >> cnt,
+                        _ => (sext(a, sz as usize) >> cnt) as u64,
+                    };
+                    self.put(d, sz, r);
+                    return Ok(());
+                }
                 let cnt = if i.op_count() < 2 {
                     1
                 } else if i.op_kind(1) == OpKind::Register {
@@ -574,24 +760,24 @@ impl Exec<'_> {
                 self.put(d, sz, v);
                 Ok(())
             }
-            Op::RmwMI { op, sz } => {
-                let a = self.ea(i);
+            Op::RmwMI { op, sz, m } => {
+                let a = self.ea_m(m, i);
                 let b = i.immediate(1) & mask(sz as usize);
                 match self.rmw_fast(a, sz, |ex, v| ex.calc(op, sz, v, b)) {
                     Some(()) => Ok(()),
                     None => self.step(i),
                 }
             }
-            Op::RmwMR { op, s, sz } => {
-                let a = self.ea(i);
+            Op::RmwMR { op, s, sz, m } => {
+                let a = self.ea_m(m, i);
                 let b = self.get(s, sz);
                 match self.rmw_fast(a, sz, |ex, v| ex.calc(op, sz, v, b)) {
                     Some(()) => Ok(()),
                     None => self.step(i),
                 }
             }
-            Op::IncDecM { sz, dec } => {
-                let a = self.ea(i);
+            Op::IncDecM { sz, dec, m } => {
+                let a = self.ea_m(m, i);
                 let cf = self.c.rflags & CF;
                 let r = self.rmw_fast(a, sz, |_, v| {
                     let (r, f) = if dec { alu::sub(v, 1, 0, sz as usize) } else { alu::add(v, 1, 0, sz as usize) };
@@ -607,15 +793,23 @@ impl Exec<'_> {
                 self.c.rip = i.near_branch_target();
                 Ok(())
             }
-            Op::AluRR { op, d, s, sz } => {
+            Op::AluRR { op, d, s, sz, f } => {
                 let (a, b) = (self.get(d, sz), self.get(s, sz));
-                self.alu(op, d, sz, a, b);
+                if f {
+                    self.alu(op, d, sz, a, b);
+                } else {
+                    self.alu_nf(op, d, sz, a, b);
+                }
                 Ok(())
             }
-            Op::AluRI { op, d, sz } => {
+            Op::AluRI { op, d, sz, f } => {
                 let a = self.get(d, sz);
                 let b = i.immediate(1) & mask(sz as usize);
-                self.alu(op, d, sz, a, b);
+                if f {
+                    self.alu(op, d, sz, a, b);
+                } else {
+                    self.alu_nf(op, d, sz, a, b);
+                }
                 Ok(())
             }
             Op::IncDec { d, sz, dec } => {

@@ -142,6 +142,7 @@ impl VcpuHandle {
     }
     /// Instructions retired by the vCPU as of the start of its current block (readable from device code the
     /// vCPU calls, e.g. to advance an instruction-driven clock before a timer register is read).
+    #[inline]
     pub fn retired_instructions(&self) -> u64 {
         self.0.retired.load(Ordering::Relaxed)
     }
@@ -238,6 +239,10 @@ impl SoftVcpu {
         let irq = self.irq.clone();
         let budget = self.budget;
         let mut ex = Exec { c: &mut self.cpu, io };
+        // The block that ran last, the cache generation it was fetched in, and whether it is in the cache (so
+        // that it is alive while the generation is unchanged); its links give the next block.
+        let mut prev: *const Block = std::ptr::null();
+        let mut prev_gen = u64::MAX;
         loop {
             if shared.kick.load(Ordering::Relaxed) && shared.kick.swap(false, Ordering::SeqCst) {
                 return VcpuExit::Interrupted;
@@ -275,11 +280,37 @@ impl SoftVcpu {
                 *w = false;
                 continue;
             }
-            let blk = match ex.fetch_block() {
-                // SAFETY: `fetch_block` keeps the block alive (in the cache or `cache.retired`) until its next
-                // call, which comes after the last use of `blk` in this iteration; blocks are only read
-                // through shared references (`runs` is a `Cell`).
-                Ok(b) => unsafe { &*b },
+            let rip = ex.c.rip;
+            let mode = ex.c.cpl as u32 | ex.c.bitness() << 8;
+            let gen = ex.c.cache.gen;
+            let linked = if prev_gen == gen {
+                // SAFETY: `prev` was in the cache when fetched in generation `gen` (prev_gen is only set for
+                // cached blocks), and blocks leave the cache only with a generation bump, so it is alive.
+                let p = unsafe { &*prev };
+                let l = p.links[(rip != p.end_ip) as usize].get();
+                (l.rip == rip && l.gen == gen && l.mode == mode).then_some(l.to)
+            } else {
+                None
+            };
+            let fetched = match linked {
+                Some(b) => Ok((b, true)),
+                None => ex.fetch_block(),
+            };
+            let blk = match fetched {
+                Ok((b, cached)) => {
+                    if linked.is_none() && prev_gen == gen && ex.c.cache.gen == gen && cached {
+                        // SAFETY: as above, `prev` is alive: no generation bump since it was fetched.
+                        let p = unsafe { &*prev };
+                        p.links[(rip != p.end_ip) as usize].set(cpu::Link { rip, gen, mode, to: b });
+                    }
+                    prev = b;
+                    prev_gen = if cached { ex.c.cache.gen } else { u64::MAX };
+                    // SAFETY: `fetch_block` keeps the block alive (in the cache or `cache.retired`) until its
+                    // next call, which comes after the last use of `blk` in this iteration; a linked block is in
+                    // the cache (links are made only to cached blocks and die with the generation). Blocks are
+                    // only read through shared references (`runs` and `links` are `Cell`s).
+                    unsafe { &*b }
+                }
                 Err(Fault::Exc(v, e)) => {
                     ex.c.cur_ip = ex.c.rip;
                     if let Some(exit) = ex.raise(v, e, Event::Exception) {
@@ -293,33 +324,62 @@ impl SoftVcpu {
             // `-d in_asm`-style tracing (target `swcpu::insn`), checked once per block to keep the loop cheap.
             let trace = log::log_enabled!(target: "swcpu::insn", log::Level::Trace);
             ex.c.end_block = false;
-            let n = if had_shadow { 1 } else { blk.insns.len() };
-            for (i, &op) in blk.insns[..n].iter().zip(&blk.ops[..n]) {
+            if had_shadow {
+                // Under an interrupt shadow only the first instruction runs, through the generic path: it
+                // computes the flags that `drop_dead_flags` may have left to a later instruction of the block.
+                let i = &blk.insns[0];
                 if trace {
                     log::trace!(target: "swcpu::insn", "{:#x}: {i}", ex.c.rip);
                 }
                 ex.c.cur_ip = ex.c.rip;
                 ex.c.rip = i.next_ip();
-                match ex.step_op(op, i) {
-                    Ok(()) => ex.c.instructions += 1,
-                    Err(Fault::Exc(v, e)) => {
-                        ex.c.rip = ex.c.cur_ip;
-                        if let Some(exit) = ex.raise(v, e, Event::Exception) {
-                            return exit;
-                        }
-                        break;
-                    }
-                    Err(Fault::Exit(x)) => {
-                        ex.c.rip = ex.c.cur_ip;
-                        return x;
+                let r = ex.step(i);
+                ex.c.shadow = false;
+                match ex.retire(r) {
+                    Some(Some(exit)) => return exit,
+                    _ => continue,
+                }
+            }
+            for (i, op) in blk.insns.iter().zip(blk.ops.iter()) {
+                if trace {
+                    log::trace!(target: "swcpu::insn", "{:#x}: {i}", ex.c.rip);
+                }
+                ex.c.cur_ip = ex.c.rip;
+                ex.c.rip = i.next_ip();
+                let r = ex.step_op(op, i);
+                if r.is_err() {
+                    match ex.retire(r) {
+                        Some(Some(exit)) => return exit,
+                        _ => break,
                     }
                 }
+                ex.c.instructions += 1;
                 if ex.c.end_block {
                     break;
                 }
             }
-            if had_shadow {
-                ex.c.shadow = false;
+        }
+    }
+}
+
+impl Exec<'_> {
+    /// After one instruction: counts it if it completed, else rewinds RIP and delivers its exception.
+    /// `None`: it completed; `Some(None)`: an exception was delivered (leave the block); `Some(Some(exit))`:
+    /// `run` returns `exit`.
+    #[inline(always)]
+    fn retire(&mut self, r: Res<()>) -> Option<Option<VcpuExit>> {
+        match r {
+            Ok(()) => {
+                self.c.instructions += 1;
+                None
+            }
+            Err(Fault::Exc(v, e)) => {
+                self.c.rip = self.c.cur_ip;
+                Some(self.raise(v, e, Event::Exception))
+            }
+            Err(Fault::Exit(x)) => {
+                self.c.rip = self.c.cur_ip;
+                Some(Some(x))
             }
         }
     }
@@ -351,9 +411,10 @@ impl Exec<'_> {
         Some(VcpuExit::Reset)
     }
 
-    /// The block at RIP. The pointer stays valid until the next call: the block is owned by the cache or, if
-    /// removed from it (or never cached), by `cache.retired`, which only this function empties.
-    fn fetch_block(&mut self) -> Res<*const Block> {
+    /// The block at RIP, and whether it is in the cache (page-crossing instructions are not). The pointer stays
+    /// valid until the next call: the block is owned by the cache or, if removed from it (or never cached), by
+    /// `cache.retired`, which only this function empties.
+    fn fetch_block(&mut self) -> Res<(*const Block, bool)> {
         if !self.c.cache.retired.is_empty() {
             self.c.cache.retired.clear();
         }
@@ -365,7 +426,7 @@ impl Exec<'_> {
         let slot = (rip as usize ^ (rip >> 12) as usize) & (cpu::FAST_BLOCKS - 1);
         if let Some((k, b)) = &self.c.cache.fast[slot] {
             if *k == key {
-                return Ok(Arc::as_ptr(b));
+                return Ok((Arc::as_ptr(b), true));
             }
         }
         let b = match self.c.cache.map.get(&key) {
@@ -374,12 +435,13 @@ impl Exec<'_> {
         };
         let p = Arc::as_ptr(&b);
         // Blocks spanning two pages (decoded per use) are not cached anywhere.
-        if self.c.cache.map.contains_key(&key) {
+        let cached = self.c.cache.map.contains_key(&key);
+        if cached {
             self.c.cache.fast[slot] = Some((key, b));
         } else {
             self.c.cache.retired.push(b);
         }
-        Ok(p)
+        Ok((p, cached))
     }
 
     #[cold]
@@ -412,9 +474,13 @@ impl Exec<'_> {
         }
         let page = gpa & !0xfff;
         let used = (dec.position()).min(avail);
-        let ops = insns.iter().map(|i| fast::classify(i, bits)).collect();
+        let mut ops: Vec<fast::Op> = insns.iter().map(|i| fast::classify(i, bits)).collect();
+        fast::drop_dead_flags(&mut ops, &insns);
+        let end_ip = insns.last().map_or(rip, |i| i.next_ip());
         let b = Arc::new(Block {
-            ops,
+            end_ip,
+            links: Default::default(),
+            ops: ops.into_boxed_slice(),
             insns: insns.into_boxed_slice(),
             gpa,
             bytes: buf[..used].to_vec().into_boxed_slice(),
@@ -444,6 +510,8 @@ impl Exec<'_> {
         let mut dec = Decoder::with_ip(bits, &b, rip, DecoderOptions::NONE);
         let i = dec.decode();
         Ok(Arc::new(Block {
+            end_ip: i.next_ip(),
+            links: Default::default(),
             ops: Box::new([fast::classify(&i, bits)]),
             insns: vec![i].into_boxed_slice(),
             gpa,

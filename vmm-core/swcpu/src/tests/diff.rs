@@ -629,8 +629,17 @@ fn make_case(rng: &mut Rng) -> Option<(Instruction, Vec<u8>)> {
     if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory) {
         let addr32 = i.memory_base().size() == 4 || i.memory_index().size() == 4;
         i.set_memory_base(if addr32 { Register::EBX } else { Register::RBX });
-        i.set_memory_index(Register::None);
-        i.set_memory_index_scale(1);
+        // A third of the cases also get an index, R12 scaled by 1-8 (R12 holds 0..0xff then, see
+        // `INDEX_REG`), so the pre-decoded address forms of `fast` are compared too. Not for BT/BTS/BTR/BTC,
+        // whose bit offset already moves the address.
+        let index = rng.below(3) == 0 && !matches!(i.mnemonic(), M::Bt | M::Bts | M::Btr | M::Btc);
+        if index {
+            i.set_memory_index(if addr32 { Register::R12D } else { Register::R12 });
+            i.set_memory_index_scale(1 << rng.below(4));
+        } else {
+            i.set_memory_index(Register::None);
+            i.set_memory_index_scale(1);
+        }
         let disp = (rng.below(0x1000) as i64 - 0x800) as u64;
         i.set_memory_displacement64(if addr32 { disp & 0xffff_ffff } else { disp });
         i.set_memory_displ_size(if addr32 { 4 } else { 8 });
@@ -645,6 +654,10 @@ fn make_case(rng: &mut Rng) -> Option<(Instruction, Vec<u8>)> {
     }
     Some((i2, code))
 }
+
+/// The index register of rewritten memory operands (`make_case`): GPR 12, kept below 0x100 so that
+/// `RBX_VAL + disp + R12 * 8` stays inside DATA.
+const INDEX_REG: usize = 12;
 
 /// Page tables (in the system area's spare pages) mapping the system area's 2 MiB page and the test region
 /// with 4 KiB user pages, nothing else.
@@ -666,8 +679,81 @@ fn build_diff_tables(sys: &Mapping) {
     }
 }
 
+/// iced's `RflagsBits` (OF SF ZF AF CF PF) as RFLAGS bits.
+fn iced_flags(b: u32) -> u64 {
+    use crate::cpu::{AF, CF, OF, PF, SF, ZF};
+    [(0x01, OF), (0x02, SF), (0x04, ZF), (0x08, AF), (0x10, CF), (0x20, PF)]
+        .iter()
+        .filter(|(i, _)| b & i != 0)
+        .fold(0, |acc, (_, f)| acc | f)
+}
+
+/// A run of 2-6 random instructions (one block on the soft side, so the dead-flag elimination of `fast` is
+/// exercised: early instructions whose flags a later one overwrites skip computing them). Returns the last
+/// instruction, the code, and the flags left undefined at the end. Rejected: RBX writers before the last
+/// instruction (RBX and R12 address the memory operands), instructions needing special register setups, count-in-CL
+/// shifts (their flag effect depends on CL, which earlier instructions change), and flag reads while a flag is undefined.
+fn make_sequence(rng: &mut Rng, regs: &[u64; 17]) -> Option<(Instruction, Vec<u8>, u64, String)> {
+    let n = 2 + rng.below(5) as usize;
+    let mut code = Vec::new();
+    let mut undef = 0u64;
+    let mut text = Vec::new();
+    let mut last = None;
+    for k in 0..n {
+        let (i, c) = make_case(rng)?;
+        let special = (0..i.op_count()).any(|n| {
+            matches!(
+                i.op_kind(n),
+                OpKind::MemoryESRDI | OpKind::MemoryESEDI | OpKind::MemorySegRSI | OpKind::MemorySegESI
+            )
+        }) || matches!(i.mnemonic(), M::Xlatb | M::Bt | M::Bts | M::Btr | M::Btc | M::Shld | M::Shrd);
+        if special {
+            return None;
+        }
+        let by_cl = matches!(i.mnemonic(), M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr)
+            && i.op_count() == 2
+            && i.op_kind(1) == OpKind::Register;
+        if by_cl {
+            return None;
+        }
+        if k + 1 < n {
+            let writes_rbx = (0..i.op_count()).any(|n| {
+                i.op_kind(n) == OpKind::Register
+                    && matches!(i.op_register(n).full_register(), Register::RBX | Register::R12)
+            });
+            if writes_rbx || matches!(i.mnemonic(), M::Cmpxchg8b | M::Cmpxchg16b) {
+                return None;
+            }
+        }
+        if i.rflags_read() != 0 && undef != 0 {
+            return None;
+        }
+        undef = (undef & !iced_flags(i.rflags_modified())) | undefined_flags(&i, regs);
+        // The code of each instruction was encoded at SEQ: only RIP-independent forms can move.
+        let mut dec = Decoder::with_ip(64, &c, SEQ + code.len() as u64, DecoderOptions::NONE);
+        let moved = dec.decode();
+        if moved.is_invalid() || moved.memory_base() == Register::RIP || moved.is_ip_rel_memory_operand() {
+            return None;
+        }
+        text.push(format!("{i}"));
+        code.extend_from_slice(&c);
+        last = Some(moved);
+    }
+    Some((last?, code, undef, text.join("; ")))
+}
+
 #[test]
 fn differential_random_instructions() {
+    differential(false);
+}
+
+/// Like `differential_random_instructions`, with sequences of instructions executed as one block.
+#[test]
+fn differential_random_sequences() {
+    differential(true);
+}
+
+fn differential(sequences: bool) {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mapping::new(LEN, Some(BASE));
     let sys = build_system_area();
@@ -695,7 +781,22 @@ fn differential_random_instructions() {
     let mut faults = 0usize;
     let mut seen = std::collections::BTreeSet::new();
     while tested < cases {
-        let Some((insn, code)) = make_case(&mut rng) else { continue };
+        let mut seq_regs = [0u64; 17];
+        let mut seq_undef = 0;
+        let mut seq_text = String::new();
+        let (insn, code) = if sequences {
+            for r in seq_regs.iter_mut() {
+                *r = rng.value();
+            }
+            seq_regs[INDEX_REG] = rng.below(0x100);
+            let Some((i, c, u, t)) = make_sequence(&mut rng, &seq_regs) else { continue };
+            seq_undef = u;
+            seq_text = t;
+            (i, c)
+        } else {
+            let Some(c) = make_case(&mut rng) else { continue };
+            c
+        };
         if only.as_ref().is_some_and(|o| !format!("{insn}").starts_with(o.as_str())) {
             continue;
         }
@@ -705,7 +806,11 @@ fn differential_random_instructions() {
         for r in regs.iter_mut() {
             *r = rng.value();
         }
+        if sequences {
+            regs = seq_regs;
+        }
         regs[3] = RBX_VAL;
+        regs[INDEX_REG] = rng.below(0x100);
         // Sometimes point the memory operand at unmapped memory (on both sides) to compare #PF delivery.
         if rng.below(16) == 0 {
             regs[3] = BASE + 0x9000 + rng.below(0x1000);
@@ -717,7 +822,7 @@ fn differential_random_instructions() {
                 OpKind::MemoryESRDI | OpKind::MemoryESEDI | OpKind::MemorySegRSI | OpKind::MemorySegESI
             )
         });
-        if strings || insn.mnemonic() == M::Xlatb {
+        if (strings || insn.mnemonic() == M::Xlatb) && !sequences {
             regs[6] = DATA + 0x400 + rng.below(0x200);
             regs[7] = DATA + 0x1000 + rng.below(0x200);
             regs[1] = rng.below(48);
@@ -732,6 +837,7 @@ fn differential_random_instructions() {
         // A register bit offset moves a memory operand by offset/8 bytes: keep it inside DATA so the
         // instruction cannot hit the harness's code or register areas.
         if matches!(insn.mnemonic(), M::Bt | M::Bts | M::Btr | M::Btc)
+            && !sequences
             && insn.op_kind(0) == OpKind::Memory
             && insn.op_kind(1) == OpKind::Register
         {
@@ -779,6 +885,7 @@ fn differential_random_instructions() {
         let soft = match run_soft(&m, &sys, &regs, &xmm) {
             Ok(o) => o,
             Err(e) => {
+                let insn = if sequences { seq_text.clone() } else { format!("{insn}") };
                 failures.push(format!("{insn} ({:02x?}): {e}", code));
                 continue;
             }
@@ -809,7 +916,8 @@ fn differential_random_instructions() {
                     ));
                 }
             }
-            let fm = !undefined_flags(&insn, &regs) & 0xcd5;
+            let undef = if sequences { seq_undef } else { undefined_flags(&insn, &regs) };
+            let fm = !undef & 0xcd5;
             if host.regs[16] & fm != soft.regs[16] & fm {
                 why.push(format!(
                     "rflags host {:#x} soft {:#x} (in {:#x}, compared {fm:#x})",
@@ -832,6 +940,7 @@ fn differential_random_instructions() {
             }
         }
         if !why.is_empty() {
+            let insn = if sequences { seq_text.clone() } else { format!("{insn}") };
             failures.push(format!("{insn} ({:02x?}): {}", code, why.join("; ")));
         }
     }
@@ -839,7 +948,11 @@ fn differential_random_instructions() {
         // SAFETY: restoring the handlers saved above.
         unsafe { libc::sigaction(*s, old[k].as_ptr(), std::ptr::null_mut()) };
     }
-    eprintln!("differential: {tested} cases, {faults} faulting on both, {} mnemonics: {:?}", seen.len(), seen);
+    eprintln!(
+        "differential (sequences: {sequences}): {tested} cases, {faults} faulting on both, {} mnemonics: {:?}",
+        seen.len(),
+        seen
+    );
     if !failures.is_empty() {
         let n = failures.len();
         failures.truncate(40);
