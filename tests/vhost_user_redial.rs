@@ -145,6 +145,17 @@ fn next_event(rx: &mpsc::Receiver<Event>) -> Event {
     rx.recv_timeout(Duration::from_secs(20)).expect("an event from the supervisor")
 }
 
+/// The next event other than `RestoreFailed`: while a backend restarts, a redial can reach the dying process's
+/// listener (its backlog is reset when the process finishes exiting); the core reports that and dials again.
+fn next_outcome(rx: &mpsc::Receiver<Event>) -> Event {
+    loop {
+        match next_event(rx) {
+            Event::RestoreFailed { reason } => eprintln!("a restore attempt failed, the core retries: {reason}"),
+            other => return other,
+        }
+    }
+}
+
 #[test]
 fn the_core_redials_a_restarted_backend_and_swaps_to_another() {
     let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
@@ -193,7 +204,7 @@ fn the_core_redials_a_restarted_backend_and_swaps_to_another() {
     assert!(!completed(&ram, 1, 2, Duration::from_millis(200)), "nothing serves the queue while the backend is dead");
     let restarted = Instant::now();
     let _blk2 = tessera_blk(&img, &sock_a);
-    match next_event(&rx) {
+    match next_outcome(&rx) {
         Event::Reconnected { stall, in_flight } => {
             eprintln!(
                 "redialed: stall {} ms, {} ms after the restart began, {in_flight} request(s) waiting",
