@@ -5,7 +5,9 @@
 //! of order, so the inflight region is what tells a restarted backend what to resubmit).
 //!
 //! In the guest, four writers loop over their own 128 KiB slots: write a pattern with O_DIRECT, read it back,
-//! compare. Meanwhile the test
+//! compare; a reader streams the first MiB with O_DIRECT 4 KiB reads, so that a request is waiting at most
+//! kills (the writers spend most of their time on the CPU: building and comparing patterns in busybox on the
+//! software CPU). Meanwhile the test
 //! 1. SIGKILLs the launcher's tessera-blk (its pid from `x-tessera-query-backends`, checked against the
 //!    launcher's children in /proc) at random moments, 20+ times; the launcher restarts it and the core
 //!    reconnects;
@@ -69,7 +71,16 @@ writer() {
   done
   echo "WRITER $id DONE $n"
 }
+reader() {
+  n=0
+  while [ ! -e /tmp/stop ]; do
+    n=$((n+1))
+    dd if=/dev/vda of=/dev/null bs=4096 count=256 iflag=direct 2>/tmp/er || echo "IOERR reader n$n $(cat /tmp/er)"
+  done
+  echo "READER DONE $n"
+}
 for id in 1 2 3 4; do writer $id & done
+reader &
 echo WRITERS-STARTED
 read line
 touch /tmp/stop
@@ -211,11 +222,30 @@ struct Outage {
     stall_ms: u64,
     to_event: Duration,
     to_first: Option<Duration>,
+    /// Requests the guest had made available and not seen used when the core restored the device (the core's
+    /// log line): with none, the guest was not waiting and the first completion only says when it next asked.
+    waiting: Option<u32>,
+}
+
+/// The core's "... reconnected, device restored after N ms (M requests were in flight)" logged after `since`.
+fn waiting_at_restore(log: &Log, since: Instant) -> Option<u32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = log.lock().unwrap().iter().filter(|(t, _)| *t >= since).find_map(|(_, l)| {
+            l.contains("vhost-user backend reconnected")
+                .then(|| l.split('(').nth(1)?.split(" requests were in flight").next()?.parse::<u32>().ok())
+                .flatten()
+        });
+        if n.is_some() || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Wait for the events of one outage (a DISCONNECTED if `disconnect`, then RECONNECTED) and tessera-blk's
 /// first completion in `log`, all timed from `t0`.
-fn outage(q: &mut Qmp, log: &Log, t0: Instant, disconnect: bool) -> Outage {
+fn outage(q: &mut Qmp, log: &Log, core_log: &Log, t0: Instant, disconnect: bool) -> Outage {
     if disconnect {
         let d = q.event("X_TESSERA_BACKEND_DISCONNECTED");
         assert_eq!(d["data"]["id"], DRIVE, "{d}");
@@ -225,7 +255,8 @@ fn outage(q: &mut Qmp, log: &Log, t0: Instant, disconnect: bool) -> Outage {
     assert_eq!(r["data"]["id"], DRIVE, "{r}");
     let stall_ms = r["data"]["stall-ms"].as_u64().unwrap_or_else(|| panic!("no stall-ms: {r}"));
     let to_first = first_completion_after(log, t0);
-    Outage { stall_ms, to_event, to_first }
+    let waiting = waiting_at_restore(core_log, t0);
+    Outage { stall_ms, to_event, to_first, waiting }
 }
 
 fn print_stats(what: &str, v: &[u128]) {
@@ -247,6 +278,13 @@ fn summary(label: &str, o: &[Outage]) {
     print_stats(
         &format!("{label}: -> first completed request"),
         &o.iter().filter_map(|x| x.to_first.map(|d| d.as_millis())).collect::<Vec<_>>(),
+    );
+    print_stats(
+        &format!("{label}: -> first completed request, guest waiting at the restore"),
+        &o.iter()
+            .filter(|x| x.waiting.is_some_and(|n| n > 0))
+            .filter_map(|x| x.to_first.map(|d| d.as_millis()))
+            .collect::<Vec<_>>(),
     );
 }
 
@@ -332,13 +370,15 @@ fn linux_on_tessera_keeps_writing_while_the_launchers_tessera_blk_is_killed_rest
         let pid = blk_pid(&mut q, launcher);
         kill(pid, Signal::SIGKILL).unwrap();
         let t0 = Instant::now();
-        let o = outage(&mut q, &log, t0, true);
+        let o = outage(&mut q, &log, &log, t0, true);
         assert_ne!(blk_pid(&mut q, launcher), pid, "a new tessera-blk serves {DRIVE}");
         eprintln!(
-            "kill {k}: stall-ms {} (core), kill -> RECONNECTED {} ms, kill -> first completed request {}",
+            "kill {k}: stall-ms {} (core), kill -> RECONNECTED {} ms, kill -> first completed request {} \
+             ({} requests waiting at the restore)",
             o.stall_ms,
             o.to_event.as_millis(),
-            o.to_first.map_or("not seen".into(), |d| format!("{} ms", d.as_millis()))
+            o.to_first.map_or("not seen".into(), |d| format!("{} ms", d.as_millis())),
+            o.waiting.map_or("?".into(), |n| n.to_string())
         );
         kills.push(o);
     }
@@ -353,15 +393,16 @@ fn linux_on_tessera_keeps_writing_while_the_launchers_tessera_blk_is_killed_rest
         let r = q.cmd(&json!({"execute": "x-tessera-backend-restart", "arguments": {"id": DRIVE}}).to_string());
         let answered = t0.elapsed();
         assert_eq!(r, json!({"return": {}}), "x-tessera-backend-restart");
-        let o = outage(&mut q, &log, t0, true);
+        let o = outage(&mut q, &log, &log, t0, true);
         assert_ne!(blk_pid(&mut q, launcher), old, "a new tessera-blk serves {DRIVE}");
         eprintln!(
             "x-tessera-backend-restart {k}: answered after {} ms, stall-ms {}, command -> RECONNECTED {} ms, \
-             command -> first completed request {}",
+             command -> first completed request {} ({} requests waiting at the restore)",
             answered.as_millis(),
             o.stall_ms,
             o.to_event.as_millis(),
-            o.to_first.map_or("not seen".into(), |d| format!("{} ms", d.as_millis()))
+            o.to_first.map_or("not seen".into(), |d| format!("{} ms", d.as_millis())),
+            o.waiting.map_or("?".into(), |n| n.to_string())
         );
         restarts.push(o);
     }
@@ -397,13 +438,14 @@ fn linux_on_tessera_keeps_writing_while_the_launchers_tessera_blk_is_killed_rest
     );
     assert_eq!(r, json!({"return": {}}), "x-tessera-backend-swap");
     let hand_log = vm.hand_log.clone();
-    let swap = outage(&mut q, &hand_log, t0, false);
+    let swap = outage(&mut q, &hand_log, &log, t0, false);
     eprintln!(
         "x-tessera-backend-swap: stall-ms {}, command -> RECONNECTED {} ms, command -> first completed request on \
-         the new backend {}",
+         the new backend {} ({} requests waiting at the restore)",
         swap.stall_ms,
         swap.to_event.as_millis(),
-        swap.to_first.map_or("not seen".into(), |d| format!("{} ms", d.as_millis()))
+        swap.to_first.map_or("not seen".into(), |d| format!("{} ms", d.as_millis())),
+        swap.waiting.map_or("?".into(), |n| n.to_string())
     );
     assert!(swap.to_first.is_some(), "the hand-started tessera-blk completed no request after the swap");
     let b = backend(&mut q);
@@ -460,6 +502,9 @@ fn linux_on_tessera_keeps_writing_while_the_launchers_tessera_blk_is_killed_rest
         }
     }
     assert_eq!(done, WRITERS, "every writer reported");
+    let reads = text.lines().find_map(|l| l.strip_prefix("READER DONE ")).and_then(|n| n.trim().parse::<u32>().ok());
+    assert!(reads.is_some_and(|n| n > 1), "the reader made no progress");
+    eprintln!("reader: {} passes over 1 MiB", reads.unwrap_or(0));
     // tessera-blk: "queue N: resubmitting M request(s) that were in flight" (from the inflight region).
     let resubmitted: u32 = log_text(&log)
         .lines()
