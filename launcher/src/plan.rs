@@ -313,7 +313,15 @@ pub fn build(cfg: &VmConfig) -> Plan {
         smp: cfg.smp.cpus,
         ram: RamConfig {
             size: cfg.ram_size,
-            shared: cfg.memory_backend.as_ref().is_some_and(|m| m.share),
+            // `shared` is what the user declared, checked by the core for backends the user runs (QEMU's rule:
+            // `-device vhost-user-blk-pci` needs share=on RAM). A `-drive if=virtio` needs no memory backend in
+            // QEMU; here its tessera-blk maps the core's memfd, which the core always maps MAP_SHARED, so a
+            // drive without a memory backend counts as shared (as a launcher-started tessera-net does in the
+            // core). An explicit share=off, or an external vhost-user-blk device, keeps QEMU's refusal.
+            shared: match &cfg.memory_backend {
+                Some(m) => m.share,
+                None => !cfg.drives.is_empty() && cfg.vhost_user_blk.is_empty(),
+            },
             backend_id: cfg.memory_backend.as_ref().map(|m| m.id.clone()),
         },
         boot: BootConfig { kernel, initrd, cmdline: cfg.append.clone() },
