@@ -463,7 +463,6 @@ fn random_messages_never_take_the_backend_down() {
 #[test]
 fn serves_inherited_socket_and_image_descriptors() {
     use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
 
     let dir = TempDir::new("blk-vu-fds").unwrap();
     let img = image(dir.path(), 6);
@@ -477,16 +476,7 @@ fn serves_inherited_socket_and_image_descriptors() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).unwrap());
-    // SAFETY: only async-signal-safe dup2 calls between fork and exec; dup2 leaves the new
-    // descriptors without FD_CLOEXEC, so they survive the exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(lfd, 3) < 0 || libc::dup2(ifd, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    tessera_tests::bins::pass_fds(&mut cmd, vec![lfd, ifd]);
     let child = cmd.spawn().expect("start tessera-blk");
     let backend = Backend { child, dir: dir.path().to_owned() };
     drop(listener);

@@ -16,7 +16,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -65,27 +65,7 @@ impl Net {
         }
         cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null());
         cmd.stderr(std::fs::File::create(&log).unwrap());
-        let mut sources = [Some(listener.as_raw_fd()), tap];
-        // SAFETY: fcntl and dup2 only, between fork and exec (async-signal-safe); the sources are open in this
-        // process. Each source moves above the targets first, so no dup2 overwrites one not moved yet.
-        unsafe {
-            cmd.pre_exec(move || {
-                for s in sources.iter_mut().flatten() {
-                    *s = libc::fcntl(*s, libc::F_DUPFD_CLOEXEC, 64);
-                    if *s < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                for (i, s) in sources.iter().enumerate() {
-                    if let Some(fd) = s {
-                        if libc::dup2(*fd, 3 + i as i32) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                }
-                Ok(())
-            });
-        }
+        tessera_tests::bins::pass_fds(&mut cmd, [Some(listener.as_raw_fd()), tap].into_iter().flatten().collect());
         let keep: Vec<RawFd> = if tap.is_some() { vec![3, 4] } else { vec![3] };
         tessera_policy::prepare_command(&mut cmd, &options(), &keep);
         let child = cmd.spawn().unwrap();

@@ -63,3 +63,29 @@ pub fn wait_output(mut child: std::process::Child, timeout: std::time::Duration)
     }
     child.wait_with_output().unwrap()
 }
+
+/// Makes `sources` the child's descriptors 3, 4, ... (in order) across exec, as the launcher passes them. Each
+/// source first moves above the targets, so that no `dup2` overwrites a source not moved yet and a source that
+/// already is its own target still loses close-on-exec.
+pub fn pass_fds(cmd: &mut std::process::Command, sources: Vec<std::os::fd::RawFd>) {
+    use std::os::unix::process::CommandExt;
+    let mut sources = sources;
+    // SAFETY: fcntl and dup2 only between fork and exec (async-signal-safe); `sources` was allocated before the
+    // fork and is only written in place; the descriptors are open in this process.
+    unsafe {
+        cmd.pre_exec(move || {
+            for s in sources.iter_mut() {
+                *s = nix::libc::fcntl(*s, nix::libc::F_DUPFD_CLOEXEC, 64);
+                if *s < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, s) in sources.iter().enumerate() {
+                if nix::libc::dup2(*s, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
