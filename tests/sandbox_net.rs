@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use tessera_tests::{bins, misbehave};
 
 const NOBODY: u32 = 65534;
+/// net-user.toml's `filesystem.read_only`: libslirp's resolver list and glib's seed.
+const NET_USER_FILES: &[&str] = &["/etc/resolv.conf", "/dev/urandom"];
 const SIGSYS: i32 = 31;
 
 fn is_root() -> bool {
@@ -142,8 +144,9 @@ impl Net {
         u64::from_le_bytes(reply[12..20].try_into().unwrap())
     }
 
-    /// Seccomp, NoNewPrivs, capabilities, uid, root; whether its network namespace is the test's.
-    fn assert_confined(&self, own_net_namespace: bool) {
+    /// Seccomp, NoNewPrivs, capabilities, uid, root (empty but for `root_files`, the profile's
+    /// `filesystem.read_only`); whether its network namespace is the test's.
+    fn assert_confined(&self, own_net_namespace: bool, root_files: &[&str]) {
         let pid = self.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let field = |name: &str| -> String {
@@ -159,14 +162,45 @@ impl Net {
             assert_eq!(field(cap), "0000000000000000", "{cap}");
         }
         for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            let s = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
+            // A thread that ended meanwhile (the relay of a closed connection) has no status to read.
+            let Ok(s) = std::fs::read_to_string(t.unwrap().path().join("status")) else { continue };
+            if s.is_empty() {
+                continue;
+            }
             assert!(s.lines().any(|l| l == "Seccomp:\t2"), "every thread is filtered: {s}");
         }
         if is_root() {
             let want = format!("{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}");
             assert_eq!(field("Uid"), want);
-            let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root")).unwrap().collect();
-            assert!(root.is_empty(), "its root is empty: {root:?}");
+            let root = Path::new("/proc").join(pid.to_string()).join("root");
+            let mut top: Vec<String> = std::fs::read_dir(&root)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            top.sort();
+            let mut want: Vec<String> = root_files
+                .iter()
+                .filter(|f| Path::new(f).exists())
+                .map(|f| f.trim_start_matches('/').split('/').next().unwrap().to_string())
+                .collect();
+            want.sort();
+            want.dedup();
+            assert_eq!(top, want, "its root holds only {root_files:?}");
+            for f in root_files.iter().filter(|f| Path::new(f).exists()) {
+                let inside = root.join(f.trim_start_matches('/'));
+                let meta = std::fs::metadata(&inside).unwrap_or_else(|e| panic!("{f} in its root: {e}"));
+                assert_eq!(meta.file_type(), std::fs::metadata(f).unwrap().file_type(), "{f}");
+                if meta.is_file() {
+                    assert_eq!(std::fs::read(&inside).unwrap(), std::fs::read(f).unwrap(), "{f}: the host's file");
+                }
+            }
+            let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+            for f in root_files.iter().filter(|f| Path::new(f).exists()) {
+                let line =
+                    mounts.lines().find(|l| l.split(' ').nth(1) == Some(f)).unwrap_or_else(|| panic!("{f}: {mounts}"));
+                let opts = line.split(' ').nth(3).unwrap();
+                assert!(opts.split(',').any(|o| o == "ro"), "{f} is mounted read-only: {line}");
+            }
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
             let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
             assert_eq!(theirs != ours, own_net_namespace, "network namespace {theirs:?} (ours {ours:?})");
@@ -207,7 +241,7 @@ fn user_mode_networking_runs_confined_in_the_host_network_namespace() {
     net.wait_confined();
     let f = net.features();
     assert!(f & (1 << 32) != 0, "VERSION_1 offered: {f:#x}");
-    net.assert_confined(false);
+    net.assert_confined(false, NET_USER_FILES);
     // The hostfwd= listener libslirp opened after confinement takes a host connection.
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Err(e) = std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -255,7 +289,7 @@ fn a_tap_backend_runs_confined_in_a_network_namespace_of_its_own() {
     net.wait_confined();
     let f = net.features();
     assert!(f & (1 << 32) != 0, "VERSION_1 offered: {f:#x}");
-    net.assert_confined(true);
+    net.assert_confined(true, &[]);
     assert!(matches!(net.child.try_wait(), Ok(None)), "still serving: {}", net.logs());
 }
 
@@ -267,6 +301,28 @@ fn the_misbehaving_net_backend_is_denied_or_killed() {
     }
     let bin = misbehave::binary("tessera-net");
     let dir = tempfile::tempdir().unwrap();
+    // User mode: the two files of its root can be opened and read (libslirp's DNS forwarding needs
+    // /etc/resolv.conf), and nothing else: /etc/passwd stays ENOENT.
+    if NET_USER_FILES.iter().all(|f| Path::new(f).exists()) {
+        let mut net = Net::start(
+            dir.path(),
+            &bin,
+            &["--user"],
+            None,
+            &[("TESSERA_MISBEHAVE", "net:read-resolv-conf,read-urandom,open-passwd")],
+        );
+        net.wait_confined();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !net.logs().contains("misbehave: open-passwd: denied") {
+            assert!(Instant::now() < deadline, "no misbehave lines: {}", net.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let logs = net.logs();
+        assert!(logs.contains("tessera-net: misbehave: read-resolv-conf: ALLOWED"), "{logs}");
+        assert!(logs.contains("tessera-net: misbehave: read-urandom: ALLOWED"), "{logs}");
+        assert!(logs.contains("tessera-net: misbehave: open-passwd: denied ENOENT"), "{logs}");
+        assert!(matches!(net.child.try_wait(), Ok(None)), "still serving: {logs}");
+    }
     // User mode: socket(AF_INET) is its job; a path, execve, ptrace and mount are not.
     for (ops, killer) in [("open-passwd,execve", "execve"), ("ptrace-parent", "ptrace-parent"), ("mount", "mount")] {
         let mut net = Net::start(dir.path(), &bin, &["--user"], None, &[("TESSERA_MISBEHAVE", &format!("net:{ops}"))]);
