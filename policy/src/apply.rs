@@ -511,8 +511,16 @@ fn enter_empty_root(
 fn bind_read_only(host: &Path, new_root: &Path) -> Result<bool, PolicyError> {
     use nix::sys::statvfs::{statvfs, FsFlags};
     let none: Option<&str> = None;
-    if std::fs::metadata(host).is_err() {
-        return Ok(false);
+    match std::fs::metadata(host) {
+        Err(_) => return Ok(false),
+        // The mount point made below is a file: a directory cannot be bound on it.
+        Ok(m) if m.is_dir() => {
+            return Err(PolicyError::Os {
+                step: "binding a read-only file (the host has a directory there)",
+                source: std::io::Error::from_raw_os_error(libc::EISDIR),
+            })
+        }
+        Ok(_) => {}
     }
     let target = new_root.join(host.strip_prefix("/").unwrap_or(host));
     if let Some(dir) = target.parent() {
