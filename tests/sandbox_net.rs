@@ -6,6 +6,9 @@
 //!   the -runas uid, an empty root, and the *host's* network namespace; the vhost-user socket answers
 //!   GET_FEATURES (through the relay's private socket, made after confinement); a `hostfwd=` port opened after
 //!   confinement accepts a host connection;
+//! - user-mode networking end to end (root): a guest's DNS query to 10.0.2.3 is forwarded to the resolver
+//!   /etc/resolv.conf names (the test's responder, through a resolv.conf bound over the host's for that process),
+//!   so the confined process reads the file through its root's read-only bind;
 //! - tap (`--tap-fd`, profile `net`, root only): the same, but in a network namespace of its own;
 //! - the misbehave build: a path is ENOENT and the process carries on; execve kills it (user mode); socket(AF_INET)
 //!   kills it (tap);
@@ -16,7 +19,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,6 +27,8 @@ use std::time::{Duration, Instant};
 use tessera_tests::{bins, misbehave};
 
 const NOBODY: u32 = 65534;
+/// net-user.toml's `filesystem.read_only`: libslirp's resolver list and glib's seed.
+const NET_USER_FILES: &[&str] = &["/etc/resolv.conf", "/dev/urandom"];
 const SIGSYS: i32 = 31;
 
 fn is_root() -> bool {
@@ -54,6 +59,21 @@ struct Net {
 
 impl Net {
     fn start(dir: &Path, bin: &Path, args: &[&str], tap: Option<RawFd>, env: &[(&str, &str)]) -> Net {
+        Net::start_seeing(dir, bin, args, tap, env, None)
+    }
+
+    /// [`Net::start`], with `resolv` (root only) bound over /etc/resolv.conf in a mount namespace of the
+    /// child's own, made before the sandbox's: the host's file as far as tessera-net can tell.
+    fn start_seeing(
+        dir: &Path,
+        bin: &Path,
+        args: &[&str],
+        tap: Option<RawFd>,
+        env: &[(&str, &str)],
+        resolv: Option<&Path>,
+    ) -> Net {
+        use std::os::unix::ffi::OsStrExt;
+        let resolv = resolv.map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap());
         let sock = dir.join("net.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).unwrap();
@@ -65,7 +85,36 @@ impl Net {
         }
         cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null());
         cmd.stderr(std::fs::File::create(&log).unwrap());
-        tessera_tests::bins::pass_fds(&mut cmd, [Some(listener.as_raw_fd()), tap].into_iter().flatten().collect());
+        let mut sources = [Some(listener.as_raw_fd()), tap];
+        // SAFETY: unshare, mount, fcntl and dup2 only, between fork and exec (async-signal-safe; the path was
+        // made before the fork); the sources are open in this process. Each source moves above the targets first, so no dup2 overwrites one not moved yet.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(r) = &resolv {
+                    let none = std::ptr::null();
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none.cast()) != 0
+                        || libc::mount(r.as_ptr(), c"/etc/resolv.conf".as_ptr(), none, libc::MS_BIND, none.cast()) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for s in sources.iter_mut().flatten() {
+                    *s = libc::fcntl(*s, libc::F_DUPFD_CLOEXEC, 64);
+                    if *s < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, s) in sources.iter().enumerate() {
+                    if let Some(fd) = s {
+                        if libc::dup2(*fd, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                }
+                Ok(())
+            });
+        }
         let keep: Vec<RawFd> = if tap.is_some() { vec![3, 4] } else { vec![3] };
         tessera_policy::prepare_command(&mut cmd, &options(), &keep);
         let child = cmd.spawn().unwrap();
@@ -122,8 +171,9 @@ impl Net {
         u64::from_le_bytes(reply[12..20].try_into().unwrap())
     }
 
-    /// Seccomp, NoNewPrivs, capabilities, uid, root; whether its network namespace is the test's.
-    fn assert_confined(&self, own_net_namespace: bool) {
+    /// Seccomp, NoNewPrivs, capabilities, uid, root (empty but for `root_files`, the profile's
+    /// `filesystem.read_only`); whether its network namespace is the test's.
+    fn assert_confined(&self, own_net_namespace: bool, root_files: &[&str]) {
         let pid = self.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let field = |name: &str| -> String {
@@ -139,14 +189,45 @@ impl Net {
             assert_eq!(field(cap), "0000000000000000", "{cap}");
         }
         for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            let s = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
+            // A thread that ended meanwhile (the relay of a closed connection) has no status to read.
+            let Ok(s) = std::fs::read_to_string(t.unwrap().path().join("status")) else { continue };
+            if s.is_empty() {
+                continue;
+            }
             assert!(s.lines().any(|l| l == "Seccomp:\t2"), "every thread is filtered: {s}");
         }
         if is_root() {
             let want = format!("{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}");
             assert_eq!(field("Uid"), want);
-            let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root")).unwrap().collect();
-            assert!(root.is_empty(), "its root is empty: {root:?}");
+            let root = Path::new("/proc").join(pid.to_string()).join("root");
+            let mut top: Vec<String> = std::fs::read_dir(&root)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            top.sort();
+            let mut want: Vec<String> = root_files
+                .iter()
+                .filter(|f| Path::new(f).exists())
+                .map(|f| f.trim_start_matches('/').split('/').next().unwrap().to_string())
+                .collect();
+            want.sort();
+            want.dedup();
+            assert_eq!(top, want, "its root holds only {root_files:?}");
+            for f in root_files.iter().filter(|f| Path::new(f).exists()) {
+                let inside = root.join(f.trim_start_matches('/'));
+                let meta = std::fs::metadata(&inside).unwrap_or_else(|e| panic!("{f} in its root: {e}"));
+                assert_eq!(meta.file_type(), std::fs::metadata(f).unwrap().file_type(), "{f}");
+                if meta.is_file() {
+                    assert_eq!(std::fs::read(&inside).unwrap(), std::fs::read(f).unwrap(), "{f}: the host's file");
+                }
+            }
+            let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+            for f in root_files.iter().filter(|f| Path::new(f).exists()) {
+                let line =
+                    mounts.lines().find(|l| l.split(' ').nth(1) == Some(f)).unwrap_or_else(|| panic!("{f}: {mounts}"));
+                let opts = line.split(' ').nth(3).unwrap();
+                assert!(opts.split(',').any(|o| o == "ro"), "{f} is mounted read-only: {line}");
+            }
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
             let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
             assert_eq!(theirs != ours, own_net_namespace, "network namespace {theirs:?} (ours {ours:?})");
@@ -187,7 +268,7 @@ fn user_mode_networking_runs_confined_in_the_host_network_namespace() {
     net.wait_confined();
     let f = net.features();
     assert!(f & (1 << 32) != 0, "VERSION_1 offered: {f:#x}");
-    net.assert_confined(false);
+    net.assert_confined(false, NET_USER_FILES);
     // The hostfwd= listener libslirp opened after confinement takes a host connection.
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Err(e) = std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -235,7 +316,7 @@ fn a_tap_backend_runs_confined_in_a_network_namespace_of_its_own() {
     net.wait_confined();
     let f = net.features();
     assert!(f & (1 << 32) != 0, "VERSION_1 offered: {f:#x}");
-    net.assert_confined(true);
+    net.assert_confined(true, &[]);
     assert!(matches!(net.child.try_wait(), Ok(None)), "still serving: {}", net.logs());
 }
 
@@ -247,6 +328,28 @@ fn the_misbehaving_net_backend_is_denied_or_killed() {
     }
     let bin = misbehave::binary("tessera-net");
     let dir = tempfile::tempdir().unwrap();
+    // User mode: the two files of its root can be opened and read (libslirp's DNS forwarding needs
+    // /etc/resolv.conf), and nothing else: /etc/passwd stays ENOENT.
+    if NET_USER_FILES.iter().all(|f| Path::new(f).exists()) {
+        let mut net = Net::start(
+            dir.path(),
+            &bin,
+            &["--user"],
+            None,
+            &[("TESSERA_MISBEHAVE", "net:read-resolv-conf,read-urandom,open-passwd")],
+        );
+        net.wait_confined();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !net.logs().contains("misbehave: open-passwd: denied") {
+            assert!(Instant::now() < deadline, "no misbehave lines: {}", net.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let logs = net.logs();
+        assert!(logs.contains("tessera-net: misbehave: read-resolv-conf: ALLOWED"), "{logs}");
+        assert!(logs.contains("tessera-net: misbehave: read-urandom: ALLOWED"), "{logs}");
+        assert!(logs.contains("tessera-net: misbehave: open-passwd: denied ENOENT"), "{logs}");
+        assert!(matches!(net.child.try_wait(), Ok(None)), "still serving: {logs}");
+    }
     // User mode: socket(AF_INET) is its job; a path, execve, ptrace and mount are not.
     for (ops, killer) in [("open-passwd,execve", "execve"), ("ptrace-parent", "ptrace-parent"), ("mount", "mount")] {
         let mut net = Net::start(dir.path(), &bin, &["--user"], None, &[("TESSERA_MISBEHAVE", &format!("net:{ops}"))]);
@@ -303,4 +406,99 @@ fn what_cannot_work_confined_is_refused_clearly() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
         assert!(!dir.path().join("never.sock").exists(), "{args:?}: nothing was served");
     }
+}
+
+/// A DNS responder for the test (RFC 1035 §4.1): answers every query for an A record with `answer`, any
+/// other type with no record; counts the queries it saw.
+fn dns_responder(addr: &str, answer: [u8; 4]) -> (std::net::UdpSocket, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let sock =
+        std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("binding the test's DNS responder {addr}: {e}"));
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (s, count) = (sock.try_clone().unwrap(), seen.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let q = &buf[..n];
+            // Header (12 bytes), then the question: labels up to a zero byte, type and class.
+            let mut at = 12;
+            while at < n && q[at] != 0 {
+                at += 1 + usize::from(q[at]);
+            }
+            if n < 12 || at + 5 > n {
+                continue;
+            }
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let question = &q[12..at + 5];
+            let is_a = q[at + 1..at + 3] == [0, 1];
+            let mut r = Vec::new();
+            r.extend_from_slice(&q[0..2]); // id
+            r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(is_a), 0, 0, 0, 0]);
+            r.extend_from_slice(question);
+            if is_a {
+                // Name: a pointer to the question's (offset 12); A, IN, TTL 60, 4 bytes.
+                r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                r.extend_from_slice(&answer);
+            }
+            let _ = s.send_to(&r, from);
+        }
+    });
+    (sock, seen)
+}
+
+/// End to end: a guest of a confined `tessera-net --user` asks 10.0.2.3 for a name, and libslirp forwards
+/// the query to the resolver /etc/resolv.conf names, as unconfined QEMU does. The resolver is the test's own
+/// responder on 127.77.0.53 (port 53: root), named by a resolv.conf bound over the host's in a mount
+/// namespace of tessera-net's own; a tessera-net that cannot read the file would send the query to
+/// 127.0.0.1 instead and the guest would get no answer. Nothing leaves the machine.
+#[test]
+fn a_confined_user_mode_guest_resolves_names_through_the_hosts_resolver() {
+    use tessera_tests::linux_guest::{direct_boot_args, ensure_debian_packages, kernel, run_guest_until, Initramfs};
+    let test = "a_confined_user_mode_guest_resolves_names_through_the_hosts_resolver";
+    let Some(bin) = tessera_net(test) else { return };
+    if !is_root() {
+        eprintln!("{test}: skipped, needs root (a mount namespace for the test's resolv.conf, UDP port 53)");
+        return;
+    }
+    ensure_debian_packages(&["qemu-system-x86", "busybox-static", "linux-image-amd64", "cpio"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_responder, queries) = dns_responder("127.77.0.53:53", [10, 9, 8, 7]);
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.77.0.53\n").unwrap();
+    let mut net = Net::start_seeing(dir.path(), &bin, &["--user"], None, &[], Some(&resolv));
+    net.wait_confined();
+    let script = r#"
+fail() { echo "TESSERA-RESULT FAIL: $*"; poweroff -f; }
+i=0
+while ! ifconfig eth0 >/dev/null 2>&1; do
+    i=$((i+1)); [ $i -gt 100 ] && fail "no eth0 appeared"
+    sleep 0.1
+done
+ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up
+route add default gw 10.0.2.2
+nslookup tessera-dns.test 10.0.2.3 >/tmp/ns 2>&1
+echo "TESSERA-NSLOOKUP-BEGIN"; cat /tmp/ns; echo "TESSERA-NSLOOKUP-END"
+poweroff -f
+"#;
+    let initrd = Initramfs::new(script)
+        .modules(&["virtio_pci", "failover", "net_failover", "virtio_net"])
+        .build(&dir.path().join("initrd.gz"))
+        .unwrap();
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-m", "256M", "-nodefaults"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,id=c,path={}", net.sock.display()))
+        .args(["-netdev", "vhost-user,id=n0,chardev=c", "-device", "virtio-net-pci,netdev=n0,vectors=0"])
+        .args(direct_boot_args(&kernel().unwrap(), &initrd));
+    let run = run_guest_until(qemu, Duration::from_secs(240), None, |out| {
+        out.contains("TESSERA-NSLOOKUP-END") || out.contains("TESSERA-RESULT FAIL")
+    })
+    .unwrap();
+    let alive = matches!(net.child.try_wait(), Ok(None));
+    let ctx = || format!("--- guest ---\n{}\n--- tessera-net ---\n{}", run.serial, net.logs());
+    assert!(run.serial.contains("TESSERA-NSLOOKUP-END"), "the guest did not get to its query:\n{}", ctx());
+    let answer = run.serial.split("TESSERA-NSLOOKUP-BEGIN").nth(1).unwrap_or_default();
+    assert!(answer.contains("10.9.8.7"), "no answer from the host's resolver:\n{}", ctx());
+    assert!(queries.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the responder saw no query:\n{}", ctx());
+    assert!(alive, "still serving:\n{}", ctx());
 }

@@ -72,6 +72,8 @@ impl std::fmt::Display for SandboxReport {
 /// A process that went through [`prepare`] and still has to [`lock`](Prepared::lock) itself.
 pub struct Prepared {
     profile: Profile,
+    /// `filesystem.read_only` files now in the root: Landlock lets them be read.
+    read_only: Vec<PathBuf>,
     options: SandboxOptions,
     report: SandboxReport,
 }
@@ -270,7 +272,7 @@ pub fn prepare(kind: ProcessKind, options: &SandboxOptions, keep_fds: &[RawFd]) 
             report.gid = r.gid;
         }
         parent_check(options, death_signal)?;
-        return Ok(Prepared { profile, options: options.clone(), report });
+        return Ok(Prepared { profile, read_only: Vec::new(), options: options.clone(), report });
     }
 
     let threads = thread_count()?;
@@ -319,8 +321,15 @@ pub fn prepare(kind: ProcessKind, options: &SandboxOptions, keep_fds: &[RawFd]) 
     }
 
     // 4. The filesystem: an empty root.
+    let mut read_only = Vec::new();
     if ns.mount {
-        report.root = enter_empty_root(options.chroot.as_deref())?;
+        let wanted = if options.chroot.is_some() { &[][..] } else { &profile.filesystem.read_only[..] };
+        let (root, mounted, missing) = enter_empty_root(options.chroot.as_deref(), wanted)?;
+        report.root = root;
+        for m in &missing {
+            report.warnings.push(format!("{m} is not on the host: left out of the root"));
+        }
+        read_only = mounted;
     }
 
     // 5. Capabilities that survive a uid change must go while CAP_SETPCAP is still there.
@@ -354,7 +363,7 @@ pub fn prepare(kind: ProcessKind, options: &SandboxOptions, keep_fds: &[RawFd]) 
 
     // 9. A credential change resets the parent-death signal (credentials(7)): arm it again.
     parent_check(options, death_signal)?;
-    Ok(Prepared { profile, options: options.clone(), report })
+    Ok(Prepared { profile, read_only, options: options.clone(), report })
 }
 
 fn prctl(step: &'static str, option: libc::c_int, value: libc::c_ulong) -> Result<(), PolicyError> {
@@ -421,8 +430,15 @@ fn apply_rlimits(profile: &Profile) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// Step 4: private mounts, a new empty root (or `chroot`), pivot_root, old root detached, read-only.
-fn enter_empty_root(chroot: Option<&Path>) -> Result<String, PolicyError> {
+/// Step 4: private mounts, a new empty root (or `chroot`), pivot_root, old root detached, read-only. The
+/// profile's `read_only` host files are bound into the empty root at their own path, read-only. Returns the
+/// description, the files bound, the files missing on the host.
+fn enter_empty_root(
+    chroot: Option<&Path>,
+    read_only: &[String],
+) -> Result<(String, Vec<PathBuf>, Vec<String>), PolicyError> {
+    let mut mounted = Vec::new();
+    let mut missing = Vec::new();
     let none: Option<&str> = None;
     // Nothing below may propagate back to the host's mount namespace.
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(os("making mounts private"))?;
@@ -440,15 +456,30 @@ fn enter_empty_root(chroot: Option<&Path>) -> Result<String, PolicyError> {
                     source: std::io::Error::from_raw_os_error(libc::ENOENT),
                 }
             })?;
+            // Inodes: the root, and per bound file at most its directories and itself.
+            let inodes = 2 + read_only.iter().map(|p| Path::new(p).components().count()).sum::<usize>();
             mount(
                 Some("tessera-empty"),
                 &point,
                 Some("tmpfs"),
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                Some("size=4k,nr_inodes=2,mode=0555"),
+                Some(format!("size=4k,nr_inodes={inodes},mode=0555").as_str()),
             )
             .map_err(os("mounting the empty tmpfs root"))?;
-            (point, "empty (read-only tmpfs)".to_string())
+            for host in read_only {
+                if bind_read_only(Path::new(host), &point)? {
+                    mounted.push(PathBuf::from(host));
+                } else {
+                    missing.push(host.clone());
+                }
+            }
+            let described = if mounted.is_empty() {
+                "empty (read-only tmpfs)".to_string()
+            } else {
+                let names: Vec<String> = mounted.iter().map(|p| p.display().to_string()).collect();
+                format!("empty (read-only tmpfs) but {} (read-only)", names.join(", "))
+            };
+            (point, described)
         }
     };
     chdir(&new_root).map_err(os("chdir to the new root"))?;
@@ -470,7 +501,48 @@ fn enter_empty_root(chroot: Option<&Path>) -> Result<String, PolicyError> {
         none,
     )
     .map_err(os("remounting the new root read-only"))?;
-    Ok(described)
+    Ok((described, mounted, missing))
+}
+
+/// Binds the host file `host` (followed if a symlink, as libc's fopen would) at the same path under
+/// `new_root`, then makes that mount read-only, nosuid and noexec. Its other flags stay as the host's mount
+/// has them: a mount inherited from another user namespace keeps its flags locked (mount_namespaces(7)),
+/// and /dev/urandom needs its mount's device access. Ok(false) if the host has no such file.
+fn bind_read_only(host: &Path, new_root: &Path) -> Result<bool, PolicyError> {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let none: Option<&str> = None;
+    match std::fs::metadata(host) {
+        Err(_) => return Ok(false),
+        // The mount point made below is a file: a directory cannot be bound on it.
+        Ok(m) if m.is_dir() => {
+            return Err(PolicyError::Os {
+                step: "binding a read-only file (the host has a directory there)",
+                source: std::io::Error::from_raw_os_error(libc::EISDIR),
+            })
+        }
+        Ok(_) => {}
+    }
+    let target = new_root.join(host.strip_prefix("/").unwrap_or(host));
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir).map_err(io_os("making a directory for a read-only file"))?;
+    }
+    std::fs::File::create(&target).map_err(io_os("making the mount point of a read-only file"))?;
+    mount(Some(host), &target, none, MsFlags::MS_BIND, none).map_err(os("binding a read-only file"))?;
+    let have = statvfs(&target).map_err(os("reading a bound file's mount flags"))?.flags();
+    let mut flags =
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    for (has, keep) in [
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if have.contains(has) {
+            flags |= keep;
+        }
+    }
+    mount(none, &target, none, flags, none).map_err(os("remounting a bound file read-only"))?;
+    Ok(true)
 }
 
 impl Prepared {
@@ -506,7 +578,9 @@ impl Prepared {
     }
 
     fn apply_landlock(&mut self) -> Result<(), PolicyError> {
-        use landlock::{Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus, Scope, ABI};
+        use landlock::{
+            Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+        };
         if self.options.landlock == LandlockMode::Off {
             self.report.landlock = "off".to_string();
             return Ok(());
@@ -530,7 +604,9 @@ impl Prepared {
         if !scopes.is_empty() {
             ruleset = ruleset.scope(scopes).map_err(err)?;
         }
-        let status = ruleset.create().map_err(err)?.restrict_self().map_err(err)?;
+        // The profile's read-only files (bound into the root in step 4) may be read, nothing else.
+        let rules = landlock::path_beneath_rules(&self.read_only, AccessFs::ReadFile);
+        let status = ruleset.create().map_err(err)?.add_rules(rules).map_err(err)?.restrict_self().map_err(err)?;
         let abi = match status.landlock {
             landlock::LandlockStatus::Available { kernel_abi: Some(v), .. } => format!("kernel ABI {v}"),
             landlock::LandlockStatus::Available { effective_abi, .. } => format!("{effective_abi:?}"),

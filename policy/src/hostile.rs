@@ -10,6 +10,8 @@
 pub const OPERATIONS: &[&str] = &[
     "allowed",
     "open-passwd",
+    "read-resolv-conf",
+    "read-urandom",
     "socket-inet",
     "connect-inet",
     "execve",
@@ -62,6 +64,10 @@ pub fn attempt(name: &str) -> Result<(), String> {
             unsafe { libc::close(fd) };
             Ok(())
         }
+        // Not hostile: what net-user's filesystem.read_only is for (libslirp's fopen of /etc/resolv.conf,
+        // glib's of /dev/urandom). Reads a few bytes, so Landlock's read right is exercised, not only open.
+        "read-resolv-conf" => read_some(c"/etc/resolv.conf", false),
+        "read-urandom" => read_some(c"/dev/urandom", true),
         "socket-inet" => {
             // SAFETY: no pointer arguments.
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -144,6 +150,23 @@ pub fn attempt(name: &str) -> Result<(), String> {
         "allowed" => allowed_work(),
         _ => Err(format!("unknown-op:{name}")),
     }
+}
+
+/// Opens `path` read-only as fopen does (openat) and reads up to 16 bytes; `full` insists on all 16.
+fn read_some(path: &std::ffi::CStr, full: bool) -> Result<(), String> {
+    // SAFETY: a NUL-terminated path; the descriptor, if any, is closed below.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    check(fd.into())?;
+    let mut buf = [0u8; 16];
+    // SAFETY: reads at most 16 bytes into a live buffer of 16.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: fd was opened above.
+    unsafe { libc::close(fd) };
+    check(n as libc::c_long)?;
+    if full && n != 16 {
+        return Err(format!("short read ({n} bytes)"));
+    }
+    Ok(())
 }
 
 /// What every process does all the time: allocate, eventfd, poll, write, read, random seeds.

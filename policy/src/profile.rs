@@ -166,6 +166,12 @@ pub enum RootKind {
 #[serde(deny_unknown_fields)]
 pub struct Filesystem {
     pub root: RootKind,
+    /// Host files bind-mounted read-only into the empty root at the same path (and readable through
+    /// Landlock, nothing else): for what a library reads by a fixed path at run time and cannot be given a
+    /// descriptor instead (libslirp's /etc/resolv.conf). A file missing on the host is left out, with a
+    /// warning in the report. Not used with `-chroot DIR` (that directory is the user's own view).
+    #[serde(default)]
+    pub read_only: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -283,6 +289,20 @@ impl Profile {
             allow.extend(frag.allow.into_iter().map(|g| (*name, g)));
             errno.extend(frag.errno.into_iter().map(|g| (*name, g)));
         }
+        // A syscall the kind file itself allows is taken out of base.toml's errno groups: base answers path
+        // lookups with ENOENT for every process, a kind with files in its root (`filesystem.read_only`) must
+        // open them. Only base's answers give way, and only to the kind's own groups.
+        let own_allowed: std::collections::BTreeSet<String> = own
+            .allow
+            .iter()
+            .flat_map(|g| g.syscalls.iter().cloned().chain(g.rules.iter().map(|r| r.syscall.clone())))
+            .collect();
+        for (from, g) in errno.iter_mut() {
+            if *from == BASE.0 {
+                g.syscalls.retain(|s| !own_allowed.contains(s));
+            }
+        }
+        errno.retain(|(_, g)| !g.syscalls.is_empty());
         allow.extend(own.allow.into_iter().map(|g| (file_name, g)));
         errno.extend(own.errno.into_iter().map(|g| (file_name, g)));
         let profile = Profile {
@@ -354,6 +374,15 @@ impl Profile {
                 if unconditional.contains(s.as_str()) || conditional.contains(s.as_str()) {
                     return Err(invalid(format!("syscall \"{s}\" is both allowed and answered with {}", g.errno)));
                 }
+            }
+        }
+        for path in &self.filesystem.read_only {
+            let p = std::path::Path::new(path);
+            let plain = p.components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !p.is_absolute() || !plain || p.components().count() < 2 {
+                return Err(invalid(format!(
+                    "filesystem.read_only: \"{path}\" is not an absolute path of plain names (no \"..\", not \"/\")"
+                )));
             }
         }
         if !self.capabilities.keep.is_empty() {

@@ -53,11 +53,12 @@ pub struct Args {
     /// every request on its queue's thread.
     #[arg(long, default_value_t = 16)]
     pub io_threads: usize,
-    /// How O_DIRECT reads and writes of raw images run: `threads` (the I/O pool) or `io_uring`
-    /// (one ring per queue thread, falling back to threads where io_uring is unavailable), like
-    /// QEMU's `aio=`. `threads` by default until the sandbox's blk profile allows io_uring (its
-    /// seccomp filter kills the process on io_uring_setup today).
-    #[arg(long, value_enum, default_value_t = Aio::Threads)]
+    /// How O_DIRECT reads and writes of raw images run: `io_uring` (one ring per queue thread,
+    /// falling back to threads where io_uring is unavailable: uring.rs) or `threads` (the I/O
+    /// pool), like QEMU's `aio=`. Only `--direct` uses it, so io_uring is the default: the
+    /// sandbox's blk profile allows it (group io-uring) and each ring is restricted to
+    /// READV/WRITEV before it is enabled.
+    #[arg(long, value_enum, default_value_t = Aio::IoUring)]
     pub aio: Aio,
     /// Do not take QEMU-compatible image locks (QEMU's `file.locking=off`).
     #[arg(long)]

@@ -2,7 +2,7 @@
 //! in the network thread ([`crate::netloop`]); the worker thread here only forwards kicks.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
@@ -217,13 +217,9 @@ pub fn serve_fd(fd: RawFd, dev: Arc<NetDevice>) -> Result<()> {
 }
 
 /// The serve loop on a listening socket; `path` names it in log lines. Each connection goes
-/// through [`crate::relay`] to the daemon, which listens on a private abstract socket.
+/// through [`crate::relay`] to the daemon over a private connection made by [`private_link`].
 pub fn serve_listener(public: UnixListener, path: &Path, dev: Arc<NetDevice>) -> Result<()> {
-    let listen_err = |e: io::Error| Error::Listen { path: path.to_owned(), reason: e.to_string() };
-    // Abstract names are limited to 107 bytes: name it by process, not by the (long) path.
-    let name = format!("tessera-net-{}", std::process::id());
-    let private_addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(listen_err)?;
-    let mut private: Listener = UnixListener::bind_addr(&private_addr).map_err(listen_err)?.into();
+    let mut serial = 0u64;
     loop {
         info!("waiting for a vhost-user front end on {}", path.display());
         let front = match public.accept() {
@@ -234,8 +230,8 @@ pub fn serve_listener(public: UnixListener, path: &Path, dev: Arc<NetDevice>) ->
                 continue;
             }
         };
-        let back = match UnixStream::connect_addr(&private_addr) {
-            Ok(s) => s,
+        let (private, back) = match private_link(&mut serial) {
+            Ok(l) => l,
             Err(e) => {
                 error!("cannot connect the relay to the daemon: {e}");
                 continue;
@@ -247,23 +243,103 @@ pub fn serve_listener(public: UnixListener, path: &Path, dev: Arc<NetDevice>) ->
             error!("cannot start the vhost-user relay: {e}");
             continue;
         }
-        serve_connection(&mut private, path, dev.clone())?;
+        // The daemon accepts the one connection queued (ours); the listener and its name go right after.
+        serve_connection(private, path, dev.clone())?;
         if let Ok(h) = relay {
             let _ = h.join();
         }
     }
 }
 
-/// Accepts one connection and serves it until it ends. Ok(false) when none could be accepted.
-pub fn serve_connection(listener: &mut Listener, path: &Path, dev: Arc<NetDevice>) -> Result<bool> {
+/// Tries before [`private_link`] gives up: each failure means another process connected to the name first.
+const PRIVATE_LINK_TRIES: u32 = 16;
+
+/// A listener for rust-vmm's daemon and the relay's connection to it, queued and not yet accepted.
+///
+/// Why not a socketpair: vhost-user-backend 0.24's `VhostUserDaemon` takes its connection only from
+/// `start(&mut Listener)` (accept) or `start_client(path)` (connect); the function that serves a given
+/// stream is private. So a listener is needed, and in an empty read-only root only an abstract name
+/// can be bound; under `--user` that name is in the host's network namespace, where any process can
+/// connect to it (and read it from /proc/net/unix). What keeps others out:
+/// - the listener exists for one connection only: bound here, dropped once the daemon accepted;
+/// - its backlog is 0, so it holds at most one pending connection (af_unix refuses more while the
+///   queue is not empty: `unix_recvq_full`), and the relay's own connect is non-blocking: it
+///   succeeds only if the queue was empty, i.e. no other connection is ahead of it. Then the one
+///   connection the daemon accepts is the relay's. If another process got in first, the connect
+///   fails with EAGAIN, that listener is dropped (resetting the intruder) and a new name is tried.
+pub fn private_link(serial: &mut u64) -> io::Result<(Listener, UnixStream)> {
+    for _ in 0..PRIVATE_LINK_TRIES {
+        *serial += 1;
+        // Abstract names are limited to 107 bytes: name it by process and connection.
+        let name = format!("tessera-net-{}-{}", std::process::id(), serial);
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+        let listener = UnixListener::bind_addr(&addr)?;
+        // SAFETY: listen on a descriptor we own; no pointer arguments.
+        if unsafe { libc::listen(listener.as_raw_fd(), 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        match connect_nonblocking(name.as_bytes()) {
+            Ok(back) => {
+                back.set_nonblocking(false)?;
+                return Ok((listener.into(), back));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                log::warn!("another process connected to the relay's private socket {name}: dropped, trying anew");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(format!(
+        "the relay's private socket was taken by another process {PRIVATE_LINK_TRIES} times in a row"
+    )))
+}
+
+/// connect(2) to the abstract unix name `name` without waiting: EAGAIN when the listener's queue is full.
+fn connect_nonblocking(name: &[u8]) -> io::Result<UnixStream> {
+    // SAFETY: no pointer arguments.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket() just returned this descriptor; nothing else owns it.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if name.len() + 1 > sun.sun_path.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "abstract socket name too long"));
+    }
+    // sun_path[0] stays 0: an abstract name (unix(7)).
+    for (d, b) in sun.sun_path[1..].iter_mut().zip(name) {
+        *d = *b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
+    // SAFETY: `sun` is a valid sockaddr_un and `len` does not exceed its size (checked above).
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&sun as *const libc::sockaddr_un).cast(),
+            libc::socklen_t::try_from(len).unwrap_or(0),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(sock))
+}
+
+/// Accepts one connection on `listener`, closes the listener (its name goes with it) and serves the
+/// connection until it ends. Ok(false) when none could be accepted.
+pub fn serve_connection(mut listener: Listener, path: &Path, dev: Arc<NetDevice>) -> Result<bool> {
     let backend = Arc::new(VhostNet::new(dev.clone()));
     let mut daemon =
         VhostUserDaemon::new("tessera-net".to_owned(), backend, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
             .map_err(|e| Error::Daemon { path: path.to_owned(), reason: e.to_string() })?;
-    if let Err(e) = daemon.start(listener) {
+    if let Err(e) = daemon.start(&mut listener) {
         error!("cannot accept a connection on {}: {e}", path.display());
         return Ok(false);
     }
+    drop(listener);
     info!("front end connected on {}", path.display());
     let result = daemon.wait();
     dev.net.detach();
@@ -278,4 +354,43 @@ pub fn serve_connection(listener: &mut Listener, path: &Path, dev: Arc<NetDevice
         Err(e) => error!("closing the vhost-user connection on {}: {e}; waiting for the next one", path.display()),
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn the_private_link_lets_no_other_connection_reach_the_daemon() {
+        let mut serial = 0;
+        let (listener, mut back) = private_link(&mut serial).unwrap();
+        let name = format!("tessera-net-{}-{serial}", std::process::id());
+        // Another process cannot queue behind the relay's connection (backlog 0)...
+        let intruder = connect_nonblocking(name.as_bytes()).map(|_| ()).map_err(|e| e.raw_os_error());
+        assert_eq!(intruder, Err(Some(libc::EAGAIN)), "a second connection was queued");
+        // ...so what the daemon accepts is the relay's.
+        let mut accepted = listener.accept().unwrap().expect("a queued connection");
+        back.write_all(b"relay").unwrap();
+        let mut got = [0u8; 5];
+        accepted.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"relay");
+        // Once the daemon has accepted, the listener goes, and the name with it.
+        drop(listener);
+        let late = connect_nonblocking(name.as_bytes()).map(|_| ()).map_err(|e| e.raw_os_error());
+        assert_eq!(late, Err(Some(libc::ECONNREFUSED)));
+    }
+
+    #[test]
+    fn the_private_link_detects_a_connection_ahead_of_the_relays() {
+        // An intruder that connects between bind and the relay's connect fills the one-place queue: the
+        // relay's non-blocking connect then fails, and private_link moves on to a fresh name.
+        let name = format!("tessera-net-test-{}", std::process::id());
+        let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        // SAFETY: listen on a descriptor we own; no pointer arguments.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let _intruder = connect_nonblocking(name.as_bytes()).unwrap();
+        let relay = connect_nonblocking(name.as_bytes()).map(|_| ()).map_err(|e| e.raw_os_error());
+        assert_eq!(relay, Err(Some(libc::EAGAIN)));
+    }
 }
