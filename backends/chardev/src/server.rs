@@ -52,6 +52,9 @@ const FLUSH_TIME: Duration = Duration::from_secs(2);
 const PTY_RECHECK: Duration = Duration::from_secs(1);
 /// Least time between two "output dropped" warnings.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
+/// Acknowledgement marks kept before new ones are merged into the last (which delays an acknowledgement until
+/// the merged output is written, and keeps memory bounded whatever the core sends).
+const MAX_MARKS: usize = 4096;
 
 struct Frontend {
     /// 0-based position in the configuration, for messages.
@@ -61,6 +64,22 @@ struct Frontend {
     tx: Vec<u8>,
     tx_off: usize,
     open: bool,
+    /// The core asked for [`ChardevToCore::Written`] acknowledgements (an empty `Output`).
+    ack: bool,
+    /// `Output` bytes received on this channel.
+    received: u64,
+    /// Of those, how many the host side is done with (written, or dropped by policy).
+    written: u64,
+    /// The count last sent in a `Written`.
+    acked: u64,
+}
+
+/// The end of one front end's output in the host writer's stream: once the writer is done with position
+/// `pos`, that front end's first `count` bytes are written (or were dropped by policy).
+struct Mark {
+    pos: u64,
+    frontend: usize,
+    count: u64,
 }
 
 impl Frontend {
@@ -75,6 +94,8 @@ enum Tag {
     Frontend(usize),
     HostInput,
     Listener,
+    /// The host writer finished a write: acknowledgements may be due.
+    Progress,
 }
 
 /// Why the loop ended.
@@ -104,6 +125,8 @@ pub struct Chardev {
     draining: Option<Instant>,
     /// The launcher closed its end after `Shutdown` (allowed: it has said all it had to say).
     control_closed: bool,
+    /// Output waiting in the host writer on behalf of front ends that want acknowledgements, in stream order.
+    marks: std::collections::VecDeque<Mark>,
 }
 
 impl Chardev {
@@ -114,7 +137,17 @@ impl Chardev {
         for (number, index) in cfg.frontends.iter().enumerate() {
             let chan = Channel::from_fd(fds.take(*index)?);
             chan.set_nonblocking(true).map_err(ChardevError::Control)?;
-            frontends.push(Frontend { number, chan, tx: Vec::new(), tx_off: 0, open: true });
+            frontends.push(Frontend {
+                number,
+                chan,
+                tx: Vec::new(),
+                tx_off: 0,
+                open: true,
+                ack: false,
+                received: 0,
+                written: 0,
+                acked: 0,
+            });
         }
         let logfile = match cfg.logfile {
             Some(index) => Some(spawn_writer("chardev-logfile", Some(Arc::new(fds.take(index)?)), LOGFILE_QUEUE_CAP)?),
@@ -197,6 +230,7 @@ impl Chardev {
             exit_sent: false,
             draining: None,
             control_closed: false,
+            marks: std::collections::VecDeque::new(),
         };
         if unused > 0 {
             chardev.log(format_args!("{unused} descriptors from the launcher were not named in the configuration"));
@@ -221,6 +255,8 @@ impl Chardev {
     fn finish(&mut self, end: End) -> i32 {
         let deadline = Instant::now() + FLUSH_TIME;
         let complete = self.out.flush(deadline) & self.logfile.as_ref().is_none_or(|l| l.flush(deadline));
+        // What was written while flushing must not be written twice by a successor (an operator restart).
+        self.send_acks();
         terminal::restore();
         self.raw.take();
         if !complete {
@@ -277,12 +313,17 @@ impl Chardev {
                     self.on_listener();
                     None
                 }
+                Tag::Progress => {
+                    self.out.take_progress();
+                    None
+                }
             };
             if end.is_some() {
                 return end;
             }
         }
         self.check_writers();
+        self.send_acks();
         if let Host::Pty { master, connected: connected @ false, .. } = &mut self.host {
             if pty_has_reader(master) {
                 *connected = true;
@@ -309,6 +350,10 @@ impl Chardev {
         if !self.control_closed {
             tags.push(Tag::Control);
             fds.push(PollFd::new(self.control.as_fd(), PollFlags::POLLIN));
+        }
+        if !self.marks.is_empty() {
+            tags.push(Tag::Progress);
+            fds.push(PollFd::new(self.out.progress_fd(), PollFlags::POLLIN));
         }
         for (i, f) in self.frontends.iter().enumerate().filter(|(_, f)| f.open) {
             let mut events = if backlog { PollFlags::empty() } else { PollFlags::POLLIN };
@@ -417,7 +462,18 @@ impl Chardev {
                         self.close_frontend(i, Some(format!("an output frame carried {} file descriptors", fds.len())));
                         return;
                     }
+                    if bytes.is_empty() {
+                        // The core keeps a replay buffer and asks for acknowledgements (see `CoreToChardev`).
+                        self.frontends[i].ack = true;
+                        continue;
+                    }
                     self.guest_output(&bytes);
+                    let f = &mut self.frontends[i];
+                    f.received += bytes.len() as u64;
+                    if f.ack {
+                        let count = f.received;
+                        self.mark(i, count);
+                    }
                 }
                 Err(IpcError::WouldBlock) => return,
                 Err(IpcError::Closed) => {
@@ -429,6 +485,58 @@ impl Chardev {
                     return;
                 }
             }
+        }
+    }
+
+    /// Front end `i`'s first `count` bytes are in the host writer's stream (or were dropped by policy) up to its
+    /// current end.
+    fn mark(&mut self, frontend: usize, count: u64) {
+        let pos = self.out.pushed();
+        let full = self.marks.len() >= MAX_MARKS;
+        if let Some(last) = self.marks.back_mut() {
+            if last.frontend == frontend && (last.pos == pos || full) {
+                last.pos = pos;
+                last.count = count;
+                return;
+            }
+        }
+        self.marks.push_back(Mark { pos, frontend, count });
+    }
+
+    /// Send [`ChardevToCore::Written`] to every front end whose output the host writer has finished with since
+    /// the last one. What counts as written: handed to the host side (a completed `write`), or dropped because
+    /// the host side cannot take output (`null`, a socket server with no client, a pty nobody opened, a
+    /// host side stuck past its queue, a failed host descriptor), as QEMU drops output nobody can receive.
+    /// The log file is not waited for: it is a copy, and the host side is what the user reads.
+    fn send_acks(&mut self) {
+        if self.marks.is_empty() {
+            return;
+        }
+        let done = self.out.done();
+        while let Some(m) = self.marks.front() {
+            if m.pos > done {
+                break;
+            }
+            let f = &mut self.frontends[m.frontend];
+            f.written = f.written.max(m.count);
+            self.marks.pop_front();
+        }
+        for i in 0..self.frontends.len() {
+            let f = &self.frontends[i];
+            // An acknowledgement waiting in the socket is replaced by the next one: one at a time per channel.
+            if !f.open || f.written <= f.acked || f.pending() > 0 {
+                continue;
+            }
+            let count = f.written;
+            match frame::encode(&ChardevToCore::Written(count), 0) {
+                Ok(bytes) => self.frontends[i].tx.extend_from_slice(&bytes),
+                Err(e) => {
+                    self.log(format_args!("cannot encode an acknowledgement for front end #{i}: {e}"));
+                    continue;
+                }
+            }
+            self.frontends[i].acked = count;
+            self.flush_frontend(i);
         }
     }
 
