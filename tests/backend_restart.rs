@@ -19,7 +19,8 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tessera_ipc::child::start_child_default;
 use tessera_ipc::messages::{
-    ChildConfig, ChildToLauncher, CoreToChardev, LauncherToChild, MonitorCommand, MonitorValue, Role, VhostUserSocket,
+    ChardevBackend, ChardevToCore, ChildConfig, ChildToLauncher, CoreToChardev, LauncherToChild, MonitorCommand,
+    MonitorValue, Role, VhostUserSocket,
 };
 use tessera_ipc::{Channel, ReceivedFds};
 use tessera_tests::bins;
@@ -228,6 +229,93 @@ fn check_count_at_least_once(text: &str, finished: bool) -> Result<(usize, usize
         return Err(format!("the last line is not {next:08x} (lost output)"));
     }
     Ok((next as usize, seams))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// acknowledged output: tessera-chardev's side, with the test playing the core
+
+/// Wait for `Written` acknowledgements until one says `total`; each must not run ahead of what `written()`
+/// shows has reached the host side, and the counts never go back. Returns how many acknowledgements came.
+fn acknowledgements(core: &tessera_tests::chardev::CoreEnd, total: u64, written: impl Fn() -> u64) -> usize {
+    let deadline = Instant::now() + tessera_tests::chardev::PATIENCE;
+    let (mut last, mut count) = (0, 0);
+    while last < total {
+        match core.recv(deadline) {
+            ChardevToCore::Written(n) => {
+                assert!(n > last && n <= total, "acknowledged {n} after {last}, of {total} sent");
+                assert!(written() >= n, "acknowledged {n} bytes before the host side had them");
+                last = n;
+                count += 1;
+            }
+            other => panic!("expected an acknowledgement, got {other:?}"),
+        }
+    }
+    count
+}
+
+#[test]
+fn tessera_chardev_acknowledges_output_once_written_and_only_when_asked() {
+    use tessera_tests::chardev::{config, pattern, serial_channel, Fds, Running};
+    let file = tempfile::tempfile().unwrap();
+    let mut fds = Fds::default();
+    let (core, fe) = serial_channel(&mut fds);
+    let (quiet, fe2) = serial_channel(&mut fds);
+    let output = fds.add(file.try_clone().unwrap());
+    let mut cfg = config("file0", ChardevBackend::File { output, input: None }, vec![fe, fe2]);
+    cfg.mux = true;
+    let running = Running::start(cfg, fds);
+    let len = || file.metadata().unwrap().len();
+
+    // The second front end never asks: it gets no acknowledgements.
+    quiet.output(b"unasked ");
+    let deadline = Instant::now() + tessera_tests::chardev::PATIENCE;
+    while len() < 8 {
+        assert!(Instant::now() < deadline, "the first output never reached the file");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The empty Output asks; then 2 MiB in chunks of many sizes, acknowledged in batches.
+    core.output(b"");
+    let mut total = 0;
+    for i in 0..200u32 {
+        let c = pattern([1, 100, 4096, 30_000][i as usize % 4], i);
+        total += c.len() as u64;
+        core.output(&c);
+    }
+    let unasked = 8;
+    let acks = acknowledgements(&core, total, || len().saturating_sub(unasked));
+    eprintln!("{total} bytes acknowledged in {acks} messages");
+    assert!(acks < 200, "{acks} acknowledgements for 200 writes: not batched");
+    assert!(quiet.quiet_for(Duration::from_millis(300)), "a front end that did not ask got acknowledgements");
+    running.shutdown();
+    let (status, err) = running.wait();
+    assert!(status.success(), "{err}");
+}
+
+#[test]
+fn tessera_chardev_acknowledges_output_it_drops_by_policy() {
+    use tessera_tests::chardev::{config, serial_channel, Fds, Running};
+    // `null` takes nothing, and a socket server without a client drops output as QEMU does: both count as
+    // written, or the core would keep them to send again forever.
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+    for server in [false, true] {
+        let mut fds = Fds::default();
+        let (core, fe) = serial_channel(&mut fds);
+        let backend = if server {
+            let l = fds.add(listener.try_clone().unwrap());
+            ChardevBackend::SocketServer { listener: l, connected: None, telnet: false }
+        } else {
+            ChardevBackend::Null
+        };
+        let running = Running::start(config("c0", backend, vec![fe]), fds);
+        core.output(b"");
+        core.output(b"nobody hears this");
+        core.output(b"nor this");
+        acknowledgements(&core, 25, || u64::MAX);
+        running.shutdown();
+        let (status, err) = running.wait();
+        assert!(status.success(), "{err}");
+    }
 }
 
 #[test]
