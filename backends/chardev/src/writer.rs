@@ -46,7 +46,12 @@ struct Shared {
     /// Signalled by the thread after each write it finished, so the event loop can poll for progress (a
     /// condition variable cannot be polled). An eventfd: the sandbox allows them (eventfd2) and not socketpair.
     progress_fd: EventFd,
+    /// Called by the thread with [`State::done`] after each write it finished (see [`HostWriter::on_done`]).
+    on_done: Mutex<Option<DoneHook>>,
 }
+
+/// See [`HostWriter::on_done`].
+pub type DoneHook = Box<dyn Fn(u64) + Send>;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -80,10 +85,18 @@ impl HostWriter {
             wake: Condvar::new(),
             progress: Condvar::new(),
             progress_fd,
+            on_done: Mutex::new(None),
         });
         let worker = shared.clone();
         std::thread::Builder::new().name(name.into()).spawn(move || run(&worker))?;
         Ok(Self { shared, cap })
+    }
+
+    /// Have the thread call `hook` with [`HostWriter::done`] right after each write it finished, before it
+    /// signals [`HostWriter::progress_fd`]: what must follow a write closely (acknowledgements) need not wait
+    /// for the event loop to be scheduled.
+    pub fn on_done(&self, hook: DoneHook) {
+        *self.shared.on_done.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 
     /// Readable once the thread has finished a write since the last [`HostWriter::take_progress`].
@@ -216,8 +229,12 @@ fn run(shared: &Shared) {
                 st.error = Some(e);
             }
         }
+        let done = st.done;
         drop(st);
         shared.progress.notify_all();
+        if let Some(hook) = &*shared.on_done.lock().unwrap_or_else(|p| p.into_inner()) {
+            hook(done);
+        }
         // Fails only if the counter would overflow, when a wake-up is pending anyway.
         let _ = shared.progress_fd.write(1);
     }
