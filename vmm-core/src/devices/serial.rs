@@ -39,6 +39,8 @@ const LCR_DLAB: u8 = 0x80;
 /// LSR bit 4, Break Interrupt: set when a break was received, cleared by reading LSR (16550A data sheet, LSR).
 const LSR_BREAK: u8 = 0x10;
 
+/// How long a reconnect waits for the old channel's input thread to read the acknowledgements still in it.
+const OLD_CHANNEL_DRAIN: Duration = Duration::from_millis(200);
 /// How long transmitted bytes may wait to be batched into one message.
 const OUTPUT_LATENCY: Duration = Duration::from_millis(2);
 /// Send at once when this much is buffered.
@@ -97,6 +99,9 @@ struct OutputState {
     acked: u64,
     /// The empty `Output` asking for acknowledgements went out on the current channel.
     ack_requested: bool,
+    /// The generation whose input thread ended last (it read the old channel to its end, acknowledgements
+    /// included).
+    input_ended: Option<u64>,
 }
 
 impl OutputState {
@@ -302,6 +307,7 @@ impl SerialPort {
                 replay_start: 0,
                 acked: 0,
                 ack_requested: false,
+                input_ended: None,
             }),
             cond: Condvar::new(),
             send_lock: Mutex::new(()),
@@ -350,6 +356,18 @@ impl SerialPort {
     pub fn reconnect(self: &Arc<Self>, channel: Arc<Channel>) -> io::Result<()> {
         let (dropped, replayed, lost) = {
             let mut st = self.output.lock();
+            // The launcher may restart the chardev before this side has read the dead one's last
+            // acknowledgements (they sit in the old channel, before its end): wait for the old input thread to
+            // reach the end, or what was acknowledged would be sent twice. A dead peer's channel ends at once;
+            // the bound is for an old chardev process that is somehow still there.
+            let deadline = std::time::Instant::now() + OLD_CHANNEL_DRAIN;
+            while st.input_ended != Some(st.generation) {
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                st = self.output.cond.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            }
             // Let go of before being acknowledged (the replay buffer was full): gone with the old process.
             let lost = st.replay_start.saturating_sub(st.acked);
             let mut resend: Vec<u8> = std::mem::take(&mut st.replay).into();
@@ -395,6 +413,8 @@ impl SerialPort {
             if st.generation == generation && !st.stop {
                 self.output.mark_broken(&mut st, why);
             }
+            st.input_ended = Some(generation);
+            self.output.cond.notify_all();
         };
         loop {
             match channel.recv::<ChardevToCore>() {
