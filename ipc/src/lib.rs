@@ -24,7 +24,8 @@ pub use fds::{FdError, FdList, ReceivedFds};
 pub use frame::FrameError;
 
 /// Version of the protocol spoken by this build; both ends of a channel must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: acknowledged serial output (`ChardevToCore::Written`, the empty `CoreToChardev::Output` asking for it).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The file descriptor number at which a child process finds its control channel to the launcher.
 pub const CONTROL_FD: i32 = 3;

@@ -7,7 +7,8 @@
 //!   [`ChildToLauncher::Ready`] once it serves, and later [`ChildToLauncher::Exit`] or [`ChildToLauncher::Fatal`]
 //!   when the graph must stop.
 //! * **serial**: core ↔ chardev, one socketpair per front end (a UART), made by the launcher and passed to
-//!   both. Guest output goes as [`CoreToChardev::Output`], host input comes back as [`ChardevToCore::Input`].
+//!   both. Guest output goes as [`CoreToChardev::Output`], host input comes back as [`ChardevToCore::Input`],
+//!   and [`ChardevToCore::Written`] acknowledges output written to the host side.
 
 use serde::{Deserialize, Serialize};
 
@@ -336,6 +337,12 @@ pub enum ChardevBackend {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CoreToChardev {
     /// Bytes the guest wrote to the UART's transmit register, in order.
+    ///
+    /// An **empty** `Output` is the core's request for [`ChardevToCore::Written`] acknowledgements on this
+    /// channel: a core that keeps a replay buffer (tessera-core does) sends it first on every new channel. A
+    /// peer that never sends it (a test playing the core) gets no acknowledgements. It is an empty `Output`
+    /// rather than a variant of its own so that every reader of this enum that takes only `Output` keeps
+    /// working (it adds nothing to the output).
     Output(Vec<u8>),
 }
 
@@ -345,4 +352,14 @@ pub enum ChardevToCore {
     Input(Vec<u8>),
     /// A break condition (Ctrl-A b in mux mode).
     Break,
+    /// Acknowledged output (only after the core asked, see [`CoreToChardev::Output`]): the running count of
+    /// [`CoreToChardev::Output`] bytes received on this channel that the chardev is done with, i.e. has written
+    /// to its host side, or dropped by policy (the host side cannot take output: `null`, a socket server with
+    /// no client, a pty nobody opened, a host side stuck past its queue, as QEMU drops output then). Sent after
+    /// the writes complete, batched (one per finished host write, not per byte). The count starts at 0 on
+    /// every channel and never goes back. The core keeps what is sent but not yet acknowledged and, when a
+    /// restarted chardev gets a new channel ([`LauncherToChild::SerialReconnect`]), sends it again first: so
+    /// output is delivered at least once (bytes a killed chardev wrote but had not acknowledged are written
+    /// twice).
+    Written(u64),
 }

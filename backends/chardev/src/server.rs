@@ -1,10 +1,11 @@
 //! The chardev event loop: one thread polls the control channel, every front-end channel, the host input and
 //! (socket server) the listener; guest output leaves through [`HostWriter`] threads.
 
+use std::collections::VecDeque;
 use std::fmt::Display;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -52,20 +53,121 @@ const FLUSH_TIME: Duration = Duration::from_secs(2);
 const PTY_RECHECK: Duration = Duration::from_secs(1);
 /// Least time between two "output dropped" warnings.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
+/// Acknowledgement marks kept before new ones are merged into the last (which delays an acknowledgement until
+/// the merged output is written, and keeps memory bounded whatever the core sends).
+const MAX_MARKS: usize = 4096;
 
 struct Frontend {
     /// 0-based position in the configuration, for messages.
     number: usize,
     chan: Channel,
-    /// Encoded frames not yet written, from `tx_off`.
-    tx: Vec<u8>,
-    tx_off: usize,
+    /// Encoded frames not yet written, shared with the output writer's thread (acknowledgements).
+    tx: Arc<Mutex<Tx>>,
     open: bool,
+    /// `Output` bytes received on this channel.
+    received: u64,
+}
+
+/// Encoded frames for one front end not yet written, from `off`.
+#[derive(Default)]
+struct Tx {
+    buf: Vec<u8>,
+    off: usize,
+}
+
+impl Tx {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.off
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while these locks are held; a poisoned value is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Acknowledged output ([`ChardevToCore::Written`]), shared by the event loop (which adds marks as output
+/// arrives) and the output writer's thread, which sends acknowledgements itself right after a host write
+/// completes: a crash between "written" and "acknowledged" makes the core send those bytes again (at least
+/// once), and going through the event loop would widen that moment by a thread wake-up.
+///
+/// What counts as written: handed to the host side (a completed `write`), or dropped because the host side
+/// cannot take output (`null`, a socket server with no client, a pty nobody opened, a host side stuck past its
+/// queue, a failed host descriptor), as QEMU drops output nobody can receive. The log file is not waited for:
+/// it is a copy, and the host side is what the user reads.
+struct AckBook {
+    /// Output waiting in the host writer on behalf of front ends that want acknowledgements, in stream order.
+    marks: VecDeque<Mark>,
+    fronts: Vec<AckFront>,
+}
+
+struct AckFront {
+    /// The core asked for acknowledgements (an empty `Output`).
+    ack: bool,
+    open: bool,
+    /// Output bytes the host side is done with.
+    written: u64,
+    /// The count last sent (or queued in `tx`).
+    acked: u64,
+    tx: Arc<Mutex<Tx>>,
+    /// The front end's channel socket (a duplicate: the writer thread sends on it).
+    sock: std::os::unix::net::UnixStream,
+}
+
+impl AckBook {
+    /// The host writer is done with every position up to `done`: acknowledge what that covers.
+    fn settle(&mut self, done: u64) {
+        while let Some(m) = self.marks.front() {
+            if m.pos > done {
+                break;
+            }
+            let f = &mut self.fronts[m.frontend];
+            f.written = f.written.max(m.count);
+            self.marks.pop_front();
+        }
+        for f in &mut self.fronts {
+            f.send();
+        }
+    }
+}
+
+impl AckFront {
+    fn send(&mut self) {
+        if !self.ack || !self.open || self.written <= self.acked {
+            return;
+        }
+        let mut tx = lock(&self.tx);
+        // Behind queued frames (input the core has not taken yet) it waits, and the event loop sends the
+        // latest count once they are out: one acknowledgement in the queue at a time.
+        if tx.pending() > 0 {
+            return;
+        }
+        // Encoding a `Written` cannot fail (a fixed-size body far below the frame limit).
+        let Ok(bytes) = frame::encode(&ChardevToCore::Written(self.written), 0) else { return };
+        self.acked = self.written;
+        match (&self.sock).write(&bytes) {
+            Ok(n) if n == bytes.len() => {}
+            Ok(n) => *tx = Tx { buf: bytes[n..].to_vec(), off: 0 },
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {
+                *tx = Tx { buf: bytes, off: 0 }
+            }
+            // The channel is gone: the event loop's read finds out and closes it.
+            Err(_) => {}
+        }
+    }
+}
+
+/// The end of one front end's output in the host writer's stream: once the writer is done with position
+/// `pos`, that front end's first `count` bytes are written (or were dropped by policy).
+struct Mark {
+    pos: u64,
+    frontend: usize,
+    count: u64,
 }
 
 impl Frontend {
     fn pending(&self) -> usize {
-        self.tx.len() - self.tx_off
+        lock(&self.tx).pending()
     }
 }
 
@@ -75,6 +177,8 @@ enum Tag {
     Frontend(usize),
     HostInput,
     Listener,
+    /// The host writer finished a write: acknowledgements may be due.
+    Progress,
 }
 
 /// Why the loop ended.
@@ -104,6 +208,7 @@ pub struct Chardev {
     draining: Option<Instant>,
     /// The launcher closed its end after `Shutdown` (allowed: it has said all it had to say).
     control_closed: bool,
+    acks: Arc<Mutex<AckBook>>,
 }
 
 impl Chardev {
@@ -111,11 +216,17 @@ impl Chardev {
     pub fn new(cfg: ChardevConfig, mut fds: ReceivedFds, control: Channel) -> Result<Self, ChardevError> {
         control.set_nonblocking(true).map_err(ChardevError::Control)?;
         let mut frontends = Vec::new();
+        let mut fronts = Vec::new();
         for (number, index) in cfg.frontends.iter().enumerate() {
             let chan = Channel::from_fd(fds.take(*index)?);
             chan.set_nonblocking(true).map_err(ChardevError::Control)?;
-            frontends.push(Frontend { number, chan, tx: Vec::new(), tx_off: 0, open: true });
+            let sock =
+                chan.socket().try_clone().map_err(|e| ChardevError::sys("duplicate a serial channel", errno(&e)))?;
+            let tx = Arc::new(Mutex::new(Tx::default()));
+            fronts.push(AckFront { ack: false, open: true, written: 0, acked: 0, tx: tx.clone(), sock });
+            frontends.push(Frontend { number, chan, tx, open: true, received: 0 });
         }
+        let acks = Arc::new(Mutex::new(AckBook { marks: VecDeque::new(), fronts }));
         let logfile = match cfg.logfile {
             Some(index) => Some(spawn_writer("chardev-logfile", Some(Arc::new(fds.take(index)?)), LOGFILE_QUEUE_CAP)?),
             None => None,
@@ -176,6 +287,8 @@ impl Chardev {
             }
         };
         let out = spawn_writer("chardev-output", target, HOST_QUEUE_CAP)?;
+        let book = acks.clone();
+        out.on_done(Box::new(move |done| lock(&book).settle(done)));
         if telnet_greeting {
             out.push(&NEGOTIATION);
         }
@@ -197,6 +310,7 @@ impl Chardev {
             exit_sent: false,
             draining: None,
             control_closed: false,
+            acks,
         };
         if unused > 0 {
             chardev.log(format_args!("{unused} descriptors from the launcher were not named in the configuration"));
@@ -221,6 +335,8 @@ impl Chardev {
     fn finish(&mut self, end: End) -> i32 {
         let deadline = Instant::now() + FLUSH_TIME;
         let complete = self.out.flush(deadline) & self.logfile.as_ref().is_none_or(|l| l.flush(deadline));
+        // What was written while flushing must not be written twice by a successor (an operator restart).
+        self.send_acks();
         terminal::restore();
         self.raw.take();
         if !complete {
@@ -277,12 +393,17 @@ impl Chardev {
                     self.on_listener();
                     None
                 }
+                Tag::Progress => {
+                    self.out.take_progress();
+                    None
+                }
             };
             if end.is_some() {
                 return end;
             }
         }
         self.check_writers();
+        self.send_acks();
         if let Host::Pty { master, connected: connected @ false, .. } = &mut self.host {
             if pty_has_reader(master) {
                 *connected = true;
@@ -310,6 +431,9 @@ impl Chardev {
             tags.push(Tag::Control);
             fds.push(PollFd::new(self.control.as_fd(), PollFlags::POLLIN));
         }
+        // Also wakes the loop when the writer thread left part of an acknowledgement to send.
+        tags.push(Tag::Progress);
+        fds.push(PollFd::new(self.out.progress_fd(), PollFlags::POLLIN));
         for (i, f) in self.frontends.iter().enumerate().filter(|(_, f)| f.open) {
             let mut events = if backlog { PollFlags::empty() } else { PollFlags::POLLIN };
             if f.pending() > 0 {
@@ -417,7 +541,16 @@ impl Chardev {
                         self.close_frontend(i, Some(format!("an output frame carried {} file descriptors", fds.len())));
                         return;
                     }
+                    if bytes.is_empty() {
+                        // The core keeps a replay buffer and asks for acknowledgements (see `CoreToChardev`).
+                        lock(&self.acks).fronts[i].ack = true;
+                        continue;
+                    }
                     self.guest_output(&bytes);
+                    let f = &mut self.frontends[i];
+                    f.received += bytes.len() as u64;
+                    let count = f.received;
+                    self.mark(i, count);
                 }
                 Err(IpcError::WouldBlock) => return,
                 Err(IpcError::Closed) => {
@@ -432,11 +565,43 @@ impl Chardev {
         }
     }
 
+    /// Front end `i`'s first `count` bytes are in the host writer's stream (or were dropped by policy) up to its
+    /// current end.
+    fn mark(&mut self, frontend: usize, count: u64) {
+        let mut book = lock(&self.acks);
+        if !book.fronts[frontend].ack {
+            return;
+        }
+        let pos = self.out.pushed();
+        let full = book.marks.len() >= MAX_MARKS;
+        if let Some(last) = book.marks.back_mut() {
+            if last.frontend == frontend && (last.pos == pos || full) {
+                last.pos = pos;
+                last.count = count;
+                return;
+            }
+        }
+        book.marks.push_back(Mark { pos, frontend, count });
+    }
+
+    /// Acknowledge what the writer finished with that its thread has not acknowledged (output dropped by
+    /// policy, which no write follows; an acknowledgement that had to wait behind input), and push out what is
+    /// left of a partly sent one.
+    fn send_acks(&mut self) {
+        let done = self.out.done();
+        lock(&self.acks).settle(done);
+        for i in 0..self.frontends.len() {
+            if self.frontends[i].pending() > 0 {
+                self.flush_frontend(i);
+            }
+        }
+    }
+
     fn close_frontend(&mut self, i: usize, why: Option<String>) {
+        lock(&self.acks).fronts[i].open = false;
         let f = &mut self.frontends[i];
         f.open = false;
-        f.tx = Vec::new();
-        f.tx_off = 0;
+        *lock(&f.tx) = Tx::default();
         let _ = f.chan.socket().shutdown(std::net::Shutdown::Both);
         let number = f.number;
         if let Some(why) = why {
@@ -465,7 +630,7 @@ impl Chardev {
             return;
         }
         match frame::encode(msg, 0) {
-            Ok(bytes) => self.frontends[i].tx.extend_from_slice(&bytes),
+            Ok(bytes) => lock(&self.frontends[i].tx).buf.extend_from_slice(&bytes),
             Err(e) => {
                 self.log(format_args!("cannot encode input for front end #{i}: {e}"));
                 return;
@@ -475,20 +640,29 @@ impl Chardev {
     }
 
     fn flush_frontend(&mut self, i: usize) {
-        let f = &mut self.frontends[i];
-        while f.open && f.pending() > 0 {
-            match f.chan.socket().write(&f.tx[f.tx_off..]) {
-                Ok(n) => f.tx_off += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.close_frontend(i, Some(format!("cannot send input: {e}")));
-                    return;
+        let f = &self.frontends[i];
+        if !f.open {
+            return;
+        }
+        let failed = {
+            let mut tx = lock(&f.tx);
+            loop {
+                if tx.pending() == 0 {
+                    *tx = Tx::default();
+                    break None;
+                }
+                let off = tx.off;
+                match f.chan.socket().write(&tx.buf[off..]) {
+                    Ok(n) => tx.off += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Some(e),
                 }
             }
+        };
+        if let Some(e) = failed {
+            self.close_frontend(i, Some(format!("cannot send input: {e}")));
         }
-        f.tx.clear();
-        f.tx_off = 0;
     }
 
     // -------------------------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@
 //! blocking mode: setting O_NONBLOCK on them would change them for every process sharing the terminal.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 /// Largest chunk handed to one `write`.
 const CHUNK: usize = 64 * 1024;
@@ -29,6 +30,11 @@ struct State {
     error: Option<Errno>,
     /// When the thread last finished a write, or when bytes were queued while it was idle.
     last_progress: Option<Instant>,
+    /// Bytes ever queued.
+    pushed: u64,
+    /// Bytes ever finished with: written, or discarded (target changed or failed). Always
+    /// `pushed - queue.len() - (the chunk being written)`.
+    done: u64,
 }
 
 struct Shared {
@@ -37,7 +43,15 @@ struct Shared {
     wake: Condvar,
     /// The thread finished a write.
     progress: Condvar,
+    /// Signalled by the thread after each write it finished, so the event loop can poll for progress (a
+    /// condition variable cannot be polled). An eventfd: the sandbox allows them (eventfd2) and not socketpair.
+    progress_fd: EventFd,
+    /// Called by the thread with [`State::done`] after each write it finished (see [`HostWriter::on_done`]).
+    on_done: Mutex<Option<DoneHook>>,
 }
+
+/// See [`HostWriter::on_done`].
+pub type DoneHook = Box<dyn Fn(u64) + Send>;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -65,14 +79,46 @@ pub struct HostWriter {
 impl HostWriter {
     /// Start a writer thread named `name`, queueing at most `cap` bytes.
     pub fn spawn(name: &str, target: Option<Arc<OwnedFd>>, cap: usize) -> std::io::Result<Self> {
+        let progress_fd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State { target, ..State::default() }),
             wake: Condvar::new(),
             progress: Condvar::new(),
+            progress_fd,
+            on_done: Mutex::new(None),
         });
         let worker = shared.clone();
         std::thread::Builder::new().name(name.into()).spawn(move || run(&worker))?;
         Ok(Self { shared, cap })
+    }
+
+    /// Have the thread call `hook` with [`HostWriter::done`] right after each write it finished, before it
+    /// signals [`HostWriter::progress_fd`]: what must follow a write closely (acknowledgements) need not wait
+    /// for the event loop to be scheduled.
+    pub fn on_done(&self, hook: DoneHook) {
+        *self.shared.on_done.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Readable once the thread has finished a write since the last [`HostWriter::take_progress`].
+    pub fn progress_fd(&self) -> BorrowedFd<'_> {
+        self.shared.progress_fd.as_fd()
+    }
+
+    /// Clear [`HostWriter::progress_fd`]'s readiness.
+    pub fn take_progress(&self) {
+        // EAGAIN when there was none; nothing else can fail on an eventfd read.
+        let _ = self.shared.progress_fd.read();
+    }
+
+    /// Bytes ever queued: the position in the output stream just after the last queued byte.
+    pub fn pushed(&self) -> u64 {
+        self.shared.lock().pushed
+    }
+
+    /// Bytes ever finished with (written, or discarded with the queue of a target that changed or failed):
+    /// every position up to this one is done.
+    pub fn done(&self) -> u64 {
+        self.shared.lock().done
     }
 
     /// Queue `data` for the current target.
@@ -91,6 +137,7 @@ impl HostWriter {
             st.last_progress = Some(Instant::now());
         }
         st.queue.extend(data);
+        st.pushed += data.len() as u64;
         self.shared.wake.notify_one();
         Pushed::Queued
     }
@@ -100,6 +147,7 @@ impl HostWriter {
         let mut st = self.shared.lock();
         st.target = target;
         st.generation += 1;
+        st.done += st.queue.len() as u64;
         st.queue.clear();
         st.error = None;
     }
@@ -172,15 +220,23 @@ fn run(shared: &Shared) {
         let mut st = shared.lock();
         st.busy = false;
         st.last_progress = Some(Instant::now());
+        st.done += chunk.len() as u64;
         if let Err(e) = result {
             if st.generation == generation {
                 st.target = None;
+                st.done += st.queue.len() as u64;
                 st.queue.clear();
                 st.error = Some(e);
             }
         }
+        let done = st.done;
         drop(st);
         shared.progress.notify_all();
+        if let Some(hook) = &*shared.on_done.lock().unwrap_or_else(|p| p.into_inner()) {
+            hook(done);
+        }
+        // Fails only if the counter would overflow, when a wake-up is pending anyway.
+        let _ = shared.progress_fd.write(1);
     }
 }
 
@@ -220,8 +276,10 @@ mod tests {
         assert_eq!(writer.push(b" world"), Pushed::Queued);
         assert_eq!(writer.push(b"123456789"), Pushed::Overflow);
         assert!(writer.flush(Instant::now() + Duration::from_secs(5)));
+        assert_eq!((writer.pushed(), writer.done()), (11, 11), "the overflowing bytes were never queued");
         writer.set_target(None);
         assert_eq!(writer.push(b"lost"), Pushed::NoTarget);
+        assert_eq!(writer.done(), 11);
         drop(writer);
         let mut got = Vec::new();
         std::fs::File::from(r).read_to_end(&mut got).unwrap();
@@ -237,5 +295,6 @@ mod tests {
         writer.flush(Instant::now() + Duration::from_secs(5));
         assert_eq!(writer.take_error(), Some(Errno::EPIPE));
         assert!(!writer.has_target());
+        assert_eq!(writer.done(), 17, "failed bytes are done with too");
     }
 }

@@ -6,6 +6,14 @@
 //! The chardev process may go away and come back (issue #8: a crash restarted by the launcher). Meanwhile the
 //! guest keeps running and what it prints is kept, up to [`AWAY_BUFFER`] bytes (the oldest dropped and counted
 //! beyond that); [`SerialPort::reconnect`] takes the new channel and sends that first.
+//!
+//! A chardev killed with SIGKILL also takes with it what it had received but not yet written (in its socket
+//! buffer, its queue, its writer thread). So output is acknowledged: the core asks for it with an empty
+//! `Output` as the first message on each channel, the chardev answers [`ChardevToCore::Written`] with a
+//! running count of bytes it is done with, and the core keeps what it sent but has not seen acknowledged in a
+//! replay buffer of [`REPLAY_BUFFER`] bytes. On reconnect the replay buffer goes out first, then the away
+//! buffer. Nothing on the UART path waits for acknowledgements: they only trim the replay buffer. Delivery is
+//! at least once: bytes the dead chardev wrote but had not yet acknowledged are written again.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -31,6 +39,8 @@ const LCR_DLAB: u8 = 0x80;
 /// LSR bit 4, Break Interrupt: set when a break was received, cleared by reading LSR (16550A data sheet, LSR).
 const LSR_BREAK: u8 = 0x10;
 
+/// How long a reconnect waits for the old channel's input thread to read the acknowledgements still in it.
+const OLD_CHANNEL_DRAIN: Duration = Duration::from_millis(200);
 /// How long transmitted bytes may wait to be batched into one message.
 const OUTPUT_LATENCY: Duration = Duration::from_millis(2);
 /// Send at once when this much is buffered.
@@ -43,6 +53,11 @@ const INPUT_LIMIT: usize = 64 * 1024;
 /// Guest output kept while the chardev process is away. A guest printing at the software CPU's speed fills this
 /// in well over a minute, far longer than a restart takes.
 pub const AWAY_BUFFER: usize = 1 << 20;
+/// Output sent to the chardev process but not yet acknowledged as written, kept to be sent again if it dies.
+/// The chardev acknowledges within a host write's time, so this only fills when its host side is slow or
+/// stuck (it queues up to 4 MiB); beyond it the oldest bytes are no longer kept, and are counted as lost if
+/// the chardev then dies without acknowledging them.
+pub const REPLAY_BUFFER: usize = 1 << 20;
 
 /// An interrupt line a device can raise. The ISA serial interrupt is edge-triggered here: each call is one pulse.
 pub trait IrqLine: Send + Sync {
@@ -75,6 +90,50 @@ struct OutputState {
     channel: Arc<Channel>,
     /// Counts the channels: an input thread of a replaced channel must not mark its successor broken.
     generation: u64,
+    /// Bytes taken for sending on the current channel and not yet acknowledged (the oldest may have been let go,
+    /// see [`REPLAY_BUFFER`]). Bytes enter before they are sent, so an acknowledgement can never outrun them.
+    replay: VecDeque<u8>,
+    /// Position of `replay[0]` in the current channel's output stream (bytes since the channel opened).
+    replay_start: u64,
+    /// The highest [`ChardevToCore::Written`] count received on the current channel.
+    acked: u64,
+    /// The empty `Output` asking for acknowledgements went out on the current channel.
+    ack_requested: bool,
+    /// The generation whose input thread ended last (it read the old channel to its end, acknowledgements
+    /// included).
+    input_ended: Option<u64>,
+}
+
+impl OutputState {
+    /// `batch` is about to be sent on the current channel.
+    fn keep_for_replay(&mut self, batch: &[u8]) {
+        self.replay.extend(batch);
+        // Trimmed in steps of a quarter, as the away buffer is, so a full buffer does not move a MiB per batch.
+        if self.replay.len() > REPLAY_BUFFER + REPLAY_BUFFER / 4 {
+            let excess = self.replay.len() - REPLAY_BUFFER;
+            self.replay.drain(..excess);
+            self.replay_start += excess as u64;
+        }
+    }
+
+    /// The chardev process is done with the first `count` bytes of this channel's output. `Err` with the
+    /// number of bytes sent when it claims more than that (a confused peer: the claim is capped).
+    fn acknowledge(&mut self, count: u64) -> Result<(), u64> {
+        let sent = self.replay_start + self.replay.len() as u64;
+        let capped = count.min(sent);
+        if capped > self.acked {
+            self.acked = capped;
+            if capped > self.replay_start {
+                self.replay.drain(..(capped - self.replay_start) as usize);
+                self.replay_start = capped;
+            }
+        }
+        if count > sent {
+            Err(sent)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 struct Output {
@@ -95,30 +154,40 @@ impl Output {
     /// Take what is buffered and send it. Returns false while the channel is broken (the bytes stay buffered).
     fn send_pending(&self) -> bool {
         let _order = self.send_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (batch, channel, generation) = {
+        let (batch, channel, generation, ask) = {
             let mut st = self.lock();
             if st.broken {
                 return false;
             }
-            (std::mem::take(&mut st.buf), st.channel.clone(), st.generation)
+            let batch = std::mem::take(&mut st.buf);
+            // Into the replay buffer before it is sent: if the send fails, or the chardev dies before writing
+            // it, the next chardev process gets it first (the bytes of this batch before what the guest wrote
+            // since).
+            st.keep_for_replay(&batch);
+            let ask = !std::mem::replace(&mut st.ack_requested, true);
+            (batch, st.channel.clone(), st.generation, ask)
         };
         self.cond.notify_all();
+        let fail = |e: IpcError| {
+            let mut st = self.lock();
+            if st.generation == generation {
+                self.mark_broken(&mut st, &e.to_string());
+            }
+            false
+        };
+        if ask {
+            // The request for acknowledgements (see `CoreToChardev::Output`), first on every channel.
+            if let Err(e) = channel.send(&CoreToChardev::Output(Vec::new()), &[]) {
+                return fail(e);
+            }
+        }
         // A message body is at most 1 MiB (tessera-ipc's frame limit); what was kept while the chardev was away
         // can be that much.
         let mut sent = 0;
         while sent < batch.len() {
             let end = batch.len().min(sent + OUTPUT_LIMIT);
             if let Err(e) = channel.send(&CoreToChardev::Output(batch[sent..end].to_vec()), &[]) {
-                // Kept for the next chardev process: the bytes of this batch go first, before what the guest
-                // wrote since.
-                let mut st = self.lock();
-                let mut rest = batch[sent..].to_vec();
-                rest.extend_from_slice(&st.buf);
-                st.buf = rest;
-                if st.generation == generation {
-                    self.mark_broken(&mut st, &e.to_string());
-                }
-                return false;
+                return fail(e);
             }
             sent = end;
         }
@@ -234,6 +303,11 @@ impl SerialPort {
                 stop: false,
                 channel,
                 generation: 0,
+                replay: VecDeque::new(),
+                replay_start: 0,
+                acked: 0,
+                ack_requested: false,
+                input_ended: None,
             }),
             cond: Condvar::new(),
             send_lock: Mutex::new(()),
@@ -276,22 +350,51 @@ impl SerialPort {
         Ok(())
     }
 
-    /// The chardev process was restarted: `channel` replaces the old channel. What the guest printed meanwhile
-    /// is sent first (by the output thread, in order), then output and input go on as before.
+    /// The chardev process was restarted: `channel` replaces the old channel. What the old one had not
+    /// acknowledged is sent first, then what the guest printed meanwhile (by the output thread, in order), then
+    /// output and input go on as before.
     pub fn reconnect(self: &Arc<Self>, channel: Arc<Channel>) -> io::Result<()> {
-        let dropped = {
+        let (dropped, replayed, lost) = {
             let mut st = self.output.lock();
+            // The launcher may restart the chardev before this side has read the dead one's last
+            // acknowledgements (they sit in the old channel, before its end): wait for the old input thread to
+            // reach the end, or what was acknowledged would be sent twice. A dead peer's channel ends at once;
+            // the bound is for an old chardev process that is somehow still there.
+            let deadline = std::time::Instant::now() + OLD_CHANNEL_DRAIN;
+            while st.input_ended != Some(st.generation) {
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                st = self.output.cond.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            // Let go of before being acknowledged (the replay buffer was full): gone with the old process.
+            let lost = st.replay_start.saturating_sub(st.acked);
+            let mut resend: Vec<u8> = std::mem::take(&mut st.replay).into();
+            let replayed = resend.len();
+            resend.extend_from_slice(&st.buf);
+            st.buf = resend;
+            st.replay_start = 0;
+            st.acked = 0;
+            st.ack_requested = false;
             st.channel = channel;
             st.generation += 1;
             st.broken = false;
             st.away_reason = None;
-            std::mem::take(&mut st.dropped)
+            (std::mem::take(&mut st.dropped), replayed, lost)
         };
         self.output.cond.notify_all();
-        if dropped > 0 {
+        if replayed > 0 {
             self.log.error(&format!(
-                "{}: {dropped} bytes of guest output were dropped while the chardev process was away",
+                "{}: sending again {replayed} bytes of guest output the old chardev process had not confirmed",
                 self.name
+            ));
+        }
+        if dropped + lost > 0 {
+            self.log.error(&format!(
+                "{}: {} bytes of guest output were dropped while the chardev process was away",
+                self.name,
+                dropped + lost
             ));
         }
         self.start_input()
@@ -304,11 +407,14 @@ impl SerialPort {
     }
 
     fn input_loop(&self, channel: &Channel, generation: u64) {
+        let mut warned = false;
         let gone = |why: &str| {
             let mut st = self.output.lock();
             if st.generation == generation && !st.stop {
                 self.output.mark_broken(&mut st, why);
             }
+            st.input_ended = Some(generation);
+            self.output.cond.notify_all();
         };
         loop {
             match channel.recv::<ChardevToCore>() {
@@ -321,6 +427,22 @@ impl SerialPort {
                         }
                     }
                     ChardevToCore::Break => self.push_break(),
+                    ChardevToCore::Written(count) => {
+                        let mut st = self.output.lock();
+                        if st.generation != generation {
+                            continue;
+                        }
+                        if let Err(sent) = st.acknowledge(count) {
+                            drop(st);
+                            if !std::mem::replace(&mut warned, true) {
+                                self.log.error(&format!(
+                                    "{}: the chardev process acknowledged {count} bytes of output, but only {sent} \
+                                     were sent; taken as {sent}",
+                                    self.name
+                                ));
+                            }
+                        }
+                    }
                 },
                 // The chardev process went away (or the VM is ending): output is kept until a reconnect.
                 Err(IpcError::Closed) => return gone("it closed the serial channel"),
@@ -470,6 +592,8 @@ mod tests {
         // No flusher thread is running here: only the explicit flush sends.
         p.flush();
         let (msg, _): (CoreToChardev, _) = chardev.recv().unwrap();
+        assert_eq!(msg, CoreToChardev::Output(Vec::new()), "first the request for acknowledgements");
+        let (msg, _): (CoreToChardev, _) = chardev.recv().unwrap();
         assert_eq!(msg, CoreToChardev::Output(b"hello\n".to_vec()));
     }
 
@@ -478,8 +602,7 @@ mod tests {
         let (p, chardev, _) = port();
         p.start().unwrap();
         p.write(0, b"x");
-        let (msg, _): (CoreToChardev, _) = chardev.recv().unwrap();
-        assert_eq!(msg, CoreToChardev::Output(b"x".to_vec()));
+        assert_eq!(receive(&chardev, 1), b"x");
         p.stop();
     }
 
@@ -523,6 +646,26 @@ mod tests {
         got
     }
 
+    /// Play the chardev acknowledging the first `count` bytes, and wait until the core has taken it in.
+    fn acknowledge(p: &SerialPort, chardev: &Channel, count: u64) {
+        chardev.set_nonblocking(false).unwrap();
+        chardev.send(&ChardevToCore::Written(count), &[]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while p.output.lock().acked < count && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Close the chardev's end and wait until the core noticed (its input thread sees the hang-up).
+    fn chardev_dies(p: &SerialPort, chardev: Channel) {
+        drop(chardev);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while p.away_buffered().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(p.away_buffered().is_some(), "the closed channel was noticed");
+    }
+
     #[test]
     fn output_while_the_chardev_is_away_is_kept_and_sent_first_on_reconnect() {
         let (p, chardev, _) = port();
@@ -531,13 +674,10 @@ mod tests {
             p.write(0, &[*b]);
         }
         assert_eq!(receive(&chardev, 7), b"before ");
-        drop(chardev);
-        // The input thread sees the hang-up; whatever the guest prints from then on is kept.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while p.away_buffered().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(p.away_buffered().is_some(), "the closed channel was noticed");
+        // Written by the chardev: not sent again.
+        acknowledge(&p, &chardev, 7);
+        // Whatever the guest prints from now on is kept.
+        chardev_dies(&p, chardev);
         let text: Vec<u8> = (0..5000u32).map(|i| b'a' + (i % 26) as u8).collect();
         for b in &text {
             p.write(0, &[*b]);
@@ -578,7 +718,8 @@ mod tests {
         }
         let (kept, dropped) = p.away_buffered().unwrap();
         assert!((AWAY_BUFFER..=AWAY_BUFFER + AWAY_BUFFER / 4).contains(&kept), "kept {kept}");
-        assert_eq!(kept as u64 + dropped, total as u64 + 1);
+        // The "x" whose send failed is in the replay buffer, not in the away buffer.
+        assert_eq!(kept as u64 + dropped, total as u64);
         let (core, chardev) = Channel::pair().unwrap();
         p.reconnect(Arc::new(core)).unwrap();
         // More than a socket buffer: sent while this thread reads.
@@ -586,11 +727,93 @@ mod tests {
             let p = p.clone();
             std::thread::spawn(move || p.flush())
         };
-        let got = receive(&chardev, kept);
+        let got = receive(&chardev, kept + 1);
         sender.join().unwrap();
-        assert_eq!(got.len(), kept);
-        assert_eq!(&got[..], &data[total - kept..], "the newest bytes, in order");
+        assert_eq!(got.len(), kept + 1);
+        assert_eq!(got[0], b'x', "the unacknowledged byte first");
+        assert_eq!(&got[1..], &data[total - kept..], "then the newest bytes, in order");
         p.stop();
+    }
+
+    #[test]
+    fn unacknowledged_output_is_sent_again_before_the_away_buffer() {
+        let (p, chardev, _) = port();
+        p.start().unwrap();
+        p.write(0, b"a");
+        assert_eq!(receive(&chardev, 1), b"a");
+        p.write(0, b"b");
+        assert_eq!(receive(&chardev, 1), b"b");
+        // The chardev wrote "a"; "b" was still in its queue when it died.
+        acknowledge(&p, &chardev, 1);
+        chardev_dies(&p, chardev);
+        p.write(0, b"c");
+        let (core, chardev) = Channel::pair().unwrap();
+        p.reconnect(Arc::new(core)).unwrap();
+        assert_eq!(receive(&chardev, 2), b"bc", "the unacknowledged byte, then the away buffer");
+        // The count starts again on the new channel.
+        acknowledge(&p, &chardev, 2);
+        p.write(0, b"d");
+        assert_eq!(receive(&chardev, 1), b"d");
+        chardev_dies(&p, chardev);
+        let (core, chardev) = Channel::pair().unwrap();
+        p.reconnect(Arc::new(core)).unwrap();
+        p.write(0, b"e");
+        assert_eq!(receive(&chardev, 2), b"de");
+        p.stop();
+    }
+
+    #[test]
+    fn an_acknowledgement_beyond_what_was_sent_is_capped() {
+        let (p, chardev, _) = port();
+        p.start().unwrap();
+        p.write(0, b"a");
+        p.write(0, b"b");
+        assert_eq!(receive(&chardev, 2), b"ab");
+        acknowledge(&p, &chardev, 1 << 40);
+        assert_eq!(p.output.lock().acked, 2);
+        // Going back is ignored.
+        acknowledge(&p, &chardev, 1);
+        p.write(0, b"c");
+        assert_eq!(receive(&chardev, 1), b"c");
+        chardev_dies(&p, chardev);
+        let (core, chardev) = Channel::pair().unwrap();
+        p.reconnect(Arc::new(core)).unwrap();
+        p.write(0, b"d");
+        assert_eq!(receive(&chardev, 2), b"cd");
+        p.stop();
+    }
+
+    #[test]
+    fn the_replay_buffer_is_bounded_and_keeps_the_newest_bytes() {
+        let (p, chardev, _) = port();
+        let data: Vec<u8> = (0..REPLAY_BUFFER * 2).map(|i| (i % 251) as u8).collect();
+        let reader = std::thread::spawn(move || {
+            let got = receive(&chardev, REPLAY_BUFFER * 2);
+            (got, chardev)
+        });
+        for c in data.chunks(64 * 1024) {
+            OutputWriter(p.output.clone()).write_all(c).unwrap();
+            p.flush();
+        }
+        let (got, chardev) = reader.join().unwrap();
+        assert_eq!(got.len(), data.len());
+        let (start, kept) = {
+            let st = p.output.lock();
+            (st.replay_start, st.replay.len())
+        };
+        assert!((REPLAY_BUFFER..=REPLAY_BUFFER + REPLAY_BUFFER / 4).contains(&kept), "kept {kept}");
+        assert_eq!(start + kept as u64, data.len() as u64);
+        drop(chardev);
+        p.flush();
+        let (core, chardev) = Channel::pair().unwrap();
+        p.reconnect(Arc::new(core)).unwrap();
+        let sender = {
+            let p = p.clone();
+            std::thread::spawn(move || p.flush())
+        };
+        let again = receive(&chardev, kept);
+        sender.join().unwrap();
+        assert_eq!(&again[..], &data[data.len() - kept..], "the newest unacknowledged bytes");
     }
 
     #[test]
