@@ -1,5 +1,6 @@
-//! x87 control instructions, FXSAVE/FXRSTOR, and the SSE/SSE2 integer and move subset that Linux and glibc
-//! use (fact sheet §3, §8). Floating-point arithmetic is not implemented yet and stops with `Unsupported`.
+//! x87 control instructions, FXSAVE/FXRSTOR, MMX (integer set and the SSE-era MMX-register forms; MMn is the
+//! mantissa of x87 register Rn), and the SSE/SSE2 subset that Linux and glibc use (fact sheet §3, §8). x87
+//! floating-point arithmetic is not implemented yet and stops with `Unsupported`.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
@@ -548,6 +549,11 @@ impl Exec<'_> {
             self.mmx_enter();
             return Ok(());
         }
+        let mmx_convert =
+            matches!(m, M::Cvtpi2ps | M::Cvtpi2pd | M::Cvtps2pi | M::Cvttps2pi | M::Cvtpd2pi | M::Cvttpd2pi);
+        if mmx_convert || has_mm && is_sse {
+            return self.sse_mmx_convert(i);
+        }
         if !is_sse {
             if has_mm {
                 return self.step_mmx(i);
@@ -701,6 +707,59 @@ impl Exec<'_> {
             }
             _ => self.sse_binop(i),
         }
+    }
+
+    /// The conversions between packed int32 in an MMX register and floats in an XMM register (SDM Vol. 2A
+    /// "CVTPI2PS" .. "CVTTPD2PI"): SSE/SSE2 exception checks; an MMX register operand makes them MMX
+    /// instructions for the x87 state (TOP 0, tags valid), a memory source does not.
+    fn sse_mmx_convert(&mut self, i: &Instruction) -> Res<()> {
+        self.sse_ok()?;
+        let m = i.mnemonic();
+        match m {
+            M::Cvtpi2ps | M::Cvtpi2pd => {
+                let x = self.x0(i)?;
+                let v = match i.op_kind(1) {
+                    OpKind::Register => self.mm_get(i.op1_register().number()),
+                    _ => self.rx(i, 1)? as u64,
+                };
+                let (lo, hi) = (v as u32 as i32, (v >> 32) as u32 as i32);
+                self.check_rounding();
+                let cur = self.c.fpu.xmm[x];
+                self.c.fpu.xmm[x] = if m == M::Cvtpi2ps {
+                    (cur & !LO64) | (lo as f32).to_bits() as u128 | (((hi as f32).to_bits() as u128) << 32)
+                } else {
+                    (lo as f64).to_bits() as u128 | (((hi as f64).to_bits() as u128) << 64)
+                };
+            }
+            M::Cvtps2pi | M::Cvttps2pi | M::Cvtpd2pi | M::Cvttpd2pi => {
+                if i.op_kind(0) != OpKind::Register || !i.op0_register().is_mm() {
+                    return ud();
+                }
+                if matches!(m, M::Cvtpd2pi | M::Cvttpd2pi) && i.op_kind(1) == OpKind::Memory {
+                    self.aligned16(i)?;
+                }
+                let v = self.rx(i, 1)?;
+                let f: [f64; 2] = if matches!(m, M::Cvtps2pi | M::Cvttps2pi) {
+                    [s(v, 0) as f64, s(v, 1) as f64]
+                } else {
+                    [d(v, 0), d(v, 1)]
+                };
+                let trunc = matches!(m, M::Cvttps2pi | M::Cvttpd2pi);
+                if !trunc {
+                    self.check_rounding();
+                }
+                let r = f.iter().enumerate().fold(0u64, |r, (k, &t)| {
+                    let t = if trunc { t.trunc() } else { t.round_ties_even() };
+                    r | ((f2i32(t) as u64) << (32 * k))
+                });
+                self.mm_set(i.op0_register().number(), r);
+            }
+            _ => return self.unimpl(i, "instruction with MMX and XMM operands not implemented"),
+        }
+        if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_mm()) {
+            self.mmx_enter();
+        }
+        Ok(())
     }
 
     /// Arithmetic here uses the host's SSE with its default rounding (nearest-even), which is what the guest

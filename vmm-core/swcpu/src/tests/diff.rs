@@ -419,6 +419,12 @@ fn wanted(i: &Instruction) -> bool {
             | Movdq2q
             | Movntq
             | Pshufw
+            | Cvtpi2ps
+            | Cvtpi2pd
+            | Cvtps2pi
+            | Cvttps2pi
+            | Cvtpd2pi
+            | Cvttpd2pi
     )
 }
 
