@@ -354,6 +354,24 @@ impl Exec<'_> {
         }
     }
 
+    /// MASKMOVQ/MASKMOVDQU (SDM Vol. 2B "MASKMOVQ"): the bytes of `v` whose mask byte has its top bit set go
+    /// to DS:[RDI] (EDI with a 0x67 prefix; the segment may be overridden), one byte store each.
+    fn maskmov(&mut self, i: &Instruction, v: u128, mask: u128, n: u32) -> Res<()> {
+        let off = match i.op_kind(0) {
+            OpKind::MemorySegRDI => self.get_reg(Register::RDI),
+            OpKind::MemorySegEDI => self.get_reg(Register::RDI) & 0xffff_ffff,
+            _ => return self.unimpl(i, "masked move without an RDI/EDI address"),
+        };
+        let seg = (i.memory_segment() as usize).wrapping_sub(Register::ES as usize);
+        let a = if seg < 6 { off.wrapping_add(self.seg_base(seg)) } else { off };
+        for k in 0..n {
+            if (mask >> (8 * k + 7)) & 1 != 0 {
+                self.write(a.wrapping_add(k as u64), 1, (v >> (8 * k)) as u64 & 0xff)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Integer MMX instructions and the SSE-era MMX-register forms (PSHUFW, PMINUB, PAVGB, PSADBW, PMOVMSKB,
     /// PEXTRW, PINSRW, MOVNTQ, PMULUDQ, PADDQ, PSUBQ). The lane arithmetic is `int_op`, shared with SSE2.
     fn step_mmx(&mut self, i: &Instruction) -> Res<()> {
@@ -371,6 +389,11 @@ impl Exec<'_> {
                         self.write(a, if m == M::Movd { 4 } else { 8 }, v)?;
                     }
                 }
+            }
+            M::Maskmovq => {
+                let v = self.mm_get(i.op1_register().number()) as u128;
+                let mask = self.mm_get(i.op2_register().number()) as u128;
+                self.maskmov(i, v, mask, 8)?;
             }
             M::Pmovmskb => {
                 let v = self.rm(i, 1)?;
@@ -567,6 +590,11 @@ impl Exec<'_> {
         }
         self.sse_ok()?;
         match m {
+            M::Maskmovdqu => {
+                let v = self.rx(i, 1)?;
+                let mask = self.rx(i, 2)?;
+                self.maskmov(i, v, mask, 16)
+            }
             M::Movaps | M::Movapd | M::Movdqa | M::Movntdq | M::Movntps | M::Movntpd => {
                 self.aligned16(i)?;
                 let v = self.rx(i, 1)?;

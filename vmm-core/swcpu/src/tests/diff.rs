@@ -425,6 +425,8 @@ fn wanted(i: &Instruction) -> bool {
             | Cvttps2pi
             | Cvtpd2pi
             | Cvttpd2pi
+            | Maskmovq
+            | Maskmovdqu
     )
 }
 
@@ -453,7 +455,7 @@ fn random_bytes(rng: &mut Rng) -> [u8; 16] {
             0x61, 0x62, 0x6c, 0x68, 0x69, 0x6a, 0x6d, 0xd1, 0xd2, 0xd3, 0xe1, 0xe2, 0xf1, 0xf2, 0xf3, 0x67, 0x63, 0x6b,
             0xc6, 0xe0, 0xf6, 0xd5, 0xf4, 0xc5, 0xc4, 0x58, 0x59, 0x5c, 0x5e, 0x5d, 0x5f, 0x51, 0x2a, 0x2c, 0x2d, 0x2e,
             0x2f, 0x5a, 0x5b, 0xe6, 0xc2, 0xe8, 0xe9, 0xec, 0xed, 0xf5, 0xea, 0xee, 0xe5, 0xe4, 0xdc, 0xdd, 0xd8, 0xd9,
-            0xe3, 0x14, 0x15, 0x50, 0x55, 0x77, 0xe7,
+            0xe3, 0x14, 0x15, 0x50, 0x55, 0x77, 0xe7, 0xf7,
         ];
         b[k + 1] = match rng.below(4) {
             // CMOVcc and SETcc over all 16 conditions.
@@ -775,7 +777,12 @@ fn make_sequence(rng: &mut Rng, regs: &[u64; 17]) -> Option<(Instruction, Vec<u8
         let special = (0..i.op_count()).any(|n| {
             matches!(
                 i.op_kind(n),
-                OpKind::MemoryESRDI | OpKind::MemoryESEDI | OpKind::MemorySegRSI | OpKind::MemorySegESI
+                OpKind::MemoryESRDI
+                    | OpKind::MemoryESEDI
+                    | OpKind::MemorySegRSI
+                    | OpKind::MemorySegESI
+                    | OpKind::MemorySegRDI
+                    | OpKind::MemorySegEDI
             )
         }) || matches!(i.mnemonic(), M::Xlatb | M::Bt | M::Bts | M::Btr | M::Btc | M::Shld | M::Shrd);
         if special {
@@ -890,7 +897,12 @@ fn differential(sequences: bool) {
         let strings = (0..insn.op_count()).any(|n| {
             matches!(
                 insn.op_kind(n),
-                OpKind::MemoryESRDI | OpKind::MemoryESEDI | OpKind::MemorySegRSI | OpKind::MemorySegESI
+                OpKind::MemoryESRDI
+                    | OpKind::MemoryESEDI
+                    | OpKind::MemorySegRSI
+                    | OpKind::MemorySegESI
+                    | OpKind::MemorySegRDI
+                    | OpKind::MemorySegEDI
             )
         });
         if (strings || insn.mnemonic() == M::Xlatb) && !sequences {
