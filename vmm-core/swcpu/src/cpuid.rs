@@ -7,8 +7,9 @@ const fn s4(s: &[u8; 4]) -> u32 {
     u32::from_le_bytes(*s)
 }
 
-/// Leaf 1 EDX: FPU, TSC, MSR, PAE, CX8, APIC (when configured), PGE, CMOV, CLFSH, FXSR, SSE, SSE2.
-/// Not advertised: DE, PSE, MCE, SEP, MTRR, MCA, PAT, PSE36, MMX (fewer MSRs and paths to emulate).
+/// Leaf 1 EDX: FPU, TSC, MSR, PAE, CX8, APIC (when configured), PGE, CMOV, CLFSH, MMX, FXSR, SSE, SSE2
+/// (glibc's x86-64 baseline ISA level needs CMOV, CX8, FPU, FXSR, MMX, SSE, SSE2).
+/// Not advertised: DE, PSE, MCE, SEP, MTRR, MCA, PAT, PSE36 (fewer MSRs and paths to emulate).
 const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 4)
     | (1 << 5)
@@ -17,6 +18,7 @@ const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 13)
     | (1 << 15)
     | (1 << 19)
+    | (1 << 23)
     | (1 << 24)
     | (1 << 25)
     | (1 << 26);

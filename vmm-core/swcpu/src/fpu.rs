@@ -1,5 +1,6 @@
-//! x87 control instructions, FXSAVE/FXRSTOR, and the SSE/SSE2 integer and move subset that Linux and glibc
-//! use (fact sheet §3, §8). Floating-point arithmetic is not implemented yet and stops with `Unsupported`.
+//! x87 control instructions, FXSAVE/FXRSTOR, MMX (integer set and the SSE-era MMX-register forms; MMn is the
+//! mantissa of x87 register Rn), and the SSE/SSE2 subset that Linux and glibc use (fact sheet §3, §8). x87
+//! floating-point arithmetic is not implemented yet and stops with `Unsupported`.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
@@ -295,6 +296,139 @@ impl Exec<'_> {
         }
     }
 
+    /// MMX exception checks (SDM Vol. 2 MMX instructions, "Numeric Exceptions"/"Protected Mode Exceptions"):
+    /// #UD with CR0.EM set, #NM with CR0.TS set. (#MF for a pending x87 exception cannot arise here: x87
+    /// arithmetic is not implemented, so no x87 exception is ever left pending.)
+    fn mmx_ok(&self) -> Res<()> {
+        if self.c.cr0 & CR0_EM != 0 {
+            return ud();
+        }
+        if self.c.cr0 & CR0_TS != 0 {
+            return Err(Fault::Exc(VEC_NM, None));
+        }
+        Ok(())
+    }
+
+    /// MMn is the 64-bit mantissa of physical x87 register Rn (SDM Vol. 1 §9.5.1 "MMX Instructions and the
+    /// x87 FPU Tag Word"): it does not move with TOP.
+    pub(crate) fn mm_get(&self, n: usize) -> u64 {
+        let r = &self.c.fpu.st[n & 7];
+        u64::from_le_bytes([r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]])
+    }
+
+    /// Writing MMn also sets the sign and exponent of Rn to all ones (SDM Vol. 1 §9.5.1).
+    fn mm_set(&mut self, n: usize, v: u64) {
+        let r = &mut self.c.fpu.st[n & 7];
+        r[..8].copy_from_slice(&v.to_le_bytes());
+        r[8] = 0xff;
+        r[9] = 0xff;
+    }
+
+    /// Every MMX instruction but EMMS sets TOP to 0 and all tags valid (SDM Vol. 1 Table 9-2); the abridged
+    /// tag word (FXSAVE's format, which `ftw` holds) has a 1 per valid register.
+    fn mmx_enter(&mut self) {
+        self.c.fpu.fsw &= !0x3800;
+        self.c.fpu.ftw = 0xff;
+    }
+
+    /// Reads operand `n` of an MMX-form instruction: an MMX register, a GPR, memory of the operand's size,
+    /// or an immediate.
+    fn rm(&mut self, i: &Instruction, n: u32) -> Res<u64> {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let r = i.op_register(n);
+                if r.is_mm() {
+                    Ok(self.mm_get(r.number()))
+                } else if r.is_xmm() {
+                    ud()
+                } else {
+                    Ok(self.get_reg(r))
+                }
+            }
+            OpKind::Memory => {
+                let a = self.ea(i);
+                let sz = i.memory_size().size();
+                self.read(a, sz)
+            }
+            _ => Ok(i.immediate(n)),
+        }
+    }
+
+    /// MASKMOVQ/MASKMOVDQU (SDM Vol. 2B "MASKMOVQ"): the bytes of `v` whose mask byte has its top bit set go
+    /// to DS:[RDI] (EDI with a 0x67 prefix; the segment may be overridden), one byte store each.
+    fn maskmov(&mut self, i: &Instruction, v: u128, mask: u128, n: u32) -> Res<()> {
+        let off = match i.op_kind(0) {
+            OpKind::MemorySegRDI => self.get_reg(Register::RDI),
+            OpKind::MemorySegEDI => self.get_reg(Register::RDI) & 0xffff_ffff,
+            _ => return self.unimpl(i, "masked move without an RDI/EDI address"),
+        };
+        let seg = (i.memory_segment() as usize).wrapping_sub(Register::ES as usize);
+        let a = if seg < 6 { off.wrapping_add(self.seg_base(seg)) } else { off };
+        for k in 0..n {
+            if (mask >> (8 * k + 7)) & 1 != 0 {
+                self.write(a.wrapping_add(k as u64), 1, (v >> (8 * k)) as u64 & 0xff)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Integer MMX instructions and the SSE-era MMX-register forms (PSHUFW, PMINUB, PAVGB, PSADBW, PMOVMSKB,
+    /// PEXTRW, PINSRW, MOVNTQ, PMULUDQ, PADDQ, PSUBQ). The lane arithmetic is `int_op`, shared with SSE2.
+    fn step_mmx(&mut self, i: &Instruction) -> Res<()> {
+        self.mmx_ok()?;
+        let m = i.mnemonic();
+        match m {
+            M::Movd | M::Movq | M::Movntq => {
+                let v = self.rm(i, 1)?;
+                let v = if m == M::Movd { v & 0xffff_ffff } else { v };
+                match i.op_kind(0) {
+                    OpKind::Register if i.op0_register().is_mm() => self.mm_set(i.op0_register().number(), v),
+                    OpKind::Register => self.set_reg(i.op0_register(), v),
+                    _ => {
+                        let a = self.ea(i);
+                        self.write(a, if m == M::Movd { 4 } else { 8 }, v)?;
+                    }
+                }
+            }
+            M::Maskmovq => {
+                let v = self.mm_get(i.op1_register().number()) as u128;
+                let mask = self.mm_get(i.op2_register().number()) as u128;
+                self.maskmov(i, v, mask, 8)?;
+            }
+            M::Pmovmskb => {
+                let v = self.rm(i, 1)?;
+                let r = (0..8).fold(0u64, |r, k| r | (((v >> (8 * k + 7)) & 1) << k));
+                self.set_reg(i.op0_register(), r);
+            }
+            M::Pextrw => {
+                let v = self.rm(i, 1)?;
+                let k = (i.immediate8() & 3) as u32;
+                self.set_reg(i.op0_register(), (v >> (16 * k)) & 0xffff);
+            }
+            M::Pinsrw => {
+                let x = i.op0_register().number();
+                let v = self.rm(i, 1)? & 0xffff;
+                let k = (i.immediate8() & 3) as u32;
+                let cur = self.mm_get(x);
+                self.mm_set(x, (cur & !(0xffff << (16 * k))) | (v << (16 * k)));
+            }
+            _ => {
+                let r0 = i.op0_register();
+                if i.op_kind(0) != OpKind::Register || !r0.is_mm() {
+                    return self.unimpl(i, "MMX form not implemented");
+                }
+                let a = self.mm_get(r0.number()) as u128;
+                let b = if i.op_count() > 1 && i.op_kind(1) != OpKind::Immediate8 { self.rm(i, 1)? as u128 } else { 0 };
+                match self.int_op(i, a, b, true) {
+                    Some(r) => self.mm_set(r0.number(), r as u64),
+                    None => return self.unimpl(i, "MMX instruction not implemented"),
+                }
+            }
+        }
+        self.mmx_enter();
+        Ok(())
+    }
+
     pub fn step_fpu(&mut self, i: &Instruction) -> Res<()> {
         let m = i.mnemonic();
         match m {
@@ -337,7 +471,10 @@ impl Exec<'_> {
                 self.wr(i, 0, 2, v)
             }
             M::Emms => {
-                self.x87_ok()?;
+                self.mmx_ok()?;
+                // SDM Vol. 1 Table 9-2: EMMS sets all tags empty (abridged FTW 0) and TOP to 0, like other
+                // MMX instructions (the host CPU agrees; the differential test compares it).
+                self.c.fpu.fsw &= !0x3800;
                 self.c.fpu.ftw = 0;
                 Ok(())
             }
@@ -420,10 +557,29 @@ impl Exec<'_> {
         let m = i.mnemonic();
         let is_sse = (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm())
             || matches!(m, M::Cvttsd2si | M::Cvtsd2si | M::Cvttss2si | M::Cvtss2si);
+        let has_mm = (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_mm());
+        if matches!(m, M::Movq2dq | M::Movdq2q) {
+            // SSE2 moves between the MMX and XMM files (SDM Vol. 2B "MOVQ2DQ", "MOVDQ2Q"): SSE2 exception
+            // checks, and the MMX state transition.
+            self.sse_ok()?;
+            if m == M::Movq2dq {
+                let x = self.x0(i)?;
+                self.c.fpu.xmm[x] = self.mm_get(i.op1_register().number()) as u128;
+            } else {
+                let v = self.rx(i, 1)? as u64;
+                self.mm_set(i.op0_register().number(), v);
+            }
+            self.mmx_enter();
+            return Ok(());
+        }
+        let mmx_convert =
+            matches!(m, M::Cvtpi2ps | M::Cvtpi2pd | M::Cvtps2pi | M::Cvttps2pi | M::Cvtpd2pi | M::Cvttpd2pi);
+        if mmx_convert || has_mm && is_sse {
+            return self.sse_mmx_convert(i);
+        }
         if !is_sse {
-            if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_mm()) {
-                // MMX is not advertised.
-                return ud();
+            if has_mm {
+                return self.step_mmx(i);
             }
             if m == M::Movnti {
                 let sz = self.op_size(i, 1);
@@ -434,6 +590,11 @@ impl Exec<'_> {
         }
         self.sse_ok()?;
         match m {
+            M::Maskmovdqu => {
+                let v = self.rx(i, 1)?;
+                let mask = self.rx(i, 2)?;
+                self.maskmov(i, v, mask, 16)
+            }
             M::Movaps | M::Movapd | M::Movdqa | M::Movntdq | M::Movntps | M::Movntpd => {
                 self.aligned16(i)?;
                 let v = self.rx(i, 1)?;
@@ -576,6 +737,59 @@ impl Exec<'_> {
         }
     }
 
+    /// The conversions between packed int32 in an MMX register and floats in an XMM register (SDM Vol. 2A
+    /// "CVTPI2PS" .. "CVTTPD2PI"): SSE/SSE2 exception checks; an MMX register operand makes them MMX
+    /// instructions for the x87 state (TOP 0, tags valid), a memory source does not.
+    fn sse_mmx_convert(&mut self, i: &Instruction) -> Res<()> {
+        self.sse_ok()?;
+        let m = i.mnemonic();
+        match m {
+            M::Cvtpi2ps | M::Cvtpi2pd => {
+                let x = self.x0(i)?;
+                let v = match i.op_kind(1) {
+                    OpKind::Register => self.mm_get(i.op1_register().number()),
+                    _ => self.rx(i, 1)? as u64,
+                };
+                let (lo, hi) = (v as u32 as i32, (v >> 32) as u32 as i32);
+                self.check_rounding();
+                let cur = self.c.fpu.xmm[x];
+                self.c.fpu.xmm[x] = if m == M::Cvtpi2ps {
+                    (cur & !LO64) | (lo as f32).to_bits() as u128 | (((hi as f32).to_bits() as u128) << 32)
+                } else {
+                    (lo as f64).to_bits() as u128 | (((hi as f64).to_bits() as u128) << 64)
+                };
+            }
+            M::Cvtps2pi | M::Cvttps2pi | M::Cvtpd2pi | M::Cvttpd2pi => {
+                if i.op_kind(0) != OpKind::Register || !i.op0_register().is_mm() {
+                    return ud();
+                }
+                if matches!(m, M::Cvtpd2pi | M::Cvttpd2pi) && i.op_kind(1) == OpKind::Memory {
+                    self.aligned16(i)?;
+                }
+                let v = self.rx(i, 1)?;
+                let f: [f64; 2] = if matches!(m, M::Cvtps2pi | M::Cvttps2pi) {
+                    [s(v, 0) as f64, s(v, 1) as f64]
+                } else {
+                    [d(v, 0), d(v, 1)]
+                };
+                let trunc = matches!(m, M::Cvttps2pi | M::Cvttpd2pi);
+                if !trunc {
+                    self.check_rounding();
+                }
+                let r = f.iter().enumerate().fold(0u64, |r, (k, &t)| {
+                    let t = if trunc { t.trunc() } else { t.round_ties_even() };
+                    r | ((f2i32(t) as u64) << (32 * k))
+                });
+                self.mm_set(i.op0_register().number(), r);
+            }
+            _ => return self.unimpl(i, "instruction with MMX and XMM operands not implemented"),
+        }
+        if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_mm()) {
+            self.mmx_enter();
+        }
+        Ok(())
+    }
+
     /// Arithmetic here uses the host's SSE with its default rounding (nearest-even), which is what the guest
     /// gets unless it changes MXCSR.RC; a different mode is logged once (not emulated yet).
     fn check_rounding(&mut self) {
@@ -681,7 +895,6 @@ impl Exec<'_> {
     }
 
     fn sse_binop(&mut self, i: &Instruction) -> Res<()> {
-        let m = i.mnemonic();
         let x = self.x0(i)?;
         // Legacy-SSE memory operands of full-width ops must be 16-byte aligned.
         if i.op_kind(1) == OpKind::Memory && i.memory_size().size() == 16 {
@@ -693,6 +906,20 @@ impl Exec<'_> {
             self.c.fpu.xmm[x] = r;
             return Ok(());
         }
+        match self.int_op(i, a, b, false) {
+            Some(r) => {
+                self.c.fpu.xmm[x] = r;
+                Ok(())
+            }
+            None => self.unimpl(i, "SSE instruction not implemented"),
+        }
+    }
+
+    /// The integer lane operations shared by the SSE2 (128-bit, `mmx` false) and MMX (64-bit, `mmx` true,
+    /// operands zero-extended to 128 bits) forms: element-wise operations give the same low 64 bits either
+    /// way; unpack, pack and shuffles depend on the register width and take `mmx` into account.
+    fn int_op(&self, i: &Instruction, a: u128, b: u128, mmx: bool) -> Option<u128> {
+        let m = i.mnemonic();
         let r = match m {
             M::Pxor | M::Xorps | M::Xorpd => a ^ b,
             M::Por | M::Orps | M::Orpd => a | b,
@@ -746,6 +973,21 @@ impl Exec<'_> {
                 }
                 r
             }
+            // The 64-bit forms interleave the low (high) halves of the 64-bit operands: the low (high) 64 bits
+            // of the 128-bit low interleave.
+            M::Punpcklbw | M::Punpcklwd | M::Punpckldq | M::Punpckhbw | M::Punpckhwd | M::Punpckhdq if mmx => {
+                let w = match m {
+                    M::Punpcklbw | M::Punpckhbw => 1,
+                    M::Punpcklwd | M::Punpckhwd => 2,
+                    _ => 4,
+                };
+                let r = unpack(a, b, w, false);
+                if matches!(m, M::Punpckhbw | M::Punpckhwd | M::Punpckhdq) {
+                    r >> 64
+                } else {
+                    r & LO64
+                }
+            }
             M::Punpcklbw => unpack(a, b, 1, false),
             M::Punpcklwd => unpack(a, b, 2, false),
             M::Punpckldq | M::Unpcklps => unpack(a, b, 4, false),
@@ -756,7 +998,7 @@ impl Exec<'_> {
             M::Punpckhqdq | M::Unpckhpd => unpack(a, b, 8, true),
             M::Packuswb | M::Packsswb | M::Packssdw => {
                 let (w, ow) = if m == M::Packssdw { (4, 2) } else { (2, 1) };
-                let n = 16 / w;
+                let n = if mmx { 8 / w } else { 16 / w };
                 let mut r = 0u128;
                 for k in 0..2 * n {
                     let src = if k < n { a } else { b };
@@ -797,6 +1039,10 @@ impl Exec<'_> {
                     (b & !(u64::MAX as u128)) | h as u128
                 }
             }
+            M::Pshufw => {
+                let imm = i.immediate8() as u32;
+                (0..4).fold(0u128, |r, k| r | (((b >> (16 * ((imm >> (2 * k)) & 3))) & 0xffff) << (16 * k)))
+            }
             M::Pslldq | M::Psrldq => {
                 let n = i.immediate8().min(16) as u32 * 8;
                 if n >= 128 {
@@ -825,9 +1071,8 @@ impl Exec<'_> {
                     _ => lanes(a, 0, w, |x, _| (sx(x, w) >> cnt.min(bits - 1)) as u64),
                 }
             }
-            _ => return self.unimpl(i, "SSE instruction not implemented"),
+            _ => return None,
         };
-        self.c.fpu.xmm[x] = r;
-        Ok(())
+        Some(r)
     }
 }

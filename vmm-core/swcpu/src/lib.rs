@@ -11,7 +11,7 @@
 //!   `Exec::step`'s generic match; everything else is `Op::Generic`.
 //! - `system`: control registers, descriptor tables, segment loads, IDT delivery with IST, IRETQ,
 //!   SYSCALL/SYSRET/SWAPGS, MSRs, port I/O; `cpuid`: the advertised feature set.
-//! - `fpu`: x87 control, FXSAVE/FXRSTOR, the SSE/SSE2 integer/move subset.
+//! - `fpu`: x87 control, FXSAVE/FXRSTOR, MMX, the SSE/SSE2 integer/move subset.
 //!
 //! Modes: 64-bit long mode, and enough 32-bit protected mode (flat segments, paging off, then into long mode)
 //! for Linux's PVH entry. Event delivery outside long mode, real mode and legacy 32-bit paging stop with

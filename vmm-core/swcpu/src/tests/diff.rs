@@ -30,6 +30,9 @@ const OUT: u64 = BASE + 0x2100;
 const HOST_RSP: u64 = BASE + 0x2200;
 const XIN: u64 = BASE + 0x3000;
 const XOUT: u64 = BASE + 0x3100;
+/// FXSAVE images: the x87/MMX state loaded before (FXRSTOR) and stored after (FXSAVE) the code under test.
+const FXIN: u64 = BASE + 0x3200;
+const FXOUT: u64 = BASE + 0x3400;
 const DATA: u64 = BASE + 0x4000;
 const DATA_LEN: usize = 0x2000;
 const RBX_VAL: u64 = DATA + 0x1000;
@@ -96,6 +99,7 @@ fn prologue() -> Vec<u8> {
     a.mov(rsp, qword_ptr(IN + 4 * 8)).unwrap();
     a.push(qword_ptr(IN + 16 * 8)).unwrap();
     a.popfq().unwrap();
+    a.fxrstor64(ptr(FXIN)).unwrap();
     for (k, r) in gpr64().iter().enumerate() {
         if k != 4 {
             a.mov(*r, qword_ptr(IN + k as u64 * 8)).unwrap();
@@ -125,6 +129,9 @@ fn epilogue(ip: u64) -> Vec<u8> {
     {
         a.movdqu(xmmword_ptr(XOUT + k as u64 * 16), *x).unwrap();
     }
+    // The MMX registers, TOP and the tags; then back to the empty x87 stack the Rust ABI expects.
+    a.fxsave64(ptr(FXOUT)).unwrap();
+    a.fninit().unwrap();
     a.mov(rsp, qword_ptr(HOST_RSP)).unwrap();
     for r in [r15, r14, r13, r12, rbp, rbx] {
         a.pop(r).unwrap();
@@ -136,6 +143,7 @@ fn epilogue(ip: u64) -> Vec<u8> {
 fn recover_stub() -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
     a.cld().unwrap();
+    a.fninit().unwrap();
     a.mov(rsp, qword_ptr(HOST_RSP)).unwrap();
     for r in [r15, r14, r13, r12, rbp, rbx] {
         a.pop(r).unwrap();
@@ -406,6 +414,19 @@ fn wanted(i: &Instruction) -> bool {
             | Orpd
             | Xorpd
             | Andnpd
+            | Emms
+            | Movq2dq
+            | Movdq2q
+            | Movntq
+            | Pshufw
+            | Cvtpi2ps
+            | Cvtpi2pd
+            | Cvtps2pi
+            | Cvttps2pi
+            | Cvtpd2pi
+            | Cvttpd2pi
+            | Maskmovq
+            | Maskmovdqu
     )
 }
 
@@ -434,7 +455,7 @@ fn random_bytes(rng: &mut Rng) -> [u8; 16] {
             0x61, 0x62, 0x6c, 0x68, 0x69, 0x6a, 0x6d, 0xd1, 0xd2, 0xd3, 0xe1, 0xe2, 0xf1, 0xf2, 0xf3, 0x67, 0x63, 0x6b,
             0xc6, 0xe0, 0xf6, 0xd5, 0xf4, 0xc5, 0xc4, 0x58, 0x59, 0x5c, 0x5e, 0x5d, 0x5f, 0x51, 0x2a, 0x2c, 0x2d, 0x2e,
             0x2f, 0x5a, 0x5b, 0xe6, 0xc2, 0xe8, 0xe9, 0xec, 0xed, 0xf5, 0xea, 0xee, 0xe5, 0xe4, 0xdc, 0xdd, 0xd8, 0xd9,
-            0xe3, 0x14, 0x15, 0x50, 0x55,
+            0xe3, 0x14, 0x15, 0x50, 0x55, 0x77, 0xe7, 0xf7,
         ];
         b[k + 1] = match rng.below(4) {
             // CMOVcc and SETcc over all 16 conditions.
@@ -503,11 +524,45 @@ struct Outcome {
     cr2: u64,
     regs: [u64; 17],
     xmm: [u128; 16],
+    /// x87/MMX state: FSW, abridged FTW, then ST(0)..ST(7) (10 bytes each), as FXSAVE lays them out.
+    x87: X87,
     data: Vec<u8>,
     stack: Vec<u8>,
 }
 
-fn run_host(m: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> Outcome {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct X87 {
+    fsw: u16,
+    ftw: u8,
+    st: [[u8; 10]; 8],
+}
+
+impl X87 {
+    fn from_image(b: &[u8]) -> X87 {
+        let mut st = [[0u8; 10]; 8];
+        for (k, r) in st.iter_mut().enumerate() {
+            r.copy_from_slice(&b[32 + 16 * k..42 + 16 * k]);
+        }
+        X87 { fsw: u16::from_le_bytes([b[2], b[3]]), ftw: b[4], st }
+    }
+
+    /// An FXRSTOR image with default control words and this state.
+    fn image(&self) -> [u8; 512] {
+        let mut b = [0u8; 512];
+        b[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
+        b[2..4].copy_from_slice(&self.fsw.to_le_bytes());
+        b[4] = self.ftw;
+        b[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        b[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
+        for k in 0..8 {
+            b[32 + 16 * k..42 + 16 * k].copy_from_slice(&self.st[k]);
+        }
+        b
+    }
+}
+
+fn run_host(m: &Mapping, regs: &[u64; 17], xmm: &[u128; 16], x87: &X87) -> Outcome {
+    m.write(FXIN - BASE, &x87.image());
     for (k, v) in regs.iter().enumerate() {
         m.w64(IN - BASE + k as u64 * 8, *v);
     }
@@ -537,14 +592,17 @@ fn run_host(m: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> Outcome {
         m.read(XOUT - BASE + k as u64 * 16, &mut b);
         *v = u128::from_le_bytes(b);
     }
+    let mut fx = [0u8; 512];
+    m.read(FXOUT - BASE, &mut fx);
+    let x87 = X87::from_image(&fx);
     let mut data = vec![0u8; DATA_LEN];
     m.read(DATA - BASE, &mut data);
     let mut stack = vec![0u8; (STACK_TOP - RSP_VAL + 0x100) as usize];
     m.read(RSP_VAL - 0x100 - BASE, &mut stack);
-    Outcome { fault, cr2: CR2.load(Ordering::SeqCst) as u64, regs: out, xmm: x, data, stack }
+    Outcome { fault, cr2: CR2.load(Ordering::SeqCst) as u64, regs: out, xmm: x, x87, data, stack }
 }
 
-fn run_soft(m: &Mapping, sys: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> Result<Outcome, String> {
+fn run_soft(m: &Mapping, sys: &Mapping, regs: &[u64; 17], xmm: &[u128; 16], x87: &X87) -> Result<Outcome, String> {
     let mut cpu = make_cpu(sys, &[(BASE, m)], 3);
     // Only the test region is mapped (4 KiB pages), so stray accesses #PF like on the host.
     cpu.set_sregs(&SpecialRegs { cr3: DIFF_PML4, ..long_mode_sregs(3) }).unwrap();
@@ -572,6 +630,17 @@ fn run_soft(m: &Mapping, sys: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> R
     .unwrap();
     for (k, v) in xmm.iter().enumerate() {
         cpu.set_xmm(k, *v);
+    }
+    {
+        // FXSAVE's ST(k) is physical register (TOP + k) mod 8.
+        let f = &mut cpu.cpu.fpu;
+        f.fsw = x87.fsw;
+        f.ftw = x87.ftw;
+        let top = ((x87.fsw >> 11) & 7) as usize;
+        for k in 0..8 {
+            f.st[(top + k) & 7] = [0; 16];
+            f.st[(top + k) & 7][..10].copy_from_slice(&x87.st[k]);
+        }
     }
     cpu.set_instruction_budget(Some(100_000));
     let io = RecordingIo::default();
@@ -605,7 +674,14 @@ fn run_soft(m: &Mapping, sys: &Mapping, regs: &[u64; 17], xmm: &[u128; 16]) -> R
     let mut stack = vec![0u8; (STACK_TOP - RSP_VAL + 0x100) as usize];
     m.read(RSP_VAL - 0x100 - BASE, &mut stack);
     let fault_cr2 = cpu.sregs().unwrap().cr2;
-    Ok(Outcome { fault, cr2: fault_cr2, regs: out, xmm: x, data, stack })
+    let f = &cpu.cpu.fpu;
+    let top = ((f.fsw >> 11) & 7) as usize;
+    let mut st = [[0u8; 10]; 8];
+    for (k, r) in st.iter_mut().enumerate() {
+        r.copy_from_slice(&f.st[(top + k) & 7][..10]);
+    }
+    let x87 = X87 { fsw: f.fsw, ftw: f.ftw, st };
+    Ok(Outcome { fault, cr2: fault_cr2, regs: out, xmm: x, x87, data, stack })
 }
 
 /// Builds one test case from random bytes: decode, filter, rewrite memory operands, re-encode.
@@ -618,9 +694,6 @@ fn make_case(rng: &mut Rng) -> Option<(Instruction, Vec<u8>)> {
     }
     // `f3 0f bc/bd` decode as TZCNT/LZCNT, which the host (with BMI1/ABM) runs differently by design.
     if matches!(i.mnemonic(), M::Tzcnt | M::Lzcnt | M::Popcnt) {
-        return None;
-    }
-    if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_mm()) {
         return None;
     }
     if i.segment_prefix() == Register::FS || i.segment_prefix() == Register::GS {
@@ -704,7 +777,12 @@ fn make_sequence(rng: &mut Rng, regs: &[u64; 17]) -> Option<(Instruction, Vec<u8
         let special = (0..i.op_count()).any(|n| {
             matches!(
                 i.op_kind(n),
-                OpKind::MemoryESRDI | OpKind::MemoryESEDI | OpKind::MemorySegRSI | OpKind::MemorySegESI
+                OpKind::MemoryESRDI
+                    | OpKind::MemoryESEDI
+                    | OpKind::MemorySegRSI
+                    | OpKind::MemorySegESI
+                    | OpKind::MemorySegRDI
+                    | OpKind::MemorySegEDI
             )
         }) || matches!(i.mnemonic(), M::Xlatb | M::Bt | M::Bts | M::Btr | M::Btc | M::Shld | M::Shrd);
         if special {
@@ -819,7 +897,12 @@ fn differential(sequences: bool) {
         let strings = (0..insn.op_count()).any(|n| {
             matches!(
                 insn.op_kind(n),
-                OpKind::MemoryESRDI | OpKind::MemoryESEDI | OpKind::MemorySegRSI | OpKind::MemorySegESI
+                OpKind::MemoryESRDI
+                    | OpKind::MemoryESEDI
+                    | OpKind::MemorySegRSI
+                    | OpKind::MemorySegESI
+                    | OpKind::MemorySegRDI
+                    | OpKind::MemorySegEDI
             )
         });
         if (strings || insn.mnemonic() == M::Xlatb) && !sequences {
@@ -863,6 +946,15 @@ fn differential(sequences: bool) {
         for x in xmm.iter_mut() {
             *x = (rng.value() as u128) << 64 | rng.value() as u128;
         }
+        // Random TOP (no pending exceptions), tags, and register contents: MMX-looking ones (exponent all ones)
+        // or arbitrary.
+        let mut st = [[0u8; 10]; 8];
+        for r in st.iter_mut() {
+            r[..8].copy_from_slice(&rng.value().to_le_bytes());
+            let e = if rng.below(2) == 0 { 0xffff } else { rng.next() as u16 };
+            r[8..].copy_from_slice(&e.to_le_bytes());
+        }
+        let x87 = X87 { fsw: (rng.below(8) as u16) << 11, ftw: rng.next() as u8, st };
         let mut data = vec![0u8; DATA_LEN];
         for d in data.iter_mut() {
             *d = rng.next() as u8;
@@ -879,10 +971,10 @@ fn differential(sequences: bool) {
         let epi = SEQ + code.len() as u64;
         m.write(epi - BASE, &epilogue(epi));
         reset(&m);
-        let host = run_host(&m, &regs, &xmm);
+        let host = run_host(&m, &regs, &xmm, &x87);
         reset(&m);
         m.write(epi - BASE, &[0xcc]);
-        let soft = match run_soft(&m, &sys, &regs, &xmm) {
+        let soft = match run_soft(&m, &sys, &regs, &xmm, &x87) {
             Ok(o) => o,
             Err(e) => {
                 let insn = if sequences { seq_text.clone() } else { format!("{insn}") };
@@ -928,6 +1020,9 @@ fn differential(sequences: bool) {
                 if host.xmm[k] != soft.xmm[k] {
                     why.push(format!("xmm{k} host {:#x} soft {:#x}", host.xmm[k], soft.xmm[k]));
                 }
+            }
+            if host.x87 != soft.x87 {
+                why.push(format!("x87/MMX state host {:x?} soft {:x?}", host.x87, soft.x87));
             }
             if host.data != soft.data {
                 let at = host.data.iter().zip(&soft.data).position(|(a, b)| a != b).unwrap_or(0);

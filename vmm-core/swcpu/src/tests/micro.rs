@@ -315,6 +315,59 @@ fn cpuid_reports_amd_long_mode_and_no_avx() {
     assert_eq!(r.r9 & (1 << 26), 0, "no XSAVE");
     let need = (1 << 0) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 15) | (1 << 24) | (1 << 25) | (1 << 26);
     assert_eq!(r.r10 & need, need, "Linux's required leaf-1 EDX features");
+    // glibc's x86-64 baseline ISA level (sysdeps/x86/get-isa-level.h): CMOV, CX8, FPU, FXSR, MMX, SSE, SSE2.
+    let baseline = (1 << 15) | (1 << 8) | (1 << 0) | (1 << 24) | (1 << 23) | (1 << 25) | (1 << 26);
+    assert_eq!(r.r10 & baseline, baseline, "glibc's baseline in leaf 1 EDX");
+    assert_ne!(r.r8 & (1 << 23), 0, "MMX mirrored in 0x8000_0001 EDX");
+}
+
+/// MMX registers alias the x87 registers (SDM Vol. 1 §9.5): FXSAVE stores MMn in the ST slot of physical
+/// register n with an all-ones exponent and all tags valid after an MMX instruction, EMMS empties the tags,
+/// and FXRSTOR brings the values back.
+#[test]
+fn mmx_state_lives_in_the_x87_registers_and_fxsave_image() {
+    let img = CODE + 0x8000;
+    let img2 = CODE + 0x8400;
+    let mut a = asm();
+    a.mov(rax, 0x1122_3344_5566_7788u64).unwrap();
+    a.movq(mm3, rax).unwrap();
+    a.mov(rbx, img).unwrap();
+    a.fxsave64(ptr(rbx)).unwrap();
+    a.emms().unwrap();
+    a.mov(rbx, img2).unwrap();
+    a.fxsave64(ptr(rbx)).unwrap();
+    a.pxor(mm3, mm3).unwrap();
+    a.mov(rbx, img).unwrap();
+    a.fxrstor64(ptr(rbx)).unwrap();
+    a.movq(rcx, mm3).unwrap();
+    a.hlt().unwrap();
+    let g = run(&mut a, 0, |_| {});
+    assert_eq!(g.exit, VcpuExit::Halted);
+    assert_eq!(g.cpu.regs().unwrap().rcx, 0x1122_3344_5566_7788, "MM3 restored by FXRSTOR");
+    assert_eq!(g.r64(img) >> 32 & 0xff, 0xff, "all tags valid after MOVQ");
+    assert_eq!(g.r64(img) >> 27 & 7, 0, "TOP 0");
+    assert_eq!(g.r64(img + 32 + 16 * 3), 0x1122_3344_5566_7788, "MM3 in ST slot 3");
+    assert_eq!(g.r64(img + 40 + 16 * 3) & 0xffff, 0xffff, "exponent all ones");
+    assert_eq!(g.r64(img2) >> 32 & 0xff, 0, "EMMS empties the tags");
+}
+
+/// CR0.EM=1 makes MMX instructions (EMMS too) #UD; CR0.TS=1 makes them #NM (SDM Vol. 2 "PADDB", "EMMS").
+#[test]
+fn mmx_faults_with_cr0_em_and_ts() {
+    for (bit, insn, vector) in [(4u32, 0, 6u8), (4, 1, 6), (8, 0, 7), (8, 1, 7)] {
+        let mut a = asm();
+        a.mov(rax, cr0).unwrap();
+        a.or(eax, bit).unwrap();
+        a.mov(cr0, rax).unwrap();
+        if insn == 0 {
+            a.paddb(mm0, mm1).unwrap();
+        } else {
+            a.emms().unwrap();
+        }
+        a.hlt().unwrap();
+        let g = run(&mut a, 0, |_| {});
+        assert_eq!(g.vector(), Some(vector), "CR0 bit {bit:#x}, instruction {insn}");
+    }
 }
 
 #[test]
