@@ -2,7 +2,8 @@
 //! it: `-nic user,hostfwd=...` and `-netdev user,id=...` + `-device virtio-net-pci,netdev=...,mac=...`. The
 //! launcher starts tessera-net, tessera-core drives the virtio-net-pci over vhost-user. Inside, busybox gets an
 //! address by DHCP (`udhcpc`), fetches a page from an HTTP server the test runs on 127.0.0.1 (reached as
-//! 10.0.2.2), and serves a page the test fetches from 127.0.0.1 through `hostfwd`.
+//! 10.0.2.2), and serves a page the test fetches from 127.0.0.1 through `hostfwd`; and keeps fetching while the
+//! test kills tessera-net (the launcher restarts it, the core reconnects the device).
 //!
 //! Everything stays on this machine (servers on 127.0.0.1 only). Each guest run is bounded (240 s; a boot takes
 //! about 20 s here) and a failure prints the guest's serial output and the launcher's messages.
@@ -63,7 +64,7 @@ fn http_server(body: String) -> (u16, Arc<AtomicUsize>) {
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
     std::thread::spawn(move || {
-        for stream in listener.incoming().take(16) {
+        for stream in listener.incoming().take(256) {
             let Ok(mut s) = stream else { continue };
             let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
             let mut req = Vec::new();
@@ -238,4 +239,82 @@ fn netdev_vhost_user_needs_shared_memory() {
         ),
         "{stderr}"
     );
+}
+
+/// Pids of the tessera-net processes whose command line holds `needle` (a port unique to this test).
+fn tessera_net_pids(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("tessera-net") && cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_killed_tessera_net_is_restarted_and_the_guest_keeps_fetching() {
+    // Issue #8 for the network: the launcher restarts a tessera-net that died, the core reconnects the
+    // virtio-net device to it, and the guest, not reset, fetches from the host again (connections open at the
+    // kill are lost with libslirp's state, as after a host network outage; later ones work).
+    const KILLS: usize = 3;
+    ensure_debian_packages(PACKAGES).expect("install test packages");
+    let dir = TempDir::new("core-net-restart").expect("temp dir");
+    let page = token("restart");
+    let (http_port, hits) = http_server(page.clone());
+    let fwd_port = free_port();
+    let script = format!(
+        "{GUEST_PRELUDE}\n\
+         i=0\n\
+         while [ $i -lt 400 ]; do\n\
+           if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 {http_port} 2>/dev/null | grep -q '{page}'; then\n\
+             echo \"FETCH $i ok\"\n\
+           else echo \"FETCH $i failed\"; fi\n\
+           [ -e /tmp/stop ] && break\n\
+           i=$((i+1)); sleep 0.3\n\
+         done\n\
+         echo TESSERA-FETCH-LOOP-END\n\
+         poweroff -f\n"
+    );
+    let net = vec!["-nic".to_string(), format!("user,hostfwd=tcp:127.0.0.1:{fwd_port}-:8080")];
+    let cmd = tessera(&initrd(dir.path(), &script), &net);
+    let needle = format!("{fwd_port}-:8080");
+    // Kill after some fetches went through; the next kill only after a fetch succeeded since the last one.
+    let mut kills: Vec<(i32, usize)> = Vec::new();
+    let mut ok_after_last_kill = 0;
+    let run = run_guest(cmd, GUEST_TIMEOUT, |out| {
+        if out.contains("TESSERA-RESULT FAIL") || out.contains("TESSERA-FETCH-LOOP-END") {
+            return true;
+        }
+        let oks = out.lines().filter(|l| l.starts_with("FETCH ") && l.trim_end().ends_with(" ok")).count();
+        let since = kills.last().map_or(0, |&(_, at)| at);
+        ok_after_last_kill = oks.saturating_sub(since);
+        if ok_after_last_kill >= 3 && kills.len() < KILLS {
+            let pids = tessera_net_pids(&needle);
+            if let [pid] = pids[..] {
+                // SAFETY: kill(2) on a pid this test found by its unique command line; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                kills.push((pid, oks));
+                ok_after_last_kill = 0;
+            }
+        }
+        // Enough after the last kill: let the guest finish.
+        if kills.len() == KILLS && ok_after_last_kill >= 3 {
+            return true;
+        }
+        false
+    })
+    .expect("run tessera");
+    let ctx = format!("--- guest serial and launcher messages ---\n{}", run.serial);
+    assert!(!run.serial.contains("TESSERA-RESULT FAIL"), "guest failed:\n{ctx}");
+    assert_eq!(kills.len(), KILLS, "not every kill happened (fetches stopped working?):\n{ctx}");
+    assert!(ok_after_last_kill >= 3, "the guest fetched nothing after the last restart:\n{ctx}");
+    let distinct: std::collections::HashSet<i32> = kills.iter().map(|&(p, _)| p).collect();
+    assert_eq!(distinct.len(), KILLS, "each kill found a new tessera-net process: {kills:?}\n{ctx}");
+    let (hits, kill_points) = (hits.load(Ordering::SeqCst), kills.iter().map(|&(_, at)| at).collect::<Vec<_>>());
+    assert!(hits >= 3 * (KILLS + 1), "the host server saw {hits} requests (kills after {kill_points:?}):\n{ctx}");
+    eprintln!("killed tessera-net {KILLS} times ({kills:?}); the guest kept fetching");
 }
