@@ -35,9 +35,13 @@ rss() { # pid -> "anon+file KiB"
     awk '/^RssAnon|^RssFile/ {s += $2} END {print s}' "/proc/$1/status"
 }
 
-args=(-accel "$accel" -m 256M -kernel "$work/g.elf" -serial "file:$work/serial" -display none)
+truncate -s 64M "$work/disk.img" "$work/qdisk.img"
+# A disk and a NIC too, so that the graph has its block and network processes (QEMU serves both in-process).
+args=(-accel "$accel" -m 256M -kernel "$work/g.elf" -serial "file:$work/serial" -display none
+    -drive "file=$work/disk.img,if=virtio,format=raw" -nic user,model=virtio-net-pci)
 target/release/tessera "${args[@]}" & launcher=$!
-qemu-system-x86_64 "${args[@]/file:$work\/serial/file:$work/qserial}" \
+qargs=("${args[@]/file:$work\/serial/file:$work/qserial}")
+qemu-system-x86_64 "${qargs[@]/disk.img/qdisk.img}" \
     -object memory-backend-memfd,id=mem,size=256M,share=on -machine memory-backend=mem & qemu=$!
 sleep 3
 echo "| process | RSS beyond guest RAM (KiB) |"
