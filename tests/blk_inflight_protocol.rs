@@ -8,6 +8,9 @@
 //! from the avail ring. Also: the region GET_INFLIGHT_FD returns has libvhost-user's size, and a
 //! region too small for what it claims is refused while the back end keeps serving.
 
+#[path = "vhost_user_client.rs"]
+mod vhost_user_client;
+
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -18,16 +21,12 @@ use std::time::{Duration, Instant};
 use tessera_tests::linux_guest::{built_binary, TempDir};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vhost::VhostBackend;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const F_VERSION_1: u64 = 1 << 32;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const MEM: usize = 1 << 20;
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
+use vhost_user_client::{AVAIL, DESC, USED};
 const QSIZE: u16 = 32;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -144,14 +143,7 @@ fn restart_resubmits_in_counter_order_and_skips_the_completed() {
     // completed: it is on the used ring (used idx 1) and the last batch, its entry not cleared).
     let shm = dir.path().join("guest.mem");
     let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&shm).unwrap();
-    file.set_len(MEM as u64).unwrap();
-    let mem = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-    )])
-    .unwrap();
-    let hva = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+    let mem = vhost_user_client::guest_memory(&file);
     for (head, s) in [(0u16, 10u64), (3, 20), (6, 30), (9, 40)] {
         read_request(&mem, head, s);
         let slot = u64::from(head / 3);
@@ -179,34 +171,7 @@ fn restart_resubmits_in_counter_order_and_skips_the_completed() {
     // The restart, as QEMU 7.2 does it: SET_INFLIGHT_FD, then the rings with base = used idx.
     let mut fe = connect(&sock);
     fe.set_inflight_fd(&info, region.as_raw_fd()).expect("SET_INFLIGHT_FD");
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: hva(0),
-        mmap_offset: 0,
-        mmap_handle: file.as_raw_fd(),
-    }])
-    .unwrap();
-    let call = EventFd::new(0).unwrap();
-    let kick = EventFd::new(0).unwrap();
-    fe.set_vring_num(0, QSIZE).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: hva(DESC),
-            used_ring_addr: hva(USED),
-            avail_ring_addr: hva(AVAIL),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(0, 1).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let (_call, _kick) = vhost_user_client::start_queue0(&mut fe, &mem, &file, QSIZE, 1);
 
     let used_idx = || mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap();
     let start = Instant::now();

@@ -2,6 +2,9 @@
 //! the client side): a malformed message closes only that connection, with a log line, and the
 //! backend serves the next connection; the features and config space it reports are right.
 
+#[path = "vhost_user_client.rs"]
+mod vhost_user_client;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -245,17 +248,12 @@ mod chains {
     //! frontend on the client side, shared memory from a file in /dev/shm).
 
     use super::*;
-    use std::os::fd::AsRawFd;
     use vhost::vhost_user::message::VhostUserProtocolFeatures;
     use vhost::vhost_user::{Frontend, VhostUserFrontend};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-    use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::EventFd;
+    use vhost::VhostBackend;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-    const MEM: usize = 1 << 20;
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
+    use vhost_user_client::{AVAIL, DESC, USED};
     const QSIZE: u16 = 32;
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
@@ -327,15 +325,7 @@ mod chains {
         // Guest memory shared through a file the backend maps.
         let shm = dir.path().join("guest.mem");
         let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&shm).unwrap();
-        file.set_len(MEM as u64).unwrap();
-        let fd = file.as_raw_fd();
-        let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            MEM,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )])
-        .unwrap();
-        let hva = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        let mem = vhost_user_client::guest_memory(&file);
 
         let mut fe = Frontend::connect(&sock, 1).expect("connect");
         fe.set_owner().unwrap();
@@ -343,34 +333,7 @@ mod chains {
         fe.set_features(features & (F_VERSION_1 | F_PROTOCOL_FEATURES)).unwrap();
         let proto = fe.get_protocol_features().unwrap();
         fe.set_protocol_features(proto & VhostUserProtocolFeatures::CONFIG).unwrap();
-        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM as u64,
-            userspace_addr: hva(0),
-            mmap_offset: 0,
-            mmap_handle: fd,
-        }])
-        .unwrap();
-        let call = EventFd::new(0).unwrap();
-        let kick = EventFd::new(0).unwrap();
-        fe.set_vring_num(0, QSIZE).unwrap();
-        fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: hva(DESC),
-                used_ring_addr: hva(USED),
-                avail_ring_addr: hva(AVAIL),
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(0, 0).unwrap();
-        fe.set_vring_call(0, &call).unwrap();
-        fe.set_vring_kick(0, &kick).unwrap();
-        fe.set_vring_enable(0, true).unwrap();
+        let (_call, kick) = vhost_user_client::start_queue0(&mut fe, &mem, &file, QSIZE, 0);
 
         let mut ring = Ring { mem: mem.clone(), next_desc: 0, avail_idx: 0 };
         let (t_in, t_unknown) = (0u32, 0x77u32);

@@ -3,6 +3,9 @@
 //! through `--socket-path` (bound before confinement) and flushing and exiting on SIGTERM. Checked from outside
 //! through /proc. (Under the launcher: tests/sandbox_launcher.rs; its misbehave build: tests/sandbox_misbehave.rs.)
 
+#[path = "vhost_user_client.rs"]
+mod vhost_user_client;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -146,16 +149,11 @@ fn by_hand_with_tessera_sandbox_it_confines_itself_and_serves() {
 /// rust-vmm's vhost frontend with guest memory in a file the back end maps.
 #[test]
 fn confined_direct_io_runs_on_io_uring() {
-    use std::os::fd::AsRawFd;
     use vhost::vhost_user::{Frontend, VhostUserFrontend};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-    use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::EventFd;
+    use vhost::VhostBackend;
+    use vm_memory::{Bytes, GuestAddress};
 
-    const MEM: usize = 1 << 20;
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
+    use vhost_user_client::{AVAIL, DESC, USED};
     const QSIZE: u16 = 16;
 
     // A directory on a disk filesystem: O_DIRECT needs one that supports it.
@@ -167,48 +165,14 @@ fn confined_direct_io_runs_on_io_uring() {
     assert_eq!(blk.field("Seccomp"), "2", "{}", blk.logs());
 
     let file = tempfile::tempfile_in(dir.path()).unwrap();
-    file.set_len(MEM as u64).unwrap();
-    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-    )])
-    .unwrap();
-    let hva = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+    let mem = vhost_user_client::guest_memory(&file);
     let mut fe = Frontend::connect(&blk.sock, 1).expect("connect");
     fe.set_owner().unwrap();
     let features = fe.get_features().unwrap();
     fe.set_features(features & ((1 << 32) | (1 << 30))).unwrap();
     let _ = fe.get_protocol_features().unwrap();
     fe.set_protocol_features(vhost::vhost_user::message::VhostUserProtocolFeatures::empty()).unwrap();
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: hva(0),
-        mmap_offset: 0,
-        mmap_handle: file.as_raw_fd(),
-    }])
-    .unwrap();
-    let call = EventFd::new(0).unwrap();
-    let kick = EventFd::new(0).unwrap();
-    fe.set_vring_num(0, QSIZE).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: hva(DESC),
-            used_ring_addr: hva(USED),
-            avail_ring_addr: hva(AVAIL),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let (_call, kick) = vhost_user_client::start_queue0(&mut fe, &mem, &file, QSIZE, 0);
 
     // Two requests (virtio 1.2 §5.2.6): write 4 KiB at sector 8 from 0x40000, then read sector 0..8 into
     // 0x50000. Page-aligned buffers, so O_DIRECT takes them and the ring (not the bounce path) runs them.
