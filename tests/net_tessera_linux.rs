@@ -11,16 +11,14 @@
 #[path = "net_support.rs"]
 mod net_support;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use net_support::{
-    direct_boot_args, ensure_debian_packages, kernel, run_guest, Backend, Initramfs, TempDir, NET_MODULES,
+    direct_boot_args, ensure_debian_packages, free_port, http_get, http_server, kernel, run_guest, token, Backend,
+    Initramfs, TempDir, NET_MODULES,
 };
 use tessera_tests::bins;
 
@@ -56,50 +54,6 @@ grep -q 'ip=10.0.2.15 subnet=255.255.255.0 router=10.0.2.2 dns=10.0.2.3' /tmp/dh
 echo "TESSERA-STEP lease ok"
 grep virtio /proc/interrupts
 "#;
-
-/// A tiny HTTP server on 127.0.0.1 answering every request with `body`, counting requests.
-fn http_server(body: String) -> (u16, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
-    let port = listener.local_addr().expect("local addr").port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(256) {
-            let Ok(mut s) = stream else { continue };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            h.fetch_add(1, Ordering::SeqCst);
-            let resp = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-            let _ = s.write_all(resp.as_bytes());
-        }
-    });
-    (port, hits)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
-fn http_get(port: u16) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(10))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(b"GET /index.html HTTP/1.0\r\nHost: guest\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
-fn token(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("tessera-core-net-{tag}-{nanos:x}")
-}
 
 fn initrd(dir: &Path, script: &str) -> PathBuf {
     Initramfs::new(script)

@@ -10,14 +10,14 @@
 #[path = "net_support.rs"]
 mod net_support;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use net_support::{ensure_debian_packages, qemu, run_guest, Backend, Initramfs, TempDir, NET_MODULES};
+use net_support::{
+    ensure_debian_packages, free_port, http_get, http_server, qemu, run_guest, token, Backend, Initramfs, TempDir,
+    NET_MODULES,
+};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
 const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "linux-image-amd64", "cpio"];
@@ -54,51 +54,6 @@ const FULL_LEASE: &str = "EXPECTED_LEASE='ip=10.0.2.15 subnet=255.255.255.0 rout
 /// With restrict=on libslirp (like QEMU) offers neither a gateway nor a DNS server.
 const RESTRICTED_LEASE: &str = "EXPECTED_LEASE='ip=10.0.2.15 subnet=255.255.255.0 router= dns='";
 
-/// A tiny HTTP server on 127.0.0.1 answering every GET with `body`, counting requests.
-fn http_server(body: String) -> (u16, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
-    let port = listener.local_addr().expect("local addr").port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        // Bounded: a test never needs more than a few requests.
-        for stream in listener.incoming().take(16) {
-            let Ok(mut s) = stream else { continue };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            h.fetch_add(1, Ordering::SeqCst);
-            let resp = format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes());
-        }
-    });
-    (port, hits)
-}
-
-/// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
-/// GET / from 127.0.0.1:port, returning the whole response.
-fn http_get(port: u16) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(10))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    s.write_all(b"GET /index.html HTTP/1.0\r\nHost: guest\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
 fn initrd(dir: &Path, script: &str) -> PathBuf {
     Initramfs::new(script)
         .modules(NET_MODULES)
@@ -111,11 +66,6 @@ fn setup(name: &str) -> TempDir {
     ensure_debian_packages(PACKAGES).expect("install test packages");
     // The udhcpc script must be executable: the initramfs builder writes plain files.
     TempDir::new(name).expect("temp dir")
-}
-
-fn token(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("tessera-net-{tag}-{nanos:x}")
 }
 
 /// The guest serves `page` with busybox httpd on port 8080, prints the marker, and waits.
