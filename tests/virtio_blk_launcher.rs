@@ -168,6 +168,7 @@ fn a_drive_is_served_by_a_tessera_blk_the_launcher_starts() {
     let kernel = guest(&d.0);
     for (n, disk) in [
         "-drive file={img},if=virtio,format=raw,cache=none,discard=unmap",
+        "-drive file={img},if=virtio,format=raw,cache=none,aio=threads",
         "-drive file={img},if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0,num-queues=1",
         "-blockdev driver=file,node-name=f,filename={img} -blockdev driver=raw,node-name=r,file=f \
          -device virtio-blk-pci,drive=r",
@@ -209,6 +210,8 @@ fn drive_errors_read_like_qemus() {
         ),
         (format!("file={},if=virtio,bogus=1", k.display()), "Invalid parameter 'bogus'".to_string()),
         (format!("file={},if=virtio,format=xyz", k.display()), "'xyz' invalid format".to_string()),
+        (format!("file={},if=virtio,aio=bogus", k.display()), "invalid aio option".to_string()),
+        (format!("file={},if=virtio,aio=native", k.display()), "aio=native".to_string()),
         (format!("file={},if=none,id=x -device virtio-blk-pci", k.display()), "drive property not set".into()),
         (
             format!("file={},if=none,id=x -device virtio-blk-pci,drive=y", k.display()),

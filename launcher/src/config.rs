@@ -122,6 +122,9 @@ pub struct BlkDrive {
     pub read_only: bool,
     /// `cache=none`/`directsync`: O_DIRECT.
     pub direct: bool,
+    /// `aio=threads|io_uring` (tessera-blk's `--aio`, which only matters with O_DIRECT); `None` keeps
+    /// tessera-blk's default.
+    pub aio: Option<String>,
     pub num_queues: Option<u16>,
     pub slot: Option<u8>,
     /// The `-drive` option, for messages about the image.
@@ -1182,6 +1185,7 @@ fn blockdev_drive(raw: &Raw, kv: &KeyVals, location: &str) -> Result<BlkDrive> {
         format: Some(format),
         read_only: ro,
         direct,
+        aio: None,
         num_queues: None,
         slot: None,
         drive_location: location.to_string(),
@@ -1197,7 +1201,6 @@ fn drive(kv: &KeyVals, location: String) -> Result<(BlkDrive, bool)> {
         "index",
         "media",
         "snapshot",
-        "aio",
         "werror",
         "rerror",
         "copy-on-read",
@@ -1215,7 +1218,7 @@ fn drive(kv: &KeyVals, location: String) -> Result<(BlkDrive, bool)> {
         "cache.no-flush",
         "read-only",
     ];
-    if let Some(k) = kv.unknown_keys(&["file", "if", "format", "readonly", "cache", "discard", "id"]).next() {
+    if let Some(k) = kv.unknown_keys(&["file", "if", "format", "readonly", "cache", "discard", "id", "aio"]).next() {
         if QEMU_DRIVE_KEYS.contains(&k) {
             return Err(Error::NotSupportedYet(format!("the -drive option '{k}'")));
         }
@@ -1250,6 +1253,13 @@ fn drive(kv: &KeyVals, location: String) -> Result<(BlkDrive, bool)> {
         "ignore" | "off" | "unmap" | "on" => {}
         d => return Err(Error::Message(format!("Invalid discard option '{d}'"))),
     }
+    // QEMU's aio= values; tessera-blk runs threads or io_uring (docs/blk.md).
+    let aio = match kv.get("aio") {
+        None => None,
+        Some(a @ ("threads" | "io_uring")) => Some(a.to_string()),
+        Some("native") => return Err(Error::NotSupportedYet("aio=native (aio=threads and aio=io_uring are)".into())),
+        Some(_) => return Err(Error::Message("invalid aio option".into())),
+    };
     let read_only = kv.get_bool("readonly")?.unwrap_or(false);
     let id = kv.get("id").map(String::from).unwrap_or_else(|| format!("virtio-disk-{file}"));
     Ok((
@@ -1259,6 +1269,7 @@ fn drive(kv: &KeyVals, location: String) -> Result<(BlkDrive, bool)> {
             format,
             read_only,
             direct,
+            aio,
             num_queues: None,
             slot: None,
             drive_location: location.clone(),

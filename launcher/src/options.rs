@@ -121,7 +121,7 @@ pub static OPTIONS: &[OptionDef] = &[
         true,
         Some("file"),
         Opt::Drive,
-        "-drive file=IMG,if=virtio|none[,format=raw|qcow2][,readonly=on][,cache=writeback|none][,discard=][,id=]",
+        "-drive file=IMG,if=virtio|none[,format=raw|qcow2][,readonly=on][,cache=writeback|none][,aio=threads|io_uring][,discard=][,id=]",
     ),
     def(&["netdev"], true, Some("type"), Opt::Netdev, "-netdev user|tap|vhost-user,id=id[,...]   a network backend for -device virtio-net-pci,netdev=id"),
     def(&["nic"], true, Some("type"), Opt::Nic, "-nic user|tap|vhost-user|none[,model=virtio-net-pci][,mac=][,...]   a virtio-net-pci NIC and its backend"),

@@ -274,6 +274,9 @@ pub fn build(cfg: &VmConfig) -> Plan {
         if d.direct {
             args.push("--direct".into());
         }
+        if let Some(a) = &d.aio {
+            args.extend(["--aio".to_string(), a.clone()]);
+        }
         backends.push(BackendPlan {
             role: Role::Block,
             binary: BLK_BINARY,
